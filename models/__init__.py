@@ -1,0 +1,1 @@
+"""Networks and diffusion maths. No file I/O and no configuration dictionaries live here."""

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny mock survey made once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_mock(tmp_path_factory) -> Path:
+    """48 mock galaxies with gri and ugriz images (seed 3)."""
+    from utils.mock import generate_mock
+
+    root = tmp_path_factory.mktemp("mock") / "survey"
+    return generate_mock(root, n_objects=48, seed=3, ugriz=True, progress=False)
+
+
+def tiny_contrastive_args(data_root: Path, out_dir: Path) -> list[str]:
+    """Overrides that make train_contrastive.py run in seconds on the tiny mock."""
+    return [f"data.root={data_root}", "data.source=folder", "data.downsample=8", "data.num_workers=0",
+            "model.image_depth=18", "model.image_width=8", "model.spectrum_width=8", "model.spectrum_mults=[1, 2]",
+            "model.latent_dim=16", "train.batch_size=8", "train.lr=1e-3", "val.every=3", "val.batch_size=4",
+            "run.checkpoint_every=2", f"run.out_dir={out_dir}", "train.max_iters=6"]
+
+
+def run_script(script: str, args: list[str], timeout: float = 240, **kw):
+    """Run an entry script with the test interpreter; returns the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def only_run(out_dir: Path) -> Path:
+    runs = sorted(p for p in Path(out_dir).iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]

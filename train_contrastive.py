@@ -1,0 +1,138 @@
+"""Train the contrastive image-spectrum network (SPEC section 2) on PyTorch Ignite.
+
+    python train_contrastive.py [--preset quick] [--config FILE] [section.key=value ...]
+    torchrun --nproc_per_node=2 train_contrastive.py run.backend=gloo ...
+
+Each run writes into ``run.out_dir/<timestamp>/``: config.yml, log.txt, checkpoints/,
+figures/ and, at the end, metrics.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine
+from ignite.utils import manual_seed
+
+from models.contrastive import ContrastiveModel, build_contrastive, nt_xent, retrieval_metrics
+from utils.config import UserError, cli, load_config
+from utils.plotting import plot_retrieval
+from utils.training import (attach_training, autocast, datasets, load_survey, maybe_compile, prepare_run,
+                            run_training, setup_logging, subset, train_loader, unwrap)
+
+PARAMS = Path(__file__).resolve().with_name("params_contrastive.yml")
+logger = logging.getLogger("train_contrastive")
+
+
+def build_model(config: dict, in_channels: int) -> ContrastiveModel:
+    m = config["model"]
+    model = build_contrastive(in_channels, m["image_depth"], m["image_width"], m["spectrum_width"],
+                              tuple(m["spectrum_mults"]), m["latent_dim"])
+    if m["image_weights"]:
+        try:
+            skipped = model.image_encoder.load_weights(m["image_weights"])
+        except (OSError, RuntimeError, ValueError) as err:
+            raise UserError(f"model.image_weights '{m['image_weights']}' cannot be loaded: {err}") from None
+        logger.info("image encoder weights from %s (not loaded: %s)", m["image_weights"], ", ".join(skipped) or "none")
+    return model
+
+
+@torch.no_grad()
+def embed(model: ContrastiveModel, dataset, batch_size: int, device: torch.device, config: dict):
+    """Image and spectrum embeddings ``(N, D)`` of a dataset, in row order."""
+    model.eval()
+    zi, zs = [], []
+    for batch in dataset.iter_batches(batch_size):
+        with autocast(config, device):
+            a, b = model(batch["image"].to(device), batch["spectrum"].to(device))
+        zi.append(a.float().cpu())
+        zs.append(b.float().cpu())
+    return torch.cat(zi), torch.cat(zs)
+
+
+def make_validate(model, val_set, config: dict, device: torch.device, run_dir: Path):
+    """Validation: NT-Xent loss and retrieval in groups of val.batch_size, whole-set ranks, a figure."""
+    group = config["val"]["batch_size"]
+    temperature = config["train"]["temperature"]
+
+    def validate(engine: Engine) -> dict:
+        net = unwrap(model)
+        zi, zs = embed(net, val_set, group, device, config)
+        losses = [nt_xent(zi[s:s + group], zs[s:s + group], temperature).item()
+                  for s in range(0, len(zi) - 1, group) if len(zi[s:s + group]) > 1]
+        metrics = {"loss": float(np.mean(losses)), **retrieval_metrics(zi, zs, group)}
+        if idist.get_rank() == 0:
+            save_figure(zi, zs, val_set, run_dir / "figures" / f"retrieval_{engine.state.iteration:07d}.png",
+                        engine.state.iteration)
+        return metrics
+
+    return validate
+
+
+def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iteration: int, query: int = 0) -> None:
+    """The first validation spectrum with the 5 most similar images and the 3 most similar spectra."""
+    image_scores = zi @ zs[query]
+    top_images = torch.argsort(image_scores, descending=True)[:5].tolist()
+    spec_scores = zs @ zs[query]
+    spec_scores[query] = -2
+    top_spectra = torch.argsort(spec_scores, descending=True)[:3].tolist()
+    raw = val_set.survey.images[val_set.kind]
+    rows = val_set.rows
+    plot_retrieval(path, val_set.wave, val_set[query]["spectrum"][0].numpy(), raw[rows[query]],
+                   [raw[rows[j]] for j in top_images], [float(image_scores[j]) for j in top_images],
+                   [j == query for j in top_images], np.stack([val_set[j]["spectrum"][0].numpy() for j in top_spectra]),
+                   [float(spec_scores[j]) for j in top_spectra],
+                   title=f"iteration {iteration}: validation spectrum {query} and its nearest images and spectra")
+
+
+def run(local_rank: int, config: dict) -> None:
+    run_dir, resume = prepare_run(config)
+    setup_logging(run_dir)
+    manual_seed(config["run"]["seed"] + idist.get_rank())
+    device = idist.device()
+    survey = load_survey(config)
+    train_set, val_set = datasets(config, survey)
+    val_set = subset(val_set, config["val"]["max_objects"], seed=config["run"]["seed"])
+    loader = train_loader(config, train_set)
+    model = build_model(config, train_set.n_channels)
+    logger.info("run folder %s; %d train / %d val galaxies, %d pixels; %.1fM image + %.1fM spectrum parameters",
+                run_dir, len(train_set), len(val_set), train_set.n_pixels,
+                sum(p.numel() for p in model.image_encoder.parameters()) / 1e6,
+                sum(p.numel() for p in model.spectrum_encoder.parameters()) / 1e6)
+    model = idist.auto_model(model)
+    optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"],
+                                                  weight_decay=config["train"]["weight_decay"]))
+    forward = maybe_compile(model, config)
+    temperature = config["train"]["temperature"]
+
+    def step(engine: Engine, batch: dict) -> float:
+        model.train()
+        images = batch["image"].to(device, non_blocking=True)
+        spectra = batch["spectrum"].to(device, non_blocking=True)
+        with autocast(config, device):
+            zi, zs = forward(images, spectra)
+        loss = nt_xent(zi, zs, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    attach_training(trainer, config, run_dir, optimizer, {"model": model, "optimizer": optimizer},
+                    make_validate(model, val_set, config, device, run_dir), "loss", resume, config["train"]["lr_decay"])
+    run_training(trainer, loader, config)
+
+
+def main(argv: Sequence[str]) -> None:
+    config = load_config(PARAMS, argv)
+    backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
+    with idist.Parallel(backend=backend) as parallel:
+        parallel.run(run, config)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,1 @@
+"""Shared utilities: configuration, data (SDSS download, mock survey, dataset), training wiring."""

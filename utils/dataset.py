@@ -1,0 +1,413 @@
+"""The on-disk dataset format shared by every data source, and the torch Dataset over it.
+
+A dataset is a folder::
+
+    catalog.fits      FITS table, one row per object: objid (int64), ra, dec (deg), z,
+                      mag_u .. mag_z (AB), split ('train' | 'val' | 'test')
+    loglam.npy        (L,) float64      log10(observed wavelength / A) of every pixel
+    flux.npy          (N, L) float32    flux density, 1e-17 erg/s/cm^2/A
+    ivar.npy          (N, L) float32    inverse variance of flux; 0 marks a bad pixel
+    mask.npy          (N, L) uint8      optional; non-zero where a pixel was interpolated
+    images_gri.npy    (N, 64, 64, 3) uint8      gri colour images (NeurIPS 2022 setting)
+    images_ugriz.npy  (N, 5, 64, 64) float32    ugriz images in nanomaggies (ApJ 2024 setting)
+    meta.json         format version, source, per-channel image statistics of the train split
+
+Row i of every array is row i of the catalog. Arrays are ``.npy`` files opened memory-mapped,
+never one file per object. At least one of the image arrays must be present.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from astropy.table import Table
+
+from utils.config import UserError
+from utils.spectra import deprocess, preprocess, rebin
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+IMAGE_SIZE = 64
+#: Training-time image transform of SPEC 1: resize to 71, crop 64.
+RESIZE_TO = 71
+BANDS = ("u", "g", "r", "i", "z")
+CATALOG_COLUMNS = ("objid", "ra", "dec", "z", *(f"mag_{b}" for b in BANDS), "split")
+SPLITS = ("train", "val", "test")
+IMAGE_FILES = {"gri": "images_gri.npy", "ugriz": "images_ugriz.npy"}
+IMAGE_SHAPES = {"gri": (IMAGE_SIZE, IMAGE_SIZE, 3), "ugriz": (5, IMAGE_SIZE, IMAGE_SIZE)}
+IMAGE_DTYPES = {"gri": np.uint8, "ugriz": np.float32}
+
+
+class DataError(UserError):
+    """A missing, truncated or inconsistent dataset file."""
+
+
+# --------------------------------------------------------------------------------------------
+# split
+# --------------------------------------------------------------------------------------------
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def assign_split(objid: np.ndarray, val_fraction: float = 0.1, test_fraction: float = 0.1) -> np.ndarray:
+    """Deterministic split from a hash of each object id: adding objects never moves old ones.
+
+    Returns a ``(N,)`` array of 'train' / 'val' / 'test'.
+    """
+    u = (_splitmix64(objid) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out = np.full(len(u), "train", dtype="<U5")
+    out[u < val_fraction + test_fraction] = "test"
+    out[u < val_fraction] = "val"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+class DatasetWriter:
+    """Write a dataset in chunks without holding it in memory.
+
+    Everything goes to ``<root>.partial`` and is renamed to ``root`` by :meth:`finish`, so an
+    interrupted write never leaves a folder that looks complete. An existing ``root`` is never
+    overwritten.
+
+    Parameters
+    ----------
+    root : destination folder.
+    n_objects : number of rows N.
+    loglam : ``(L,)`` pixel grid.
+    images : which image arrays will be written ('gri', 'ugriz').
+    with_mask : whether a mask array is written.
+    source : free text stored in meta.json.
+    """
+
+    def __init__(self, root: str | Path, n_objects: int, loglam: np.ndarray, images: Sequence[str] = ("gri",),
+                 with_mask: bool = False, source: str = "unknown") -> None:
+        self.root = Path(root)
+        if self.root.exists():
+            raise DataError(f"dataset folder '{self.root}' already exists; refusing to overwrite it")
+        if not images:
+            raise ValueError("a dataset needs at least one image array")
+        self.tmp = self.root.with_name(self.root.name + ".partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.n = int(n_objects)
+        self.source = source
+        loglam = np.asarray(loglam, dtype=np.float64)
+        np.save(self.tmp / "loglam.npy", loglam)
+        mm = np.lib.format.open_memmap
+        self.flux = mm(self.tmp / "flux.npy", "w+", np.float32, (self.n, len(loglam)))
+        self.ivar = mm(self.tmp / "ivar.npy", "w+", np.float32, (self.n, len(loglam)))
+        self.mask = mm(self.tmp / "mask.npy", "w+", np.uint8, (self.n, len(loglam))) if with_mask else None
+        self.images = {k: mm(self.tmp / IMAGE_FILES[k], "w+", IMAGE_DTYPES[k], (self.n, *IMAGE_SHAPES[k]))
+                       for k in images}
+
+    def write(self, start: int, flux: np.ndarray, ivar: np.ndarray, images: dict[str, np.ndarray],
+              mask: np.ndarray | None = None) -> None:
+        """Write rows ``start .. start + len(flux)``."""
+        stop = start + len(flux)
+        self.flux[start:stop] = flux
+        self.ivar[start:stop] = ivar
+        if self.mask is not None and mask is not None:
+            self.mask[start:stop] = mask
+        for key, arr in images.items():
+            self.images[key][start:stop] = arr
+
+    def finish(self, catalog: Table, extra_meta: dict | None = None) -> Path:
+        """Write the catalog and meta.json, then move the folder into place."""
+        if len(catalog) != self.n:
+            raise ValueError(f"catalog has {len(catalog)} rows, dataset has {self.n}")
+        catalog.write(self.tmp / "catalog.fits")
+        train = np.asarray(catalog["split"]) == "train"
+        meta = {"format_version": FORMAT_VERSION, "source": self.source, "n_objects": self.n,
+                "n_pixels": int(self.flux.shape[1]), "image_stats": {}, **(extra_meta or {})}
+        for key, arr in self.images.items():
+            meta["image_stats"][key] = _channel_stats(arr, train, key)
+        for arr in (self.flux, self.ivar, self.mask, *self.images.values()):
+            if arr is not None:
+                arr.flush()
+        with open(self.tmp / "meta.json", "w") as handle:
+            json.dump(meta, handle, indent=2)
+        os.replace(self.tmp, self.root)
+        return self.root
+
+
+def _channel_stats(images: np.ndarray, rows: np.ndarray, kind: str, chunk: int = 2048) -> dict:
+    """Per-channel mean and standard deviation over ``rows`` of an image array, in chunks."""
+    idx = np.flatnonzero(rows) if rows.any() else np.arange(len(images))
+    axes = (0, 1, 2) if kind == "gri" else (0, 2, 3)
+    s = s2 = 0.0
+    count = 0
+    for i in range(0, len(idx), chunk):
+        block = _image_to_float(images[idx[i:i + chunk]], kind)
+        s = s + block.sum(axis=axes)
+        s2 = s2 + (block ** 2).sum(axis=axes)
+        count += block.size // len(s)
+    mean = s / count
+    std = np.sqrt(np.maximum(s2 / count - mean ** 2, 1e-12))
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def _image_to_float(images: np.ndarray, kind: str) -> np.ndarray:
+    return images.astype(np.float64) / 255.0 if kind == "gri" else images.astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Survey:
+    """A dataset folder, opened memory-mapped and checked."""
+
+    root: Path
+    catalog: Table
+    loglam: np.ndarray
+    flux: np.ndarray
+    ivar: np.ndarray
+    images: dict[str, np.ndarray]
+    meta: dict
+    mask: np.ndarray | None = None
+    _index: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def wave(self) -> np.ndarray:
+        """``(L,)`` observed wavelength in A."""
+        return 10.0 ** self.loglam
+
+    def rows(self, split: str | None) -> np.ndarray:
+        """Row indices of one split (all rows for ``None``)."""
+        if split is None:
+            return np.arange(len(self))
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}': expected one of {SPLITS}")
+        return np.flatnonzero(np.asarray(self.catalog["split"]) == split)
+
+
+def _load_array(path: Path, expected_rows: int | None, shape: tuple | None = None, dtype=None) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"dataset file '{path}' is missing")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"dataset file '{path}' is truncated or not a .npy array ({err})") from None
+    if expected_rows is not None and arr.shape[0] != expected_rows:
+        raise DataError(f"dataset file '{path}' has {arr.shape[0]} rows but catalog.fits has {expected_rows}")
+    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
+        raise DataError(f"dataset file '{path}' has rows of shape {tuple(arr.shape[1:])}, expected {tuple(shape)}")
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise DataError(f"dataset file '{path}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    return arr
+
+
+def _check_finite(path: Path, arr: np.ndarray, chunk: int = 4096) -> None:
+    for start in range(0, len(arr), chunk):
+        block = np.asarray(arr[start:start + chunk])
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row = start + int(np.flatnonzero(bad.reshape(len(block), -1).any(1))[0])
+            raise DataError(f"dataset file '{path}' has non-finite values (first in row {row})")
+
+
+def open_survey(root: str | Path, check_values: bool = True) -> Survey:
+    """Open a dataset folder and check that every file agrees with the catalog.
+
+    Raises :class:`DataError` naming the file and the problem for missing, truncated or
+    mismatched files, and (with ``check_values``) for NaN or infinite flux, ivar or images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder '{root}' does not exist")
+    cat_path = root / "catalog.fits"
+    if not cat_path.is_file():
+        raise DataError(f"dataset file '{cat_path}' is missing")
+    try:
+        catalog = Table.read(cat_path)
+    except Exception as err:  # astropy raises several types for a corrupt file
+        raise DataError(f"dataset file '{cat_path}' cannot be read as a FITS table ({err})") from None
+    catalog.convert_bytestring_to_unicode()
+    missing = [c for c in CATALOG_COLUMNS if c not in catalog.colnames]
+    if missing:
+        raise DataError(f"dataset file '{cat_path}' lacks column(s) {', '.join(missing)}")
+    splits = set(np.unique(np.asarray(catalog["split"]).astype(str))) - set(SPLITS)
+    if splits:
+        raise DataError(f"dataset file '{cat_path}': unknown split value(s) {sorted(splits)}; expected {SPLITS}")
+    n = len(catalog)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"dataset file '{meta_path}' is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"dataset file '{meta_path}' is not valid JSON ({err})") from None
+    loglam = np.asarray(_load_array(root / "loglam.npy", None))
+    if loglam.ndim != 1 or not np.all(np.diff(loglam) > 0):
+        raise DataError(f"dataset file '{root / 'loglam.npy'}' must be a 1-D increasing grid")
+    flux = _load_array(root / "flux.npy", n, (len(loglam),))
+    ivar = _load_array(root / "ivar.npy", n, (len(loglam),))
+    mask = _load_array(root / "mask.npy", n, (len(loglam),)) if (root / "mask.npy").exists() else None
+    images = {}
+    for key, name in IMAGE_FILES.items():
+        if (root / name).exists():
+            images[key] = _load_array(root / name, n, IMAGE_SHAPES[key], IMAGE_DTYPES[key])
+    if not images:
+        raise DataError(f"dataset folder '{root}' has no image array ({' or '.join(IMAGE_FILES.values())})")
+    if check_values:
+        _check_finite(root / "flux.npy", flux)
+        _check_finite(root / "ivar.npy", ivar)
+        if "ugriz" in images:
+            _check_finite(root / IMAGE_FILES["ugriz"], images["ugriz"])
+    return Survey(root, catalog, loglam, flux, ivar, images, meta, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# image transforms (torch, no torchvision)
+# --------------------------------------------------------------------------------------------
+def image_tensor(image: np.ndarray, kind: str) -> torch.Tensor:
+    """One stored image to a ``(C, 64, 64)`` float tensor: gri in [0, 1], ugriz in nanomaggies."""
+    if kind == "gri":
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(image, dtype=np.float32))
+
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``(C, H, W)`` to ``(C, size, size)``."""
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def crop(image: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    return image[:, top:top + size, left:left + size]
+
+
+def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    top = (image.shape[1] - size) // 2
+    left = (image.shape[2] - size) // 2
+    return crop(image, top, left, size)
+
+
+def random_crop_flip(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random ``size`` crop, then random horizontal and vertical flips (each with p = 0.5)."""
+    top = int(torch.randint(0, image.shape[1] - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, image.shape[2] - size + 1, (1,), generator=generator))
+    image = crop(image, top, left, size)
+    flips = torch.rand(2, generator=generator) < 0.5
+    if flips[0]:
+        image = image.flip(-1)
+    if flips[1]:
+        image = image.flip(-2)
+    return image
+
+
+class ImageTransform:
+    """SPEC 1 transform: resize to 71, random (train) or centre (eval) crop to 64, flips in
+    training, then per-channel standardisation with the train split's statistics."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], train: bool) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.train = train
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = resize(image, RESIZE_TO)
+        image = random_crop_flip(image, IMAGE_SIZE) if self.train else center_crop(image, IMAGE_SIZE)
+        return (image - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------------------------
+# torch Dataset
+# --------------------------------------------------------------------------------------------
+class SpectraDataset(torch.utils.data.Dataset):
+    """Image-spectrum pairs of one split, preprocessed for the networks.
+
+    Each item is a dict: ``image`` ``(C, 64, 64)`` float32, ``spectrum`` ``(1, L')`` float32
+    (preprocessed), ``params`` ``(2,)`` float64 (to invert the preprocessing with
+    :func:`utils.spectra.deprocess`) and ``index`` (row in the survey).
+
+    Parameters
+    ----------
+    survey : an opened :class:`Survey`.
+    split : 'train', 'val', 'test' or None (all rows).
+    image : 'gri' or 'ugriz'.
+    preprocessing : 'scale' or 'log' (see :func:`utils.spectra.preprocess`).
+    downsample : combine blocks of this many pixels (inverse-variance weighted); 1 keeps the grid.
+    train : random crops and flips when True, centre crop otherwise.
+    rows : optional explicit row indices (overrides ``split``).
+    """
+
+    def __init__(self, survey: Survey, split: str | None, image: str = "gri", preprocessing: str = "scale",
+                 downsample: int = 1, train: bool = False, rows: np.ndarray | None = None) -> None:
+        if image not in survey.images:
+            raise DataError(f"dataset folder '{survey.root}' has no {IMAGE_FILES[image]} "
+                            f"(config data.image={image!r}; present: {', '.join(survey.images)})")
+        if downsample < 1:
+            raise ValueError("downsample must be >= 1")
+        self.survey = survey
+        self.rows = np.asarray(rows) if rows is not None else survey.rows(split)
+        self.kind = image
+        self.preprocessing = preprocessing
+        self.downsample = downsample
+        stats = survey.meta.get("image_stats", {}).get(image)
+        if stats is None:
+            raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
+        self.transform = ImageTransform(stats["mean"], stats["std"], train)
+        _, _, self.loglam = rebin(survey.flux[:1], survey.ivar[:1], survey.loglam, downsample)
+
+    @property
+    def wave(self) -> np.ndarray:
+        """``(L',)`` wavelength in A of the (possibly rebinned) grid."""
+        return 10.0 ** self.loglam
+
+    @property
+    def n_pixels(self) -> int:
+        return len(self.loglam)
+
+    @property
+    def n_channels(self) -> int:
+        return 3 if self.kind == "gri" else 5
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def flux(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Flux and ivar of item ``i`` on the (possibly rebinned) grid, flux units."""
+        row = self.rows[i]
+        flux, ivar, _ = rebin(np.asarray(self.survey.flux[row]), np.asarray(self.survey.ivar[row]),
+                              self.survey.loglam, self.downsample)
+        return flux, ivar
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rows[i])
+        flux, _ = self.flux(i)
+        if not np.all(np.isfinite(flux)):
+            raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {row} has non-finite flux")
+        x, params = preprocess(flux, self.wave, self.preprocessing)
+        image = self.transform(image_tensor(self.survey.images[self.kind][row], self.kind))
+        return {"image": image, "spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params),
+                "index": row}
+
+    def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """Preprocessed spectra ``(..., L')`` back to flux units."""
+        return deprocess(x, params, self.preprocessing)
+
+    def iter_batches(self, batch_size: int) -> Iterator[dict]:
+        """Deterministic batches in row order (for evaluation without a DataLoader)."""
+        for start in range(0, len(self), batch_size):
+            items = [self[i] for i in range(start, min(start + batch_size, len(self)))]
+            yield torch.utils.data.default_collate(items)

@@ -1,0 +1,385 @@
+"""An SDSS-like mock survey built from real SDSS galaxies: the embedded default data.
+
+Objects are the 10,000 SDSS galaxies shipped with kcorrect (``data/test/gst_tests_small.fits``),
+cut to 0.02 < z < 0.3. For each one, kcorrect's NMF templates are fitted to its ugriz model
+fluxes at its redshift; the fitted coefficients give its observed-frame spectrum, which is
+rebinned onto the SDSS grid and given SDSS-like noise. Images are a de Vaucouleurs bulge plus an
+exponential disc whose band-by-band flux split follows the old-star template's share of the
+fit, sized by a size-luminosity relation, convolved with a 1.4" PSF, with sky and photon noise.
+
+Run ``python -m utils.mock --help``. Simplifications are listed in the README ("Mock survey").
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from astropy.cosmology import Planck18
+from astropy.table import Table
+from astropy.visualization import make_lupton_rgb
+from PIL import Image
+from tqdm import tqdm
+
+from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split
+from utils.spectra import neurips_loglam
+
+logger = logging.getLogger(__name__)
+
+Z_RANGE = (0.02, 0.3)
+KCORRECT_CATALOG = ("data", "test", "gst_tests_small.fits")
+#: 1e17: erg/s/cm^2/A to SDSS flux units.
+FLUX_UNIT = 1e17
+PIXEL_SCALE = 0.396  # arcsec per pixel (SDSS imaging)
+PSF_FWHM = 1.4  # arcsec
+OVERSAMPLE = 3  # sub-pixels per pixel side when rendering profiles
+#: Sky surface brightness (AB mag / arcsec^2) at a dark SDSS site, per band.
+SKY_MU = np.array([22.1, 21.8, 20.9, 20.2, 18.9])
+#: Photo-electrons per nanomaggy in one 53.9 s SDSS exposure (approximate DR7 calibrations).
+ELECTRONS_PER_NMGY = np.array([160.0, 825.0, 940.0, 714.0, 157.0])
+#: Spectroscopic noise model: a galaxy of r = 17.77 (main-sample limit) has a median S/N per
+#: pixel of about 10 in the r band (sky continuum and lines from SKY_LINES below).
+SPEC_ELECTRONS = 6.0
+SKY_LINES = ((5577.3, 200.0), (5889.9, 40.0), (6300.3, 60.0), (6363.8, 20.0), (7246.0, 30.0), (7341.0, 40.0),
+             (7794.1, 45.0), (7913.7, 45.0), (8344.6, 70.0), (8399.2, 60.0), (8430.2, 50.0), (8827.1, 90.0),
+             (8885.8, 75.0))
+#: Size-luminosity relations: log10(R_e / kpc) = a + b (M_r + 21) + scatter.
+DISC_SIZE = (0.60, -0.10, 0.15)
+BULGE_SIZE = (0.30, -0.22, 0.15)
+#: Lupton colour composite (i, r, g) -> (R, G, B): band weights, stretch and Q, in nanomaggies.
+RGB_WEIGHTS = (1.0, 1.15, 1.6)
+RGB_STRETCH = 0.4
+RGB_Q = 8.0
+JPEG_QUALITY = 75
+CHUNK = 500
+OBJID_OFFSET = 1_000_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# catalog and template fits
+# --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def kcorrect_sdss():
+    """A kcorrect SDSS fitter on 0 <= z <= 0.5 (built once; takes a few seconds)."""
+    import kcorrect.kcorrect
+    return kcorrect.kcorrect.KcorrectSDSS(redshift_range=[0.0, 0.5], nredshift=1000)
+
+
+def load_real_catalog() -> Table:
+    """The real galaxies: RA, DEC, Z and dereddened AB maggies / ivar, cut to :data:`Z_RANGE`."""
+    import kcorrect
+    path = os.path.join(kcorrect.KCORRECT_DIR, *KCORRECT_CATALOG)
+    raw = Table.read(path)
+    z = np.asarray(raw["Z"], dtype=np.float64)
+    flux = np.asarray(raw["MODELFLUX"], dtype=np.float64)
+    ivar = np.asarray(raw["MODELFLUX_IVAR"], dtype=np.float64)
+    keep = (z > Z_RANGE[0]) & (z < Z_RANGE[1]) & np.all(flux > 0, 1) & np.all(ivar > 0, 1)
+    dered = 10.0 ** (0.4 * np.asarray(raw["EXTINCTION"], dtype=np.float64))
+    maggies = flux[keep] * 1e-9 * dered[keep]
+    ivar = ivar[keep] * 1e18 / dered[keep] ** 2
+    kc = kcorrect_sdss()
+    maggies, ivar = kc.to_ab(maggies=maggies, ivar=ivar)
+    # a 2 % error floor keeps the template fit from chasing sub-percent calibration offsets
+    ivar = 1.0 / (1.0 / ivar + (0.02 * maggies) ** 2)
+    return Table({"ra": np.asarray(raw["RA"], dtype=np.float64)[keep],
+                  "dec": np.asarray(raw["DEC"], dtype=np.float64)[keep],
+                  "z": z[keep], "maggies": maggies, "maggies_ivar": ivar})
+
+
+@dataclass
+class MockGalaxies:
+    """The physical description of N mock galaxies (all arrays have N rows)."""
+
+    objid: np.ndarray  # (N,) int64
+    ra: np.ndarray  # (N,) deg
+    dec: np.ndarray  # (N,) deg
+    z: np.ndarray  # (N,)
+    coeffs: np.ndarray  # (N, 5) kcorrect template coefficients
+    maggies: np.ndarray  # (N, 5) catalog AB maggies, ugriz
+    source_row: np.ndarray  # (N,) row of the real galaxy it comes from
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    @property
+    def mags(self) -> np.ndarray:
+        return -2.5 * np.log10(self.maggies)
+
+
+def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
+    """The real galaxies with their template fits; more than there are are resampled.
+
+    Resampled objects are copies of a random real galaxy with the redshift perturbed by
+    0.01 (1 + z) (kept inside :data:`Z_RANGE`), every template coefficient scaled by a
+    log-normal factor of 10 % scatter, and a position offset of up to 0.5 deg; their catalog
+    magnitudes are those of the perturbed template fit.
+    """
+    real = load_real_catalog()
+    kc = kcorrect_sdss()
+    z = np.asarray(real["z"])
+    coeffs = kc.fit_coeffs(redshift=z, maggies=np.asarray(real["maggies"]), ivar=np.asarray(real["maggies_ivar"]))
+    good = coeffs.sum(1) > 0
+    base = MockGalaxies(objid=OBJID_OFFSET + np.flatnonzero(good).astype(np.int64), ra=np.asarray(real["ra"])[good],
+                        dec=np.asarray(real["dec"])[good], z=z[good], coeffs=coeffs[good].astype(np.float64),
+                        maggies=np.asarray(real["maggies"])[good], source_row=np.flatnonzero(good))
+    n_base = len(base)
+    if n_objects is None or n_objects == n_base:
+        return base
+    rng = np.random.default_rng([seed, 1])
+    if n_objects < n_base:
+        pick = np.sort(rng.choice(n_base, size=n_objects, replace=False))
+        return MockGalaxies(*(getattr(base, f)[pick] for f in MockGalaxies.__dataclass_fields__))
+    extra = n_objects - n_base
+    src = rng.integers(0, n_base, size=extra)
+    z_new = np.clip(base.z[src] + 0.01 * (1 + base.z[src]) * rng.standard_normal(extra), Z_RANGE[0] + 1e-3,
+                    Z_RANGE[1] - 1e-3)
+    c_new = base.coeffs[src] * np.exp(0.1 * rng.standard_normal((extra, base.coeffs.shape[1])))
+    m_new = np.einsum("nbk,nk->nb", kc.Amatrix(z_new), c_new)
+    ra_new = (base.ra[src] + rng.uniform(-0.5, 0.5, extra)) % 360.0
+    dec_new = np.clip(base.dec[src] + rng.uniform(-0.5, 0.5, extra), -90, 90)
+    ids = OBJID_OFFSET + 10 * len(real) + np.arange(extra, dtype=np.int64)
+    cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
+    return MockGalaxies(cat(base.objid, ids), cat(base.ra, ra_new), cat(base.dec, dec_new), cat(base.z, z_new),
+                        cat(base.coeffs, c_new), cat(base.maggies, m_new), cat(base.source_row, src))
+
+
+# --------------------------------------------------------------------------------------------
+# spectra
+# --------------------------------------------------------------------------------------------
+class TemplateSpectra:
+    """Observed-frame spectra from kcorrect template coefficients, rebinned flux-conservingly."""
+
+    def __init__(self) -> None:
+        templates = kcorrect_sdss().templates
+        self.wave = np.asarray(templates.restframe_wave, dtype=np.float64)  # (W,) rest frame A
+        self.flux = np.asarray(templates.restframe_flux, dtype=np.float64)  # (K, W) erg/s/cm^2/A
+        mid = 0.5 * (self.flux[:, 1:] + self.flux[:, :-1]) * np.diff(self.wave)
+        self.cumulative = np.concatenate([np.zeros((len(self.flux), 1)), np.cumsum(mid, 1)], 1)  # (K, W)
+
+    @property
+    def old_template(self) -> int:
+        """Index of the template with the strongest 4000 A break (the old stellar population)."""
+        fnu = self.flux * self.wave ** 2
+        red = fnu[:, (self.wave > 4000) & (self.wave < 4100)].mean(1)
+        blue = fnu[:, (self.wave > 3850) & (self.wave < 3950)].mean(1)
+        return int(np.argmax(red / blue))
+
+    def observed(self, z: np.ndarray, coeffs: np.ndarray, loglam: np.ndarray) -> np.ndarray:
+        """Noiseless spectra ``(N, L)`` in 1e-17 erg/s/cm^2/A on the pixel grid ``loglam`` ``(L,)``.
+
+        Each pixel holds the mean flux density of the redshifted SED over the pixel's extent
+        (edges halfway between pixel centres in loglam).
+        """
+        half = 0.5 * np.diff(loglam)
+        edges = 10.0 ** np.concatenate([[loglam[0] - half[0]], loglam[:-1] + half, [loglam[-1] + half[-1]]])
+        out = np.empty((len(z), len(loglam)))
+        for i, (zi, ci) in enumerate(zip(z, coeffs)):
+            rest = edges / (1.0 + zi)
+            integral = np.stack([np.interp(rest, self.wave, c) for c in self.cumulative])  # (K, L+1)
+            mean = np.diff(integral, axis=1) / np.diff(rest)  # rest-frame mean flux density
+            out[i] = ci @ mean / (1.0 + zi)
+        return out * FLUX_UNIT
+
+
+def sky_spectrum(wave: np.ndarray) -> np.ndarray:
+    """Sky flux per pixel ``(L,)`` in 1e-17 erg/s/cm^2/A: a red-rising continuum plus lines."""
+    sky = 4.0 + 8.0 * ((wave - 3800.0) / 5000.0).clip(0) ** 2
+    sigma = 1.6  # A, about the SDSS line-spread function
+    for centre, peak in SKY_LINES:
+        sky = sky + peak * np.exp(-0.5 * ((wave - centre) / sigma) ** 2)
+    return sky
+
+
+def throughput(wave: np.ndarray) -> np.ndarray:
+    """Relative spectrograph throughput: peaks near 6500 A, falls to the blue and red ends."""
+    return 0.25 + 0.75 * np.exp(-0.5 * ((wave - 6500.0) / 1900.0) ** 2)
+
+
+def add_spectral_noise(flux: np.ndarray, wave: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy flux and ivar ``(N, L)``: photon noise of galaxy plus sky, scaled by throughput."""
+    gain = SPEC_ELECTRONS * throughput(wave)
+    var = (np.maximum(flux, 0.0) + sky_spectrum(wave)) / gain + 0.01
+    noisy = flux + np.sqrt(var) * rng.standard_normal(flux.shape)
+    return noisy.astype(np.float32), (1.0 / var).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+def _sersic_b(n: float) -> float:
+    """b_n of a Sersic profile (Ciotti & Bertin 1999 expansion)."""
+    return 2 * n - 1 / 3 + 4 / (405 * n) + 46 / (25515 * n ** 2)
+
+
+def sersic_stamps(r_e: torch.Tensor, q: torch.Tensor, pa: torch.Tensor, offset: torch.Tensor, n: float,
+                  size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Unit-flux Sersic profiles ``(B, size, size)`` convolved with the PSF.
+
+    Parameters
+    ----------
+    r_e : ``(B,)`` half-light semi-major axis in pixels.
+    q : ``(B,)`` axis ratio; pa : ``(B,)`` position angle in radians.
+    offset : ``(B, 2)`` centre offset from the stamp centre in pixels.
+    n : Sersic index (4 for a de Vaucouleurs bulge, 1 for an exponential disc).
+    """
+    fine = size * OVERSAMPLE
+    axis = (torch.arange(fine, dtype=torch.float32) + 0.5) / OVERSAMPLE - size / 2
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    x = xx[None] - offset[:, 0, None, None]
+    y = yy[None] - offset[:, 1, None, None]
+    c, s = torch.cos(pa)[:, None, None], torch.sin(pa)[:, None, None]
+    major = x * c + y * s
+    minor = (-x * s + y * c) / q[:, None, None]
+    r = torch.sqrt(major ** 2 + minor ** 2 + 1e-6) / r_e[:, None, None]
+    profile = torch.exp(-_sersic_b(n) * (r ** (1.0 / n) - 1.0))
+    profile = F.avg_pool2d(profile[:, None], OVERSAMPLE)
+    profile = profile / profile.sum((2, 3), keepdim=True)
+    return psf_convolve(profile)[:, 0]
+
+
+@lru_cache(maxsize=1)
+def _psf_kernel() -> torch.Tensor:
+    sigma = PSF_FWHM / 2.3548 / PIXEL_SCALE
+    half = int(np.ceil(4 * sigma))
+    x = torch.arange(-half, half + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def psf_convolve(images: torch.Tensor) -> torch.Tensor:
+    """Convolve ``(B, 1, H, W)`` with the Gaussian PSF (separable, zero padding)."""
+    k = _psf_kernel()
+    pad = len(k) // 2
+    images = F.conv2d(images, k.view(1, 1, 1, -1), padding=(0, pad))
+    return F.conv2d(images, k.view(1, 1, -1, 1), padding=(pad, 0))
+
+
+def angular_sizes(z: np.ndarray, mag_r: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Disc and bulge half-light radii in pixels from size-luminosity relations and D_A(z)."""
+    absmag = mag_r - Planck18.distmod(z).value
+    kpc_per_pixel = (Planck18.angular_diameter_distance(z).to("kpc").value * np.deg2rad(PIXEL_SCALE / 3600.0))
+    sizes = []
+    for a, b, scatter in (DISC_SIZE, BULGE_SIZE):
+        log_r = a + b * (absmag + 21.0) + scatter * rng.standard_normal(len(z))
+        sizes.append(np.clip(10.0 ** log_r / kpc_per_pixel, 0.3, 25.0))
+    return sizes[0], sizes[1]
+
+
+def render_images(gal: MockGalaxies, bulge_fraction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """ugriz images ``(N, 5, 64, 64)`` float32 in nanomaggies per pixel, sky-subtracted, noisy."""
+    n = len(gal)
+    flux = gal.maggies * 1e9  # (N, 5) nanomaggies
+    r_disc, r_bulge = angular_sizes(gal.z, gal.mags[:, 2], rng)
+    q_disc = rng.uniform(0.25, 1.0, n)
+    q_bulge = np.clip(q_disc + 0.3, 0.6, 1.0)
+    pa = rng.uniform(0, np.pi, n)
+    offset = rng.uniform(-0.5, 0.5, (n, 2))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    disc = sersic_stamps(t(r_disc), t(q_disc), t(pa), t(offset), 1.0).numpy()
+    bulge = sersic_stamps(t(r_bulge), t(q_bulge), t(pa), t(offset), 4.0).numpy()
+    bt = bulge_fraction[:, :, None, None]
+    model = flux[:, :, None, None] * (bt * bulge[:, None] + (1 - bt) * disc[:, None])  # (N, 5, H, W)
+    sky = 10.0 ** (-0.4 * (SKY_MU - 22.5)) * PIXEL_SCALE ** 2  # nanomaggies per pixel
+    var = (sky[None, :, None, None] + np.maximum(model, 0)) / ELECTRONS_PER_NMGY[None, :, None, None]
+    return (model + np.sqrt(var) * rng.standard_normal(model.shape)).astype(np.float32)
+
+
+def colour_image(ugriz: np.ndarray) -> np.ndarray:
+    """gri colour composite ``(64, 64, 3)`` uint8 of one ``(5, 64, 64)`` image, after a JPEG
+    round trip like the SkyServer cutouts."""
+    w = RGB_WEIGHTS
+    rgb = make_lupton_rgb(ugriz[3] * w[0], ugriz[2] * w[1], ugriz[1] * w[2], minimum=0.0, stretch=RGB_STRETCH,
+                          Q=RGB_Q)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+def bulge_fractions(gal: MockGalaxies, spectra: TemplateSpectra) -> np.ndarray:
+    """``(N, 5)`` share of each band's flux from the old-star template (the bulge)."""
+    amatrix = kcorrect_sdss().Amatrix(gal.z)  # (N, 5 bands, K templates)
+    per_template = amatrix * gal.coeffs[:, None, :]
+    old = per_template[:, :, spectra.old_template]
+    return np.clip(old / per_template.sum(-1), 0.0, 1.0)
+
+
+def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0, ugriz: bool = False,
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True) -> Path:
+    """Generate the mock survey into ``root`` in the dataset format (see utils.dataset).
+
+    Parameters
+    ----------
+    root : destination folder (must not exist).
+    n_objects : number of galaxies; None keeps every real galaxy once (about 9,800).
+    seed : everything random (noise, sizes, shapes, resampling) derives from it.
+    ugriz : also store the 5-band float images (N x 80 kB on disk).
+    """
+    gal = sample_galaxies(n_objects, seed)
+    n = len(gal)
+    loglam = neurips_loglam()
+    wave = 10.0 ** loglam
+    spectra = TemplateSpectra()
+    split = assign_split(gal.objid, val_fraction, test_fraction)
+    writer = DatasetWriter(root, n, loglam, images=("gri", "ugriz") if ugriz else ("gri",), source="mock")
+    bt_all = bulge_fractions(gal, spectra)
+    bar = tqdm(total=n, desc="mock survey", unit="gal", disable=not progress)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        rng = np.random.default_rng([seed, 2, start // CHUNK])
+        part = MockGalaxies(*(getattr(gal, f)[start:stop] for f in MockGalaxies.__dataclass_fields__))
+        clean = spectra.observed(part.z, part.coeffs, loglam)
+        flux, ivar = add_spectral_noise(clean, wave, rng)
+        images = render_images(part, bt_all[start:stop], rng)
+        gri = np.stack([colour_image(im) for im in images])
+        arrays = {"gri": gri, "ugriz": images} if ugriz else {"gri": gri}
+        writer.write(start, flux, ivar, arrays)
+        bar.update(stop - start)
+    bar.close()
+    mags = gal.mags
+    catalog = Table({"objid": gal.objid, "ra": gal.ra, "dec": gal.dec, "z": gal.z,
+                     **{f"mag_{b}": mags[:, i].astype(np.float32) for i, b in enumerate(BANDS)}, "split": split,
+                     "bulge_frac_r": bt_all[:, 2].astype(np.float32)})
+    catalog.meta["SEED"] = seed
+    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects,
+                                               "generator": "utils.mock (kcorrect templates)"})
+
+
+def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False) -> Path:
+    """Generate the mock survey at ``root`` unless a dataset is already there."""
+    root = Path(root)
+    if (root / "catalog.fits").exists():
+        return root
+    logger.info("mock survey not found at %s: generating %s galaxies (seed %d)", root,
+                n_objects if n_objects else "all real", seed)
+    return generate_mock(root, n_objects, seed, ugriz=ugriz)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="data/mock", help="output folder (default data/mock)")
+    parser.add_argument("--n", type=int, default=None, help="number of galaxies (default: every real one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ugriz", action="store_true", help="also store 5-band float images")
+    parser.add_argument("--figures", default=None, help="write the mock figures into this folder")
+    args = parser.parse_args(argv)
+    if not Path(args.root, "catalog.fits").exists():
+        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz)
+    if args.figures:
+        from utils.plotting import plot_mock_figures
+        plot_mock_figures(args.root, args.figures)
+
+
+if __name__ == "__main__":
+    from utils.config import cli
+    cli(main)

@@ -1,0 +1,123 @@
+"""The spectral instrument and spectrum preprocessing (pure numpy).
+
+This module is the one place that defines the wavelength grids and the normalisation constants.
+
+Units: flux densities are in SDSS units, 1e-17 erg/s/cm^2/A; ``ivar`` is their inverse variance;
+wavelengths are vacuum Angstrom in the observed frame; ``loglam`` is log10(wavelength / A).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: SDSS spectrograph pixels are uniform in log10(lambda) with this step.
+LOGLAM_STEP = 1e-4
+#: NeurIPS 2022 window: loglam 3.5901 .. 3.9499 (about 3891-8910 A), 3598 pixels.
+NEURIPS_LOGLAM_MIN = 3.5901
+NEURIPS_NPIX = 3598
+#: ApJ 2024 window: 4000-8500 A on a linear 1 A grid.
+APJ_WAVE_MIN = 4000.0
+APJ_WAVE_MAX = 8500.0
+APJ_WAVE_STEP = 1.0
+#: ApJ 2024 smoothing (Gaussian sigma, A) applied when resampling onto the 1 A grid.
+APJ_SMOOTH_SIGMA = 2.0
+#: ApJ 2024 'log' preprocessing divides by the mean flux in this window (A).
+LOG_NORM_WINDOW = (6900.0, 6950.0)
+#: In 'log' preprocessing, flux / norm is clipped from below at this value before the log.
+LOG_FLOOR = 1e-3
+#: Spectrum preprocessings understood by :func:`preprocess`.
+PREPROCESSINGS = ("scale", "log")
+
+
+def neurips_loglam() -> np.ndarray:
+    """The NeurIPS 2022 grid, ``(3598,)`` float64 log10(A)."""
+    return NEURIPS_LOGLAM_MIN + LOGLAM_STEP * np.arange(NEURIPS_NPIX)
+
+
+def apj_wave() -> np.ndarray:
+    """The ApJ 2024 grid, ``(4501,)`` float64 A."""
+    return np.arange(APJ_WAVE_MIN, APJ_WAVE_MAX + APJ_WAVE_STEP / 2, APJ_WAVE_STEP)
+
+
+def rebin(flux: np.ndarray, ivar: np.ndarray, loglam: np.ndarray, factor: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Combine blocks of ``factor`` adjacent pixels (inverse-variance weighted mean).
+
+    Parameters
+    ----------
+    flux, ivar : ``(..., L)`` arrays; pixels with ``ivar == 0`` get no weight.
+    loglam : ``(L,)`` grid.
+    factor : pixels per block; a remainder of ``L % factor`` pixels at the red end is dropped.
+
+    Returns
+    -------
+    flux, ivar : ``(..., L // factor)``; loglam : ``(L // factor,)`` (mean of each block).
+    A block with no valid pixel gets the plain mean and ``ivar`` 0.
+    """
+    if factor == 1:
+        return flux, ivar, loglam
+    n = flux.shape[-1] // factor
+    shape = flux.shape[:-1] + (n, factor)
+    f = flux[..., : n * factor].reshape(shape).astype(np.float64)
+    w = ivar[..., : n * factor].reshape(shape).astype(np.float64)
+    wsum = w.sum(-1)
+    mean = np.where(wsum > 0, (f * w).sum(-1) / np.where(wsum > 0, wsum, 1.0), f.mean(-1))
+    grid = loglam[: n * factor].reshape(n, factor).mean(-1)
+    return mean.astype(flux.dtype), wsum.astype(ivar.dtype), grid
+
+
+def log_norm(flux: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """Mean flux in :data:`LOG_NORM_WINDOW`, ``(...,)``; needs the window inside ``wave``."""
+    sel = (wave >= LOG_NORM_WINDOW[0]) & (wave <= LOG_NORM_WINDOW[1])
+    if not sel.any():
+        raise ValueError(f"the 'log' preprocessing needs {LOG_NORM_WINDOW[0]:.0f}-{LOG_NORM_WINDOW[1]:.0f} A "
+                         f"inside the grid ({wave.min():.0f}-{wave.max():.0f} A)")
+    return flux[..., sel].mean(-1)
+
+
+def preprocess(flux: np.ndarray, wave: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise spectra for the networks.
+
+    Parameters
+    ----------
+    flux : ``(..., L)`` flux density, 1e-17 erg/s/cm^2/A.
+    wave : ``(L,)`` wavelength in A.
+    kind : ``'scale'``: per-spectrum min-max to [0, 1], then to [-1, 1] (NeurIPS 2022);
+        ``'log'``: divide by the mean flux in 6900-6950 A, then natural log (ApJ 2024); values
+        below :data:`LOG_FLOOR` times the norm are clipped first.
+
+    Returns
+    -------
+    x : ``(..., L)`` float32 normalised spectra.
+    params : ``(..., 2)`` float64, what :func:`deprocess` needs: (min, max) for 'scale',
+        (norm, 0) for 'log'.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    if kind == "scale":
+        lo, hi = flux.min(-1), flux.max(-1)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        x = 2.0 * (flux - lo[..., None]) / span[..., None] - 1.0
+        params = np.stack([lo, hi], -1)
+    elif kind == "log":
+        norm = log_norm(flux, wave)
+        norm = np.where(norm > 0, norm, np.abs(flux).mean(-1) + 1e-30)
+        x = np.log(np.maximum(flux / norm[..., None], LOG_FLOOR))
+        params = np.stack([norm, np.zeros_like(norm)], -1)
+    else:
+        raise ValueError(f"unknown preprocessing '{kind}': expected one of {PREPROCESSINGS}")
+    return x.astype(np.float32), params
+
+
+def deprocess(x: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
+    """Invert :func:`preprocess`: ``(..., L)`` normalised spectra back to 1e-17 erg/s/cm^2/A.
+
+    ``params`` is ``(..., 2)`` as returned by :func:`preprocess` and broadcasts against ``x``'s
+    leading dimensions (for example one galaxy's params for all of its samples).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    params = np.asarray(params, dtype=np.float64)
+    if kind == "scale":
+        lo, hi = params[..., 0:1], params[..., 1:2]
+        return ((x + 1.0) / 2.0 * (hi - lo) + lo).astype(np.float32)
+    if kind == "log":
+        return (np.exp(x) * params[..., 0:1]).astype(np.float32)
+    raise ValueError(f"unknown preprocessing '{kind}': expected one of {PREPROCESSINGS}")
