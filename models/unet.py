@@ -127,12 +127,14 @@ class ConditionalUNet1D(nn.Module):
     conditioning : 'x-attention', 'concat' or 'none'.
     image_depth, image_width : the condition encoder's ResNet.
     grad_checkpoint : recompute blocks in the backward pass (saves activation memory).
+    global_cond : with 'x-attention', also add a projection of the mean image token to the time
+        embedding, so every residual block sees the image (an addition to the paper's model).
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (3, 4),
                  head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
-                 image_width: int = 64, grad_checkpoint: bool = False) -> None:
+                 image_width: int = 64, grad_checkpoint: bool = False, global_cond: bool = False) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
@@ -149,6 +151,7 @@ class ConditionalUNet1D(nn.Module):
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
             context_dim = self.image_encoder.feature_dim
             self.token_pos = nn.Parameter(torch.zeros(1, 4, context_dim))
+            self.global_proj = nn.Linear(context_dim, t_dim) if global_cond else None
         elif conditioning == "concat":
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=128, width=image_width)
             self.to_channel = nn.Linear(128, length)
@@ -202,6 +205,8 @@ class ConditionalUNet1D(nn.Module):
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
+        if tokens is not None and getattr(self, "global_proj", None) is not None:
+            temb = temb + self.global_proj(tokens.mean(1)).to(temb.dtype)
         h = self.init_conv(x)
         skips = []
         for block, attn, down in zip(self.down_blocks, self.down_attn, self.downsample):

@@ -42,3 +42,12 @@ def only_run(out_dir: Path) -> Path:
     runs = sorted(p for p in Path(out_dir).iterdir() if p.is_dir())
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def tiny_generative_args(data_root: Path, out_dir: Path) -> list[str]:
+    """Overrides that make train_generative.py run in seconds on the tiny mock."""
+    return [f"data.root={data_root}", "data.source=folder", "data.downsample=16", "data.num_workers=0",
+            "model.width=8", "model.mults=[1, 2, 4]", "model.attn_levels=[2]", "model.head_dim=8",
+            "model.image_width=8", "diffusion.timesteps=20", "train.batch_size=8", "train.lr=1e-3",
+            "val.every=3", "val.n_objects=4", "val.n_samples=2", "val.steps=4", "run.checkpoint_every=2",
+            f"run.out_dir={out_dir}", "train.max_iters=4"]

@@ -106,8 +106,7 @@ def test_nan_validation_is_never_best(tmp_path):
                     lambda e: {"loss": next(scores)}, "loss", None, 0.9)
     trainer.run([0] * 4, max_iters=4)
     best = sorted(p.name for p in (tmp_path / "checkpoints").glob("best_*.pt"))
-    assert best == ["best_model_4_neg_loss=-1.0000.pt", "best_model_2_neg_loss=-2.0000.pt"] or \
-        len(best) == 2 and all("nan" not in name for name in best)
+    assert best == ["best_checkpoint_2_neg_loss=-2.0000.pt", "best_checkpoint_4_neg_loss=-1.0000.pt"]
     assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 4
 
 
@@ -166,7 +165,7 @@ def test_two_process_gloo_run(tiny_mock, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(out)
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 4
-    assert "in 2 processes" in result.stderr or "world size: 2" in result.stderr.lower() or "2 processes" in result.stderr
+    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow

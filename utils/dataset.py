@@ -349,10 +349,12 @@ class SpectraDataset(torch.utils.data.Dataset):
     downsample : combine blocks of this many pixels (inverse-variance weighted); 1 keeps the grid.
     train : random crops and flips when True, centre crop otherwise.
     rows : optional explicit row indices (overrides ``split``).
+    spectra : False for images without spectra: ``spectrum`` and ``params`` are then zeros.
     """
 
     def __init__(self, survey: Survey, split: str | None, image: str = "gri", preprocessing: str = "scale",
-                 downsample: int = 1, train: bool = False, rows: np.ndarray | None = None) -> None:
+                 downsample: int = 1, train: bool = False, rows: np.ndarray | None = None,
+                 spectra: bool = True) -> None:
         if image not in survey.images:
             raise DataError(f"dataset folder '{survey.root}' has no {IMAGE_FILES[image]} "
                             f"(config data.image={image!r}; present: {', '.join(survey.images)})")
@@ -363,6 +365,7 @@ class SpectraDataset(torch.utils.data.Dataset):
         self.kind = image
         self.preprocessing = preprocessing
         self.downsample = downsample
+        self.spectra = spectra
         stats = survey.meta.get("image_stats", {}).get(image)
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
@@ -394,11 +397,14 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
+        image = self.transform(image_tensor(self.survey.images[self.kind][row], self.kind))
+        if not self.spectra:
+            return {"image": image, "spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64),
+                    "index": row}
         flux, _ = self.flux(i)
         if not np.all(np.isfinite(flux)):
             raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {row} has non-finite flux")
         x, params = preprocess(flux, self.wave, self.preprocessing)
-        image = self.transform(image_tensor(self.survey.images[self.kind][row], self.kind))
         return {"image": image, "spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params),
                 "index": row}
 

@@ -145,3 +145,29 @@ def plot_retrieval(path: str | Path, wave: np.ndarray, query: np.ndarray, query_
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "Most similar validation images and spectra to one spectrum")
     return _save(fig, path)
+
+
+def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np.ndarray | None, mean: np.ndarray,
+                topk_mean: np.ndarray, best: np.ndarray, best_scores: Sequence[float], top_k: int,
+                title: str = "") -> Path:
+    """SPEC 4 figure for one galaxy: image, true spectrum, mean of all samples, mean of the top k,
+    and the top-ranked samples, each titled with its contrastive score and MSE."""
+    mse = (lambda s: f", MSE {np.mean((s - truth) ** 2):.4f}") if truth is not None else (lambda s: "")
+    panels = [("mean of all samples" + mse(mean), mean), (f"mean of the top {top_k}" + mse(topk_mean), topk_mean)]
+    panels += [(f"rank {j + 1}: score {best_scores[j]:.3f}" + mse(s), s) for j, s in enumerate(best)]
+    fig = plt.figure(figsize=(12, 1.7 * (len(panels) + 1)))
+    grid = fig.add_gridspec(len(panels), 2, width_ratios=[1, 5])
+    ax = fig.add_subplot(grid[:2, 0])
+    show_image(ax, image)
+    for i, (label, spec) in enumerate(panels):
+        ax = fig.add_subplot(grid[i, 1])
+        if truth is not None:
+            ax.plot(wave, truth, color="0.6", lw=0.8, label="true spectrum")
+        ax.plot(wave, spec, color="tab:blue" if i < 2 else "tab:red", lw=0.9, label=label)
+        ax.set_xlim(wave[0], wave[-1])
+        ax.set_title(label, fontsize=9, loc="left")
+        if i < len(panels) - 1:
+            ax.set_xticklabels([])
+    ax.set_xlabel(WAVE_LABEL)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -147,7 +147,7 @@ def subset(dataset: SpectraDataset, n: int, seed: int = 0) -> SpectraDataset:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(dataset.rows, size=n, replace=False))
     return SpectraDataset(dataset.survey, None, dataset.kind, dataset.preprocessing, dataset.downsample,
-                          train=False, rows=rows)
+                          train=False, rows=rows, spectra=dataset.spectra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +303,7 @@ def attach_training(trainer: Engine, config: dict, run_dir: Path, optimizer: tor
         if rank0:
             latest(engine)
             summary = {"iteration": engine.state.iteration, "epoch": engine.state.epoch,
+                       "world_size": idist.get_world_size(),
                        "lr": optimizer.param_groups[0]["lr"], "train_minutes": clock.train_seconds / 60,
                        "val_minutes": clock.val_seconds / 60, "val_time_fraction": clock.val_fraction,
                        "best_checkpoints": [str(run_dir / CHECKPOINT_DIR / item.filename) for item in best._saved],

@@ -1,0 +1,218 @@
+"""Diffusion maths, samplers, the UNet, EMA, and train_generative.py end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
+
+from conftest import only_run, run_script, tiny_generative_args
+from models.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+from models.samplers import SAMPLERS, timestep_subset
+from models.unet import ConditionalUNet1D, SinusoidalEmbedding
+
+
+@pytest.mark.parametrize("betas", [cosine_betas(250), linear_betas(250), cosine_betas(10)])
+def test_alphas_cumprod_is_cumulative_product(betas):
+    d = GaussianDiffusion(betas)
+    assert np.allclose(d.float64["alphas_cumprod"], np.cumprod(1 - betas), rtol=0, atol=1e-15)
+    assert torch.allclose(d.alphas_cumprod, torch.cumprod(torch.tensor(1 - betas), 0).float())
+    assert d.alphas_cumprod.dtype == torch.float32
+
+
+def test_cosine_schedule_definition():
+    T, s = 250, 0.008
+    betas = cosine_betas(T)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    abar = np.cumprod(1 - betas)
+    for t in (0, 10, 100, 200):  # below the beta clip the product telescopes to f(t+1) / f(0)
+        assert abar[t] == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert betas.max() <= 0.999 and betas.min() > 0
+
+
+def test_q_sample_moments():
+    d = GaussianDiffusion(cosine_betas(100))
+    x0 = torch.full((20000, 1, 3), 0.7)
+    t = torch.full((20000,), 40)
+    xt = d.q_sample(x0, t, torch.randn_like(x0))
+    abar = d.float64["alphas_cumprod"][40]
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.01)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_posterior_matches_bayes():
+    betas = linear_betas(50)
+    d = GaussianDiffusion(betas)
+    abar = np.cumprod(1 - betas)
+    x0, xt = torch.randn(5, 1, 4), torch.randn(5, 1, 4)
+    for step in (1, 17, 49):
+        t = torch.full((5,), step)
+        mean, var, _ = d.q_posterior(x0, xt, t)
+        # product of N(x_t; sqrt(a_t) x, b_t) and N(x; sqrt(abar_{t-1}) x0, 1 - abar_{t-1})
+        a, b, prev = 1 - betas[step], betas[step], abar[step - 1]
+        precision = a / b + 1 / (1 - prev)
+        expected = (math.sqrt(a) * xt.double() / b + math.sqrt(prev) * x0.double() / (1 - prev)) / precision
+        assert torch.allclose(mean.double(), expected, atol=1e-5)
+        assert var.flatten()[0].item() == pytest.approx(1 / precision, rel=1e-5)
+
+
+def test_timesteps_are_uniform_not_fixed():
+    d = GaussianDiffusion(cosine_betas(250))
+    t = d.sample_timesteps(50000, torch.device("cpu"))
+    assert t.min() == 0 and t.max() == 249 and abs(t.float().mean().item() - 124.5) < 2
+
+
+def test_time_embedding_is_log_spaced():
+    emb = SinusoidalEmbedding(64)
+    freqs = emb.freqs.numpy()
+    assert freqs[0] == 1.0 and freqs[-1] == pytest.approx(10000 ** (-31 / 32))
+    assert np.allclose(np.diff(np.log(freqs)), -math.log(10000) / 32)
+    assert torch.allclose(emb(torch.tensor([0]))[0, :32], torch.zeros(32))
+
+
+class GaussianOracle:
+    """Exact noise predictor for data x0 ~ N(mu, s^2) per pixel: E[eps | x_t]."""
+
+    def __init__(self, d, mu, s):
+        self.abar, self.mu, self.s = d.alphas_cumprod.double(), mu, s
+
+    def __call__(self, x, t, context):
+        a = self.abar[t].reshape(-1, 1, 1)
+        sig2 = 1 - a
+        return (torch.sqrt(sig2) * (x.double() - torch.sqrt(a) * self.mu) / (a * self.s ** 2 + sig2)).float()
+
+
+@pytest.mark.parametrize("name, steps", [("ddpm", None), ("ddim", 50), ("ddim", 10), ("dpmpp2m", 15)])
+def test_samplers_reproduce_gaussian_data(name, steps):
+    d = GaussianDiffusion(cosine_betas(250))
+    mu = torch.tensor([-0.5, 0.0, 0.8]).double().reshape(1, 1, 3)
+    s = torch.tensor([0.3, 0.1, 0.5]).double().reshape(1, 1, 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((6000, 1, 3), generator=g)
+    out = SAMPLERS[name](GaussianOracle(d, mu, s), x, d, None, generator=g, steps=steps).double()
+    assert torch.allclose(out.mean(0), mu[0], atol=0.03)
+    assert torch.allclose(out.std(0), s[0], rtol=0.06)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    d = GaussianDiffusion(cosine_betas(30))
+    oracle = GaussianOracle(d, torch.zeros(1, 1, 4).double(), torch.ones(1, 1, 4).double())
+    runs = []
+    for seed in (1, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        runs.append(SAMPLERS["ddpm"](oracle, torch.randn((3, 1, 4), generator=g), d, None, generator=g))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_timestep_subset():
+    assert timestep_subset(250, None) == list(range(249, -1, -1))
+    sub = timestep_subset(250, 25)
+    assert len(sub) == 25 and sub[0] == 249 and sub[-1] == 0 and sub == sorted(sub, reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["x-attention", "concat", "none"])
+@pytest.mark.parametrize("length", [3598, 563, 225, 101])
+def test_unet_output_shape(mode, length):
+    net = ConditionalUNet1D(length, 5, width=8, mults=(1, 2, 4), attn_levels=(2,), head_dim=8, conditioning=mode,
+                            image_width=8)
+    out = net(torch.randn(2, 1, length), torch.tensor([0, 7]), images=torch.randn(2, 5, 64, 64))
+    assert out.shape == (2, 1, length)
+
+
+def test_context_computed_once_matches_images_path():
+    net = ConditionalUNet1D(64, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8).eval()
+    for p in net.parameters():  # the zero-initialised projections would hide the context
+        torch.nn.init.normal_(p, std=0.1)
+    images, x, t = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64), torch.tensor([3, 9])
+    with torch.no_grad():
+        a = net(x, t, images=images)
+        b = net(x, t, context=net.encode(images))
+        c = net(x, t, context=net.encode(images.flip(0)))
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    net = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(2,), head_dim=8, image_width=8)
+    x, t, im = torch.randn(2, 1, 40), torch.tensor([1, 2]), torch.randn(2, 3, 64, 64)
+    grads = []
+    for flag in (False, True):
+        net.grad_checkpoint = flag
+        net.zero_grad()
+        net(x, t, images=im).square().sum().backward()
+        grads.append(net.init_conv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_tiny_model_overfits_a_few_spectra():
+    torch.manual_seed(0)
+    d = GaussianDiffusion(cosine_betas(50))
+    net = ConditionalUNet1D(32, 3, width=16, mults=(1, 2), attn_levels=(2,), head_dim=8, image_width=8)
+    x0 = torch.tanh(torch.randn(4, 1, 32).cumsum(-1) / 3)
+    images = torch.randn(4, 3, 64, 64)
+    t_eval = torch.arange(0, 50, 5).repeat_interleave(4)
+    noise_eval = torch.randn(40, 1, 32, generator=torch.Generator().manual_seed(1))
+
+    def eval_loss():
+        net.eval()
+        with torch.no_grad():
+            return d.training_loss(net, x0.repeat(10, 1, 1), t=t_eval, noise=noise_eval,
+                                   images=images.repeat(10, 1, 1, 1)).item()
+
+    before = eval_loss()
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    for _ in range(400):
+        net.train()
+        loss = d.training_loss(net, x0.repeat(8, 1, 1), images=images.repeat(8, 1, 1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < before / 10
+
+
+def test_ema_weights_lag_the_raw_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    start = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    target = torch.ones(1, 4)
+
+    def step(engine, _):
+        loss = (model.weight - target).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    trainer = Engine(step)
+    ema = EMAHandler(model, momentum=0.05)
+    ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+    trainer.run([0] * 20, max_epochs=1)
+    raw, avg = model.weight.detach(), ema.ema_model.weight.detach()
+    assert not torch.allclose(raw, avg)
+    assert (avg - start).norm() < (raw - start).norm()  # the average trails behind
+    assert (avg - target).norm() > (raw - target).norm()
+
+
+@pytest.mark.slow
+def test_generative_script_and_resume(tiny_mock, tmp_path):
+    out = tmp_path / "runs"
+    first = run_script("train_generative.py", tiny_generative_args(tiny_mock, out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = only_run(out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["iteration"] == 4
+    assert {"mse_mean", "mse_mean_train_spectrum", "mse_ratio", "val_time_fraction"} <= set(metrics["val"])
+    assert list((run / "figures").glob("samples_*.png"))
+    ckpt = torch.load(next((run / "checkpoints").glob("latest_*.pt")), weights_only=False)
+    assert {"model", "ema_model", "optimizer", "lr_scheduler", "trainer", "clock"} <= set(ckpt)
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema_model"][k]) for k in ckpt["model"]
+               if ckpt["model"][k].is_floating_point())
+    resumed = run_script("train_generative.py", tiny_generative_args(tiny_mock, out) + ["train.max_iters=7",
+                                                                                          f"run.resume={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at iteration 4 " in (run / "log.txt").read_text()
+    assert json.loads((run / "metrics.json").read_text())["iteration"] == 7

@@ -1,0 +1,109 @@
+"""generate.py: ranking, evaluation, FITS export, flux calibration and error paths."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from conftest import only_run, run_script, tiny_contrastive_args, tiny_generative_args
+from utils.dataset import SpectraDataset, open_survey
+from utils.evaluation import evaluate, photometric_params, rank
+from utils.spectra import preprocess
+
+
+def test_oracle_scores_rank_the_closest_sample_first():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(6, 50))
+    samples = truth[:, None] + rng.normal(scale=rng.uniform(0.1, 2, (6, 9, 1)), size=(6, 9, 50))
+    oracle = -((samples - truth[:, None]) ** 2).mean(-1)  # a perfect scorer
+    out = evaluate(samples, oracle, truth, top_k=3)
+    errors = ((samples - truth[:, None]) ** 2).mean(-1)
+    assert np.array_equal(out["order"][:, 0], errors.argmin(1))
+    assert np.allclose(out["mse_contrastive"], errors.min(1))
+    assert np.all(out["mse_contrastive"] <= out["mse_random_sample"])
+    assert np.allclose(out["topk_mean"], np.take_along_axis(samples, out["order"][:, :3, None], 1).mean(1))
+    assert np.all(np.diff(out["ranked_scores"], axis=1) <= 0)
+
+
+def test_nan_scores_rank_last():
+    order = rank(np.array([[0.1, np.nan, 0.5, -0.2]]))
+    assert order.tolist() == [[2, 0, 3, 1]]
+
+
+@pytest.mark.parametrize("kind", ["scale", "log"])
+def test_photometric_calibration_recovers_flux(tiny_mock, kind):
+    import astropy.units as u
+    import speclite.filters
+
+    survey = open_survey(tiny_mock)
+    ds = SpectraDataset(survey, None, preprocessing=kind, downsample=4)
+    flux = np.stack([ds.flux(i)[0] for i in range(8)])
+    bands = speclite.filters.load_filters("sdss2010-r", "sdss2010-i")
+    m = bands.get_ab_magnitudes(flux * 1e-17 * u.erg / u.s / u.cm ** 2 / u.AA, ds.wave * u.AA)
+    x, true_params = preprocess(flux, ds.wave, kind)
+    params = photometric_params(x, ds.wave, np.asarray(m["sdss2010-r"]), np.asarray(m["sdss2010-i"]), kind)
+    assert np.allclose(ds.invert(x, params), flux, rtol=0.02, atol=0.02 * np.abs(flux).max())
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_mock, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    c = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "contrastive") +
+                   ["data.downsample=16", "train.max_iters=3"])
+    assert c.returncode == 0, c.stderr[-3000:]
+    g = run_script("train_generative.py", tiny_generative_args(tiny_mock, out / "generative") + ["train.max_iters=3"])
+    assert g.returncode == 0, g.stderr[-3000:]
+    return only_run(out / "contrastive"), only_run(out / "generative")
+
+
+def gen_args(tiny_mock, runs, out, *extra):
+    contrastive, generative = runs
+    return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16", f"sampling.contrastive_run={contrastive}",
+            f"sampling.generative_run={generative}", f"sampling.out_dir={out}", "sampling.split=val",
+            "sampling.n_samples=4", "sampling.steps=3", "sampling.top_k=2", "sampling.figures=1",
+            "sampling.batch_galaxies=3", *extra]
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_path):
+    result = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path, "sampling.per_galaxy_fits=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MSE of the top-ranked sample" in result.stdout
+    out = only_run(tmp_path)
+    survey = open_survey(tiny_mock)
+    ds = SpectraDataset(survey, "val", downsample=16)
+    with fits.open(out / "spectra.fits") as hdus:
+        wave = hdus["WAVELENGTH"].data
+    table = Table.read(out / "spectra.fits", hdu="SPECTRA")
+    assert np.allclose(wave, ds.wave) and len(wave) == 3598 // 16
+    assert len(table) == len(ds) and table["samples"].shape == (len(ds), 4, len(wave))
+    assert str(table["samples"].unit) == "1e-17 erg / (Angstrom s cm2)"
+    true_flux = np.stack([ds.flux(i)[0] for i in range(len(ds))])
+    assert np.allclose(table["true_flux"], true_flux, rtol=1e-4, atol=1e-3)  # back in flux units
+    assert np.all(np.diff(table["scores"], axis=1) <= 0)
+    lo, hi = true_flux.min(1), true_flux.max(1)  # 'scale' samples clip to the true range
+    assert np.all(table["samples"].min((1, 2)) >= lo - 1e-3) and np.all(table["samples"].max((1, 2)) <= hi + 1e-3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"mse_mean", "mse_contrastive", "mse_contrastive_mean", "mse_random_sample",
+            "mse_mean_train_spectrum"} == set(metrics["metrics"])
+    assert list((out / "figures").glob("galaxy_*.png"))
+    per = sorted((out / "galaxies").glob("spectrum-*.fits"))
+    assert len(per) == len(ds)
+    one = Table.read(per[0])
+    assert one["wavelength"].unit == "Angstrom" and "sample_04" in one.colnames and one.meta["OBJID"] > 0
+
+
+@pytest.mark.slow
+def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs, tmp_path):
+    missing = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + [
+        f"sampling.contrastive_run={tmp_path / 'nothing'}"])
+    assert missing.returncode == 1 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+    empty = run_script("generate.py", [f"data.root={tiny_mock}", "data.source=folder",
+                                       f"run.out_dir={tmp_path / 'none'}"])
+    assert empty.returncode == 1 and "no finished diffusion model run" in empty.stderr
+    mismatch = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
+    assert mismatch.returncode == 1 and "data.downsample differs" in mismatch.stderr
+    assert not list(tmp_path.glob("*/spectra.fits"))

@@ -1,0 +1,289 @@
+"""SDSS download and preparation, offline: a loopback HTTP server with injected faults, a mocked
+SQL service, and synthetic spec files."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from astropy.io import fits
+from astropy.table import Table
+from PIL import Image
+
+from utils.dataset import open_survey
+from utils.prepare import prepare, to_grid
+from utils.sdss import (Downloader, NetworkUnreachable, Task, build_query, jpeg_url, query_catalog, spec_url,
+                        valid_jpeg, valid_spectrum)
+from utils.spectra import neurips_loglam
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic files
+# --------------------------------------------------------------------------------------------
+def spec_bytes(loglam: np.ndarray, flux: np.ndarray, ivar: np.ndarray, boss: bool = False) -> bytes:
+    coadd = fits.BinTableHDU(Table({"flux": flux.astype(np.float32), "loglam": loglam.astype(np.float32),
+                                    "ivar": ivar.astype(np.float32), "and_mask": np.zeros(len(flux), np.int32)}),
+                             name="COADD")
+    row = fits.BinTableHDU(Table({"PLATE": [1]}), name="SPALL" if boss else "SPECOBJ")
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), coadd, row]).writeto(buffer)
+    return buffer.getvalue()
+
+
+def good_spectrum(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    loglam = np.round(np.arange(3.5800, 3.9600, 1e-4), 4)
+    flux = 10 + np.sin(loglam * 200) + rng.normal(0, 0.1, len(loglam))
+    return loglam, flux, np.full(len(loglam), 100.0)
+
+
+def jpeg_bytes(size: int = 64, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# loopback server with faults
+# --------------------------------------------------------------------------------------------
+class FaultyServer:
+    """Serves ``files`` (path -> bytes). ``faults[path]`` is a list of faults consumed one per
+    request: 503, 429, 'truncate', 'stall'; 404 for unknown paths."""
+
+    def __init__(self, files: dict[str, bytes], faults: dict[str, list] | None = None) -> None:
+        self.files = files
+        self.faults = {k: list(v) for k, v in (faults or {}).items()}
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                with outer.lock:
+                    outer.requests.append(self.path)
+                    fault = outer.faults.get(self.path, []).pop(0) if outer.faults.get(self.path) else None
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                if fault in (503, 429):
+                    self.send_response(fault)
+                    if fault == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                if fault == "stall":
+                    time.sleep(1.5)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body[: len(body) // 2] if fault == "truncate" else body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fast_downloader(**kw) -> Downloader:
+    return Downloader(**{"workers": 4, "rate": 0, "timeout": 0.5, "retries": 4, "backoff": 0.01, **kw})
+
+
+def test_downloader_survives_faults_and_lists_failures(tmp_path):
+    files = {f"/spec/{i}.fits": spec_bytes(*good_spectrum(i)) for i in range(6)}
+    files.update({f"/img/{i}.jpg": jpeg_bytes(seed=i) for i in range(4)})
+    files["/img/small.jpg"] = jpeg_bytes(size=32)
+    faults = {"/spec/0.fits": [503, 503], "/spec/1.fits": [429], "/spec/2.fits": ["truncate"],
+              "/spec/3.fits": ["stall"], "/img/0.jpg": [503, "truncate"]}
+    with FaultyServer(files, faults) as server:
+        tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / "spec" / f"{i}.fits", valid_spectrum)
+                 for i in range(6)]
+        tasks += [Task(f"img{i}", f"{server.url}/img/{i}.jpg", tmp_path / "img" / f"{i}.jpg", valid_jpeg)
+                  for i in range(4)]
+        tasks += [Task("gone", f"{server.url}/spec/404.fits", tmp_path / "spec" / "404.fits", valid_spectrum),
+                  Task("small", f"{server.url}/img/small.jpg", tmp_path / "img" / "small.jpg", valid_jpeg)]
+        report = fast_downloader().run(tasks, tmp_path / "failures.csv")
+    assert report.fetched == 10 and set(report.failures) == {"gone", "small"}
+    for task in tasks[:10]:
+        assert task.validate(task.dest) is None
+    assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "spec" / "404.fits").exists()
+    failures = (tmp_path / "failures.csv").read_text()
+    assert "HTTP 404" in failures and "(32, 32, 3)" in failures
+
+
+def test_interrupted_download_resumes_without_refetching(tmp_path):
+    files = {f"/spec/{i}.fits": spec_bytes(*good_spectrum(i)) for i in range(8)}
+    outage = {f"/spec/{i}.fits": [503] * 20 for i in range(4, 8)}  # the second half is down
+    with FaultyServer(files, outage) as server:
+        tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / f"{i}.fits", valid_spectrum) for i in range(8)]
+        first = fast_downloader(retries=1).run(tasks, tmp_path / "failures.csv")
+        assert first.fetched == 4 and len(first.failures) == 4
+        (tmp_path / "1.fits").write_bytes(b"broken")  # a damaged file is fetched again
+        server.faults.clear()
+        server.requests.clear()
+        second = fast_downloader().run(tasks, tmp_path / "failures.csv")
+    assert second.fetched == 5 and second.skipped == 3 and not second.failures
+    assert sorted(server.requests) == sorted(["/spec/1.fits"] + [f"/spec/{i}.fits" for i in range(4, 8)])
+
+
+def test_unreachable_network_gives_one_line(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tasks = [Task(str(i), f"http://127.0.0.1:{port}/{i}", tmp_path / f"{i}.fits", valid_spectrum) for i in range(8)]
+    with pytest.raises(NetworkUnreachable, match=f"cannot connect to 127.0.0.1:{port}"):
+        fast_downloader(retries=0).run(tasks)
+
+
+def test_rate_limit_spaces_requests(tmp_path):
+    files = {f"/{i}.jpg": jpeg_bytes(seed=i) for i in range(6)}
+    with FaultyServer(files) as server:
+        tasks = [Task(str(i), f"{server.url}/{i}.jpg", tmp_path / f"{i}.jpg", valid_jpeg) for i in range(6)]
+        start = time.monotonic()
+        fast_downloader(rate=20).run(tasks)
+    assert time.monotonic() - start >= 5 / 20 - 0.02
+
+
+# --------------------------------------------------------------------------------------------
+# catalog query
+# --------------------------------------------------------------------------------------------
+class FakeSQL:
+    """Answers the paged query from a synthetic table by reading TOP and specObjID > from the SQL."""
+
+    def __init__(self, n: int, fail_on_call: int | None = None) -> None:
+        rng = np.random.default_rng(0)
+        ids = np.sort(rng.choice(10 ** 12, size=n, replace=False)) + 10 ** 15
+        self.table = Table({"specObjID": ids, "z": rng.uniform(0.01, 0.3, n)})
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, sql: str, data_release: int = 17) -> Table:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise requests.ConnectionError("simulated outage")
+        top = int(sql.split("TOP ")[1].split()[0])
+        after = int(sql.split("s.specObjID > ")[1].split()[0])
+        rows = self.table[self.table["specObjID"] > after][:top]
+        return rows if len(rows) else None
+
+
+def test_query_is_paged_by_specobjid(tmp_path):
+    sql = build_query(100, 1234, z_min=0.05, z_max=0.15, mag_max=17.77)
+    for part in ("TOP 100", "s.specObjID > 1234", "ORDER BY s.specObjID", "s.class = 'GALAXY'", "s.zWarning = 0",
+                 "s.z > 0.05", "s.z < 0.15", "p.cModelMag_r < 17.77", "p.petroRad_r", "s.run2d", "p.objID"):
+        assert part in sql
+    fake = FakeSQL(250)
+    table = query_catalog(230, tmp_path / "cat.fits", page_size=40, query_fn=fake)
+    assert len(table) == 230 and fake.calls == 6
+    assert np.array_equal(Table.read(tmp_path / "cat.fits")["specObjID"], fake.table["specObjID"][:230])
+
+
+def test_interrupted_query_resumes(tmp_path):
+    fake = FakeSQL(200, fail_on_call=3)
+    with pytest.raises(NetworkUnreachable, match="resume after 80 rows"):
+        query_catalog(200, tmp_path / "cat.fits", page_size=40, query_fn=fake)
+    fake.fail_on_call = None
+    table = query_catalog(200, tmp_path / "cat.fits", page_size=40, query_fn=fake)
+    assert fake.calls == 3 + 3 and len(table) == 200 and len(np.unique(table["specObjID"])) == 200
+
+
+def test_urls_for_sdss_and_eboss():
+    legacy = {"run2d": "26", "plate": 266, "mjd": 51602, "fiberID": 1}
+    boss = {"run2d": b"v5_13_2", "plate": 10000, "mjd": 57346, "fiberID": 12}
+    assert spec_url(legacy, 16, "https://m") == \
+        "https://m/dr16/sdss/spectro/redux/26/spectra/lite/0266/spec-0266-51602-0001.fits"
+    assert spec_url(boss) == ("https://data.sdss.org/sas/dr17/eboss/spectro/redux/v5_13_2/spectra/lite/10000/"
+                              "spec-10000-57346-0012.fits")
+    url = jpeg_url(150.1, 2.2)
+    assert url.startswith("https://skyserver.sdss.org/dr17/SkyServerWS/ImgCutout/getjpeg?")
+    assert "scale=0.4" in url and "width=64" in url and "height=64" in url and "ra=150.100000" in url
+
+
+# --------------------------------------------------------------------------------------------
+# preparation
+# --------------------------------------------------------------------------------------------
+def test_to_grid_handles_gaps_and_refuses_bad_spectra():
+    loglam, flux, ivar = good_spectrum()
+    ivar[300:310] = 0
+    flux[400] = np.nan
+    out = to_grid(loglam, flux, ivar)
+    assert not isinstance(out, str)
+    f, iv, mask = out
+    grid = neurips_loglam()
+    gap = (grid >= loglam[300] - 5e-5) & (grid <= loglam[309] + 5e-5)
+    assert gap.sum() == 10 and np.all(mask[gap] == 1) and np.all(iv[gap] == 0) and np.all(np.isfinite(f))
+    assert np.allclose(f[~mask.astype(bool)], np.interp(grid, loglam, flux)[~mask.astype(bool)], atol=1e-4)
+    assert to_grid(loglam[200:], flux[200:], ivar[200:]) == "does not cover the wavelength window"
+    assert to_grid(loglam, np.full_like(flux, 3.0), np.ones_like(flux)) == "constant flux"
+    assert to_grid(loglam, flux, np.zeros_like(ivar)) == "no valid pixels in the window"
+    apj = to_grid(*good_spectrum(), grid="apj")
+    assert apj[0].shape == (4501,)
+
+
+def test_prepare_writes_dataset_and_report(tmp_path):
+    n = 9
+    rng = np.random.default_rng(1)
+    ids = np.arange(n, dtype=np.int64) + 5000
+    cat = Table({"specObjID": ids, "plate": np.full(n, 266), "mjd": np.full(n, 51602), "fiberID": np.arange(n) + 1,
+                 "ra": rng.uniform(0, 10, n), "dec": rng.uniform(0, 10, n), "z": rng.uniform(0.02, 0.2, n),
+                 **{f"cModelMag_{b}": rng.uniform(15, 18, n) for b in "ugriz"}})
+    cat.write(tmp_path / "catalog.fits")
+    (tmp_path / "spectra").mkdir()
+    (tmp_path / "images").mkdir()
+    for i, objid in enumerate(ids):
+        loglam, flux, ivar = good_spectrum(i)
+        if i == 1:
+            loglam, flux, ivar = loglam[500:], flux[500:], ivar[500:]  # short coverage
+        if i == 2:
+            flux[:] = 7.0  # constant
+        if i == 3:
+            ivar[1000:1100] = 0  # a gap
+            flux[1050] = np.nan
+        if i != 4:  # spectrum 4 missing; a SAS-style name for spectrum 5
+            name = f"spec-0266-51602-{i + 1:04d}.fits" if i == 5 else f"{objid}.fits"
+            (tmp_path / "spectra" / name).write_bytes(spec_bytes(loglam, flux, ivar, boss=i % 2 == 0))
+        if i != 6:
+            (tmp_path / "images" / f"{objid}.jpg").write_bytes(jpeg_bytes(seed=i))
+    out = prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds", chunk=2)
+    survey = open_survey(out)
+    assert sorted(np.asarray(survey.catalog["objid"]) - 5000) == [0, 3, 5, 7, 8]
+    assert survey.flux.shape == (5, 3598) and survey.mask is not None
+    row3 = int(np.flatnonzero(np.asarray(survey.catalog["objid"]) == 5003)[0])
+    assert survey.mask[row3].sum() >= 100 and np.all(np.isfinite(survey.flux[row3]))
+    report = (tmp_path / "ds.dropped.csv").read_text()
+    for objid, reason in ((5001, "does not cover"), (5002, "constant flux"), (5004, "spectrum file missing"),
+                          (5006, "gri image missing")):
+        assert f"{objid},{reason}" in report
+    with pytest.raises(Exception, match="already exists"):
+        prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
+
+
+@pytest.mark.network
+def test_live_sdss_query(tmp_path):
+    try:
+        requests.get("https://skyserver.sdss.org", timeout=5)
+    except requests.RequestException:
+        pytest.skip("SDSS is unreachable from here")
+    table = query_catalog(3, tmp_path / "cat.fits")
+    assert len(table) == 3 and "specObjID" in table.colnames

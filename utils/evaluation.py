@@ -1,0 +1,96 @@
+"""Ranking generated spectra and scoring them against the truth (SPEC section 4), and putting
+spectra without a measured counterpart on a flux scale from photometry."""
+from __future__ import annotations
+
+import astropy.units as u
+import numpy as np
+
+#: metric names written to metrics.json and the console table, with their meaning
+METRICS = {
+    "mse_mean": "MSE of the mean of all N samples",
+    "mse_contrastive": "MSE of the top-ranked sample",
+    "mse_contrastive_mean": "MSE of the mean of the top-k samples",
+    "mse_random_sample": "MSE of one sample picked at random",
+    "mse_mean_train_spectrum": "MSE of the mean training spectrum",
+}
+
+
+def rank(scores: np.ndarray) -> np.ndarray:
+    """Indices ``(G, N)`` ordering each galaxy's samples from the highest score to the lowest.
+
+    NaN scores rank last (a broken embedding never wins).
+    """
+    safe = np.where(np.isfinite(scores), scores, -np.inf)
+    return np.argsort(-safe, axis=1, kind="stable")
+
+
+def evaluate(samples: np.ndarray, scores: np.ndarray, truth: np.ndarray | None, top_k: int,
+             baseline: np.ndarray | None = None, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Per-galaxy products and errors.
+
+    Parameters
+    ----------
+    samples : ``(G, N, L)`` generated spectra (preprocessed units).
+    scores : ``(G, N)`` contrastive similarity of each sample to its galaxy's image.
+    truth : ``(G, L)`` true spectra, or None.
+    top_k : how many of the best-ranked samples the 'contrastive mean' averages.
+    baseline : ``(L,)`` mean training spectrum (a reference predictor).
+
+    Returns
+    -------
+    dict with ``order`` ``(G, N)``, ``ranked`` ``(G, N, L)``, ``ranked_scores`` ``(G, N)``,
+    ``mean`` and ``topk_mean`` ``(G, L)``; with truth also the per-galaxy ``(G,)`` arrays named
+    in :data:`METRICS`.
+    """
+    order = rank(scores)
+    ranked = np.take_along_axis(samples, order[:, :, None], axis=1)
+    out = {"order": order, "ranked": ranked, "ranked_scores": np.take_along_axis(scores, order, axis=1),
+           "mean": samples.mean(1), "topk_mean": ranked[:, :top_k].mean(1)}
+    if truth is not None:
+        mse = lambda pred: ((pred - truth) ** 2).mean(-1)  # noqa: E731
+        rng = rng or np.random.default_rng(0)
+        pick = rng.integers(0, samples.shape[1], size=len(samples))
+        out["mse_mean"] = mse(out["mean"])
+        out["mse_contrastive"] = mse(ranked[:, 0])
+        out["mse_contrastive_mean"] = mse(out["topk_mean"])
+        out["mse_random_sample"] = mse(samples[np.arange(len(samples)), pick])
+        if baseline is not None:
+            out["mse_mean_train_spectrum"] = mse(np.broadcast_to(baseline, truth.shape))
+    return out
+
+
+def photometric_params(x: np.ndarray, wave: np.ndarray, mag_r: np.ndarray, mag_i: np.ndarray, kind: str
+                       ) -> np.ndarray:
+    """Preprocessing parameters ``(G, 2)`` that put spectra without a measured counterpart on the
+    flux scale of their catalog r and i magnitudes.
+
+    ``x`` ``(G, L)`` are preprocessed spectra (e.g. the top-ranked sample); the fluxes implied by
+    the parameters are linear in them, so the parameters solve a small least-squares problem
+    against the r and i band fluxes synthesised with speclite's SDSS filters: for 'scale' the
+    offset and span (min, max), for 'log' the norm.
+    """
+    import speclite.filters
+
+    from utils.spectra import deprocess
+
+    bands = speclite.filters.load_filters("sdss2010-r", "sdss2010-i")
+    target = 10 ** (-0.4 * np.stack([mag_r, mag_i], 1))  # maggies
+    unit = 1e-17 * u.erg / u.s / u.cm ** 2 / u.AA
+
+    def maggies(flux: np.ndarray) -> np.ndarray:
+        padded, grid = bands.pad_spectrum(flux, wave, method="edge")
+        table = bands.get_ab_maggies(padded * unit, grid * u.AA)
+        return np.stack([np.asarray(table[name]) for name in table.colnames], 1)
+
+    if kind == "log":
+        base = maggies(deprocess(x, np.tile([1.0, 0.0], (len(x), 1)), kind))
+        norm = (base * target).sum(1) / (base ** 2).sum(1)
+        return np.stack([norm, np.zeros_like(norm)], 1)
+    shape = maggies((np.asarray(x, dtype=np.float64) + 1) / 2)  # flux = lo + span * shape
+    flat = maggies(np.ones_like(x, dtype=np.float64))
+    params = np.zeros((len(x), 2))
+    for g in range(len(x)):
+        design = np.stack([flat[g], shape[g]], 1)
+        lo, span = np.linalg.lstsq(design, target[g], rcond=None)[0]
+        params[g] = (lo, lo + span)
+    return params
