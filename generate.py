@@ -182,7 +182,7 @@ def run(config: dict) -> Path:
     for batch in dataset.iter_batches(s["batch_galaxies"]):
         images = batch["image"].to(device)
         samples = sample_for_images(generator_model, diffusion, images, s["n_samples"], s["sampler"], s["steps"], cfg,
-                                    generator, eta=s["eta"])
+                                    generator, eta=s["eta"], guidance=s["guidance"])
         all_scores.append(score(contrastive, images, samples).float().cpu().numpy())
         all_samples.append(samples.cpu().numpy())
         truth.append(batch["spectrum"][:, 0].numpy())

@@ -38,7 +38,7 @@ def build_model(config: dict, length: int, image_channels: int) -> ConditionalUN
     m = config["model"]
     return ConditionalUNet1D(length, image_channels, m["width"], tuple(m["mults"]), tuple(m["attn_levels"]),
                              m["head_dim"], m["conditioning"], m["image_depth"], m["image_width"],
-                             m["grad_checkpoint"], m["global_cond"])
+                             m["grad_checkpoint"], m.get("cond_drop", 0.0))
 
 
 def build_diffusion(config: dict) -> GaussianDiffusion:
@@ -53,9 +53,10 @@ def clip_value(config: dict) -> float | None:
 @torch.no_grad()
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, config: dict, generator: torch.Generator | None = None,
-                      eta: float = 0.0) -> torch.Tensor:
+                      eta: float = 0.0, guidance: float = 1.0) -> torch.Tensor:
     """``n_samples`` spectra per image, ``(G, N, L)``: the image context is computed once per
-    galaxy and all G x N samples are drawn in one batch."""
+    galaxy and all G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
+    guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0."""
     model.eval()
     device = images.device
     with autocast(config, device):
@@ -68,7 +69,11 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
 
     def denoiser(x, t, ctx):
         with autocast(config, device):
-            return model(x, t, ctx)
+            if guidance == 1.0 or ctx is None:
+                return model(x, t, ctx)
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, model.unconditional(ctx)]))
+            cond, null = both.float().chunk(2)
+            return null + guidance * (cond - null)
 
     x0 = get_sampler(sampler)(denoiser, noise, diffusion, context, generator=generator, steps=steps, eta=eta,
                               clip=clip_value(config))
@@ -96,7 +101,7 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
         for batch in val_set.iter_batches(batch_size):
             truth = batch["spectrum"][:, 0].numpy()
             samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
-                                        v["steps"], config, generator).cpu().numpy()
+                                        v["steps"], config, generator, guidance=v["guidance"]).cpu().numpy()
             mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
             base.extend(((baseline[None] - truth) ** 2).mean(1))
             if figure is None:

@@ -127,20 +127,23 @@ class ConditionalUNet1D(nn.Module):
     conditioning : 'x-attention', 'concat' or 'none'.
     image_depth, image_width : the condition encoder's ResNet.
     grad_checkpoint : recompute blocks in the backward pass (saves activation memory).
-    global_cond : with 'x-attention', also add a projection of the mean image token to the time
-        embedding, so every residual block sees the image (an addition to the paper's model).
+    cond_drop : in training, the share of items whose context is replaced by a learned null
+        context, so that the same network also predicts unconditionally (classifier-free
+        guidance, Ho & Salimans 2022; not in the paper: 0 reproduces it).
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (3, 4),
                  head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
-                 image_width: int = 64, grad_checkpoint: bool = False, global_cond: bool = False) -> None:
+                 image_width: int = 64, grad_checkpoint: bool = False,
+                 cond_drop: float = 0.0) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.length = length
         self.conditioning = conditioning
         self.grad_checkpoint = grad_checkpoint
+        self.cond_drop = cond_drop
         dims = [width * m for m in mults]
         t_dim = 4 * width
         self.time_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, t_dim), nn.ReLU(),
@@ -151,10 +154,13 @@ class ConditionalUNet1D(nn.Module):
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
             context_dim = self.image_encoder.feature_dim
             self.token_pos = nn.Parameter(torch.zeros(1, 4, context_dim))
-            self.global_proj = nn.Linear(context_dim, t_dim) if global_cond else None
+            if cond_drop > 0:
+                self.null_context = nn.Parameter(torch.zeros(1, 4, context_dim))
         elif conditioning == "concat":
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=128, width=image_width)
             self.to_channel = nn.Linear(128, length)
+            if cond_drop > 0:
+                self.null_context = nn.Parameter(torch.zeros(1, 1, length))
             in_channels = 2
         self.init_conv = nn.Conv1d(in_channels, dims[0], 3, padding=1)
         attn = set(attn_levels)
@@ -187,6 +193,14 @@ class ConditionalUNet1D(nn.Module):
             return tokens + self.token_pos[:, : tokens.shape[1]]
         return self.to_channel(self.image_encoder(images))[:, None]
 
+    def unconditional(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The learned null context, shaped like ``context`` (for classifier-free guidance)."""
+        if context is None:
+            return None
+        if not hasattr(self, "null_context"):
+            raise ValueError("guidance needs a model trained with cond_drop > 0 (it has no null context)")
+        return self.null_context.expand(context.shape[0], *context.shape[1:]).to(context.dtype)
+
     def _run(self, block: nn.Module, *args):
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
@@ -201,12 +215,13 @@ class ConditionalUNet1D(nn.Module):
         """
         if context is None and images is not None:
             context = self.encode(images)
+            if self.training and self.cond_drop > 0 and context is not None:
+                drop = torch.rand(context.shape[0], device=context.device) < self.cond_drop
+                context = torch.where(drop[:, None, None], self.unconditional(context), context)
         if self.conditioning == "concat":
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
-        if tokens is not None and getattr(self, "global_proj", None) is not None:
-            temb = temb + self.global_proj(tokens.mean(1)).to(temb.dtype)
         h = self.init_conv(x)
         skips = []
         for block, attn, down in zip(self.down_blocks, self.down_attn, self.downsample):

