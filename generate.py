@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -93,6 +94,45 @@ def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -
                               f"{str(err).splitlines()[0]}") from None
 
 
+@dataclass
+class TrainedPair:
+    """The two trained networks generate.py needs, with where they came from."""
+
+    gen_cfg: dict
+    con_cfg: dict
+    gen_path: Path
+    con_path: Path
+    gen_weights: dict
+    con_weights: dict
+    denoiser: torch.nn.Module | None = None
+    contrastive: torch.nn.Module | None = None
+    diffusion: GaussianDiffusion | None = None
+
+
+def find_models(config: dict) -> TrainedPair:
+    """Locate both trained models (config paths or newest finished runs) and check that they fit
+    the configured data."""
+    s = config["sampling"]
+    gen_cfg, gen_w, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]), "diffusion model",
+                                            "ema_model")
+    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network", "model")
+    check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
+    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
+
+
+def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torch.device) -> TrainedPair:
+    """Build both networks from their own run configs, load the weights, move them to ``device``."""
+    pair.denoiser = build_generative_model(pair.gen_cfg, n_pixels, n_channels)
+    load_weights(pair.denoiser, pair.gen_weights, pair.gen_path, "diffusion model")
+    pair.contrastive = build_contrastive_model({**pair.con_cfg, "model": {**pair.con_cfg["model"], "image_weights": None}},
+                                               n_channels)
+    load_weights(pair.contrastive, pair.con_weights, pair.con_path, "contrastive network")
+    pair.denoiser.to(device).eval()
+    pair.contrastive.to(device).eval()
+    pair.diffusion = build_diffusion(pair.gen_cfg)
+    return pair
+
+
 def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
     """The galaxies to generate for and whether their true spectra are known."""
     s, d = config["sampling"], config["data"]
@@ -152,22 +192,13 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
 
 def run(config: dict) -> Path:
     s = config["sampling"]
-    gen_cfg, gen_weights, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]),
-                                                  "diffusion model", "ema_model")
-    con_cfg, con_weights, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
-                                                  "model")
-    check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
+    pair = find_models(config)
     survey = load_survey(config)
     dataset, known = generation_set(config, survey)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator_model = build_generative_model(gen_cfg, dataset.n_pixels, dataset.n_channels)
-    load_weights(generator_model, gen_weights, gen_path, "diffusion model")
-    contrastive = build_contrastive_model({**con_cfg, "model": {**con_cfg["model"], "image_weights": None}},
-                                          dataset.n_channels)
-    load_weights(contrastive, con_weights, con_path, "contrastive network")
-    generator_model.to(device).eval()
-    contrastive.to(device).eval()
-    diffusion: GaussianDiffusion = build_diffusion(gen_cfg)
+    pair = build_models(pair, dataset.n_pixels, dataset.n_channels, device)
+    gen_cfg, gen_path, con_path = pair.gen_cfg, pair.gen_path, pair.con_path
+    generator_model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     cfg = {**gen_cfg, "run": {**gen_cfg["run"], "precision": config["run"]["precision"]}}
     out_dir = Path(s["out_dir"]) / datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / "figures").mkdir(parents=True)

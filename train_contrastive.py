@@ -16,13 +16,11 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine
-from ignite.utils import manual_seed
 
 from models.contrastive import ContrastiveModel, build_contrastive, nt_xent, retrieval_metrics
-from utils.config import UserError, cli, load_config
+from utils.config import UserError, cli
 from utils.plotting import plot_retrieval
-from utils.training import (attach_training, autocast, datasets, load_survey, maybe_compile, prepare_run,
-                            run_training, setup_logging, subset, train_loader, unwrap)
+from utils.training import attach_training, autocast, launch, maybe_compile, run_training, start_run, unwrap
 
 PARAMS = Path(__file__).resolve().with_name("params_contrastive.yml")
 logger = logging.getLogger("train_contrastive")
@@ -90,14 +88,7 @@ def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iterati
 
 
 def run(local_rank: int, config: dict) -> None:
-    run_dir, resume = prepare_run(config)
-    setup_logging(run_dir)
-    manual_seed(config["run"]["seed"] + idist.get_rank())
-    device = idist.device()
-    survey = load_survey(config)
-    train_set, val_set = datasets(config, survey)
-    val_set = subset(val_set, config["val"]["max_objects"], seed=config["run"]["seed"])
-    loader = train_loader(config, train_set)
+    run_dir, resume, device, train_set, val_set, loader = start_run(config, config["val"]["max_objects"])
     model = build_model(config, train_set.n_channels)
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; %.1fM image + %.1fM spectrum parameters",
                 run_dir, len(train_set), len(val_set), train_set.n_pixels,
@@ -128,10 +119,7 @@ def run(local_rank: int, config: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    config = load_config(PARAMS, argv)
-    backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
-    with idist.Parallel(backend=backend) as parallel:
-        parallel.run(run, config)
+    launch(run, PARAMS, argv)
 
 
 if __name__ == "__main__":

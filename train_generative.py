@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
-from ignite.utils import manual_seed
 
 from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
-from utils.config import cli, load_config
+from utils.config import cli
 from utils.plotting import plot_spectra_grid
-from utils.training import (attach_training, autocast, datasets, load_survey, maybe_compile, prepare_run,
-                            run_training, setup_logging, subset, train_loader, unwrap)
+from utils.training import attach_training, autocast, launch, maybe_compile, run_training, start_run, unwrap
 
 PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
 logger = logging.getLogger("train_generative")
@@ -122,14 +120,7 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
 
 
 def run(local_rank: int, config: dict) -> None:
-    run_dir, resume = prepare_run(config)
-    setup_logging(run_dir)
-    manual_seed(config["run"]["seed"] + idist.get_rank())
-    device = idist.device()
-    survey = load_survey(config)
-    train_set, val_set = datasets(config, survey)
-    val_set = subset(val_set, config["val"]["n_objects"], seed=config["run"]["seed"])
-    loader = train_loader(config, train_set)
+    run_dir, resume, device, train_set, val_set, loader = start_run(config, config["val"]["n_objects"])
     model = build_model(config, train_set.n_pixels, train_set.n_channels)
     diffusion = build_diffusion(config)
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
@@ -164,10 +155,7 @@ def run(local_rank: int, config: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    config = load_config(PARAMS, argv)
-    backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
-    with idist.Parallel(backend=backend) as parallel:
-        parallel.run(run, config)
+    launch(run, PARAMS, argv)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import PARAMS, check_compatible, load_trained, load_weights, score  # noqa: E402
+from generate import PARAMS, build_models, find_models, load_trained, score  # noqa: E402
 from models.unet import ConditionalUNet1D  # noqa: E402
-from train_contrastive import build_model as build_contrastive_model  # noqa: E402
-from train_generative import build_diffusion, build_model, sample_for_images  # noqa: E402
+from train_generative import sample_for_images  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
@@ -88,31 +87,34 @@ def main() -> None:
     parser.add_argument("--galaxies", type=int, default=40)
     parser.add_argument("--loop-galaxies", type=int, default=1)
     parser.add_argument("--n", type=int, default=25)
+    parser.add_argument("--sampler", default=None, help="fast-path sampler (default: params_generative.yml)")
+    parser.add_argument("--steps", type=int, default=None, help="fast-path steps (default: params_generative.yml)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM eta of the fast path")
     parser.add_argument("--skip-paper-step", action="store_true")
     parser.add_argument("--paper-repeats", type=int, default=3)
+    parser.add_argument("--paper-precisions", default=None,
+                        help="comma-separated; default fp32,bf16 on CUDA and fp32 on a CPU, where bf16 without "
+                             "hardware support did not finish one paper-size step in 6 minutes")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen_cfg, gen_w, gen_path = load_trained(args.generative, Path("runs/generative"), "diffusion model", "ema_model")
-    con_cfg, con_w, con_path = load_trained(args.contrastive, Path("runs/contrastive"), "contrastive network", "model")
+    gen_cfg, _, _ = load_trained(args.generative, Path("runs/generative"), "diffusion model", "ema_model")
     config = load_config(PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
-                                  if k in ("root", "image", "preprocessing", "downsample", "source")])
-    check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
+                                  if k in ("root", "image", "preprocessing", "downsample", "source")] +
+                         ([f"sampling.generative_run={args.generative}"] if args.generative else []) +
+                         ([f"sampling.contrastive_run={args.contrastive}"] if args.contrastive else []))
+    pair = find_models(config)
     survey = load_survey(config)
     d = config["data"]
     data = subset(SpectraDataset(survey, "test", d["image"], d["preprocessing"], d["downsample"]), args.galaxies)
-    model = build_model(gen_cfg, data.n_pixels, data.n_channels)
-    load_weights(model, gen_w, gen_path, "diffusion model")
-    contrastive = build_contrastive_model({**con_cfg, "model": {**con_cfg["model"], "image_weights": None}},
-                                          data.n_channels)
-    load_weights(contrastive, con_w, con_path, "contrastive network")
-    model.to(device).eval()
-    contrastive.to(device).eval()
-    diffusion = build_diffusion(gen_cfg)
+    pair = build_models(pair, data.n_pixels, data.n_channels, device)
+    gen_cfg, gen_path = pair.gen_cfg, pair.gen_path
+    model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     batch = next(data.iter_batches(len(data)))
     images, truth = batch["image"].to(device), batch["spectrum"][:, 0].numpy()
     s = config["sampling"]
+    s.update({k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("eta", args.eta)) if v is not None})
     fast_precision = "bf16" if device.type == "cuda" else "fp32"  # CPUs without bf16 units run it slower
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "galaxies": len(data), "n_samples": args.n,
@@ -137,6 +139,7 @@ def main() -> None:
     results["research"] = {"spectra_per_second": loop_rate, "sampler": "ddpm", "steps": diffusion.num_timesteps,
                            "precision": "fp32"}
     results["research"]["mse_contrastive"], results["research"]["mse_mean"] = contrastive_mse(ref)
+    print(f"research path: {loop_rate:.3f} spectra/s", flush=True)
 
     # (b) the fast path
     cfg_fast = {**gen_cfg, "run": {**gen_cfg["run"], "precision": fast_precision}}
@@ -145,7 +148,8 @@ def main() -> None:
     sync(device)
     start = time.perf_counter()
     fast = torch.cat([sample_for_images(model, diffusion, images[i:i + s["batch_galaxies"]], args.n, s["sampler"],
-                                        s["steps"], cfg_fast, g) for i in range(0, len(images), s["batch_galaxies"])])
+                                        s["steps"], cfg_fast, g, eta=s["eta"])
+                      for i in range(0, len(images), s["batch_galaxies"])])
     sync(device)
     fast_rate = len(images) * args.n / (time.perf_counter() - start)
     results["fast"] = {"spectra_per_second": fast_rate, "sampler": s["sampler"], "steps": s["steps"],
@@ -153,9 +157,14 @@ def main() -> None:
     results["fast"]["mse_contrastive"], results["fast"]["mse_mean"] = contrastive_mse(fast)
     results["speedup"] = fast_rate / loop_rate
     results["mse_change"] = results["fast"]["mse_contrastive"] / results["research"]["mse_contrastive"] - 1
+    print(f"fast path: {fast_rate:.3f} spectra/s", flush=True)
 
     if not args.skip_paper_step:
-        results["paper_step_seconds"] = {p: paper_step(device, p, args.paper_repeats) for p in ("fp32", "bf16")}
+        results["paper_step_seconds"] = {}
+        precisions = args.paper_precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")
+        for precision in precisions.split(","):
+            results["paper_step_seconds"][precision] = paper_step(device, precision, args.paper_repeats)
+            print(f"paper-size step {precision}: {results['paper_step_seconds'][precision]:.3f} s", flush=True)
     run_dir = gen_path.parent.parent
     if (run_dir / "metrics.json").exists():
         results["val_time_fraction"] = json.loads((run_dir / "metrics.json").read_text()).get("val_time_fraction")

@@ -189,3 +189,13 @@ def test_bad_and_incompatible_checkpoints(tiny_mock, tmp_path):
     assert wider.returncode == 1 and "does not fit this configuration" in wider.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_runs_on_cpu(tiny_mock, tmp_path):
+    out = tmp_path / "runs"
+    result = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out) + ["run.precision=bf16",
+                                                                                         "train.max_iters=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((only_run(out) / "metrics.json").read_text())
+    assert metrics["iteration"] == 2 and math.isfinite(metrics["val"]["loss"])

@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +286,39 @@ def test_live_sdss_query(tmp_path):
         pytest.skip("SDSS is unreachable from here")
     table = query_catalog(3, tmp_path / "cat.fits")
     assert len(table) == 3 and "specObjID" in table.colnames
+
+
+def frame_bytes(band_index: int) -> bytes:
+    """A 300 x 300 'corrected frame' in nanomaggies with a TAN WCS centred on (150, 2)."""
+    from astropy.wcs import WCS
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [150.5, 150.5]
+    wcs.wcs.cdelt = [-0.396 / 3600, 0.396 / 3600]
+    yy, xx = np.mgrid[:300, :300]
+    data = (band_index + 1) * np.exp(-((xx - 120) ** 2 + (yy - 160) ** 2) / 20.0).astype(np.float32)
+    buffer = io.BytesIO()
+    fits.PrimaryHDU(data, header=wcs.to_header()).writeto(buffer)
+    import bz2
+    return bz2.compress(buffer.getvalue())
+
+
+def test_ugriz_cutouts_share_each_frame(tmp_path):
+    from utils.sdss import download_ugriz
+
+    files = {f"/dr17/eboss/photoObj/frames/301/752/1/frame-{b}-000752-1-0100.fits.bz2": frame_bytes(i)
+             for i, b in enumerate("ugriz")}
+    catalog = Table({"specObjID": [11, 12], "ra": [150.0 + 30 * 0.396 / 3600, 150.001], "dec": [2.0 + 10 * 0.396 / 3600, 1.999],
+                     "run": [752, 752], "rerun": [301, 301], "camcol": [1, 1], "field": [100, 100]})
+    with FaultyServer(files, {next(iter(files)): [503]}) as server:
+        report = download_ugriz(catalog, tmp_path, fast_downloader(), base=server.url)
+    assert not report.failures
+    frame_requests = [r for r in server.requests if "frame-" in r]
+    assert sorted(set(frame_requests)) == sorted(files) and len(frame_requests) == 6  # one retry, else once each
+    cut = np.load(tmp_path / "11.npy")
+    assert cut.shape == (5, 64, 64) and cut.dtype == np.float32
+    peak = np.unravel_index(np.argmax(cut[2]), cut[2].shape)
+    assert abs(peak[0] - 32) <= 2 and abs(peak[1] - 32) <= 2  # the source sits at the requested position
+    assert np.allclose(cut.max((1, 2)), np.arange(1, 6), rtol=0.05)  # nanomaggies of each band kept

@@ -166,6 +166,8 @@ def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np
         ax.plot(wave, spec, color="tab:blue" if i < 2 else "tab:red", lw=0.9, label=label)
         ax.set_xlim(wave[0], wave[-1])
         ax.set_title(label, fontsize=9, loc="left")
+        if i == 0 and truth is not None:
+            ax.legend(fontsize=7, loc="lower right")
         if i < len(panels) - 1:
             ax.set_xticklabels([])
     ax.set_xlabel(WAVE_LABEL)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def to_grid(loglam: np.ndarray, flux: np.ndarray, ivar: np.ndarray, grid: str = 
     window = (loglam >= target[0] - tol) & (loglam <= target[-1] + tol)
     if good[window].sum() < 2:
         return "no valid pixels in the window"
-    x, f, iv = loglam[good], flux[good], ivar[good]
+    x, f = loglam[good], flux[good]
     if grid == "neurips":
         out_flux = np.interp(target, x, f)
         index = np.clip(np.round((target - loglam[0]) / LOGLAM_STEP).astype(int), 0, len(loglam) - 1)

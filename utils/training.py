@@ -335,6 +335,34 @@ def _attach_tensorboard(trainer: Engine, run_dir: Path, optimizer: torch.optim.O
     trainer.add_event_handler(Events.COMPLETED, lambda _: tb.close())
 
 
+def start_run(config: dict, val_size: int):
+    """The prologue of every trainer: run folder, logging, seed, device, data.
+
+    Returns ``(run_dir, resume_checkpoint, device, train_set, val_set, train_loader)``, the
+    validation set cut to a fixed subset of ``val_size`` galaxies.
+    """
+    run_dir, resume = prepare_run(config)
+    setup_logging(run_dir)
+    from ignite.utils import manual_seed
+
+    manual_seed(config["run"]["seed"] + idist.get_rank())
+    survey = load_survey(config)
+    train_set, val_set = datasets(config, survey)
+    val_set = subset(val_set, val_size, seed=config["run"]["seed"])
+    return run_dir, resume, idist.device(), train_set, val_set, train_loader(config, train_set)
+
+
+def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
+    """Entry point of a trainer: resolve the configuration, then ``run(local_rank, config)`` in one
+    process or in each process of a torchrun / ignite.distributed launch."""
+    from utils.config import load_config
+
+    config = load_config(params, argv)
+    backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
+    with idist.Parallel(backend=backend) as parallel:
+        parallel.run(run, config)
+
+
 def run_training(trainer: Engine, loader, config: dict) -> None:
     """Run to ``train.max_iters`` (when set) or ``train.max_epochs``, continuing a resumed state."""
     max_iters = config["train"]["max_iters"] or None
