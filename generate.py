@@ -32,7 +32,7 @@ from utils.config import UserError, cli, load_config, save_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.evaluation import METRICS, evaluate, photometric_params
 from utils.plotting import plot_ranked
-from utils.training import CheckpointError, find_checkpoint, load_survey, run_folder_of, subset
+from utils.training import CheckpointError, find_checkpoint, load_survey, read_checkpoint, run_folder_of, subset
 
 PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
 CONTRASTIVE_RUNS = Path("runs/contrastive")
@@ -65,11 +65,8 @@ def load_trained(path: str | None, default_dir: Path, what: str, state_key: str)
     config_path = run_folder_of(checkpoint) / "config.yml"
     if not config_path.is_file():
         raise CheckpointError(f"{what} run '{run_folder_of(checkpoint)}' has no config.yml next to its checkpoints")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"{what} checkpoint '{checkpoint}' cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or state_key not in state:
+    state = read_checkpoint(checkpoint, f"{what} checkpoint")
+    if state_key not in state:
         raise CheckpointError(f"'{checkpoint}' is not a {what} checkpoint (no '{state_key}' entry)")
     return yaml.safe_load(config_path.read_text()), state[state_key], checkpoint
 
@@ -207,7 +204,7 @@ def run(config: dict) -> Path:
                 gen_path, con_path, len(dataset), s["n_samples"], s["sampler"], s["steps"], out_dir)
 
     generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
-    all_samples, all_scores, truth, params, ivar = [], [], [], [], []
+    all_samples, all_scores, truth, params = [], [], [], []
     start = time.perf_counter()
     bar = tqdm(total=len(dataset), desc="generate", unit="gal")
     for batch in dataset.iter_batches(s["batch_galaxies"]):

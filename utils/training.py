@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, LRScheduler, ProgressBar, TerminateOnNan
+from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 
-from utils.config import UserError, save_config
+from utils.config import UserError, load_config, save_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.mock import ensure_mock
 
@@ -205,14 +206,20 @@ class TrainClock:
         self.val_seconds = float(state["val_seconds"])
 
 
-def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
-    """Restore every object of ``to_load`` from ``path`` with errors a user can act on."""
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint '{path}' is not a checkpoint dictionary")
+        raise CheckpointError(f"{what} '{path}' is not a checkpoint dictionary")
+    return state
+
+
+def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
+    """Restore every object of ``to_load`` from ``path`` with errors a user can act on."""
+    state = read_checkpoint(path)
     missing = [k for k in to_load if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)}: it was written by another "
@@ -343,8 +350,6 @@ def start_run(config: dict, val_size: int):
     """
     run_dir, resume = prepare_run(config)
     setup_logging(run_dir)
-    from ignite.utils import manual_seed
-
     manual_seed(config["run"]["seed"] + idist.get_rank())
     survey = load_survey(config)
     train_set, val_set = datasets(config, survey)
@@ -355,8 +360,6 @@ def start_run(config: dict, val_size: int):
 def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
     """Entry point of a trainer: resolve the configuration, then ``run(local_rank, config)`` in one
     process or in each process of a torchrun / ignite.distributed launch."""
-    from utils.config import load_config
-
     config = load_config(params, argv)
     backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
     with idist.Parallel(backend=backend) as parallel:
