@@ -96,7 +96,7 @@ def run(local_rank: int, config: dict) -> None:
                 sum(p.numel() for p in model.spectrum_encoder.parameters()) / 1e6)
     model = idist.auto_model(model)
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"],
-                                                  weight_decay=config["train"]["weight_decay"]))
+                                                  weight_decay=config["train"]["weight_decay"], fused=True))
     forward = maybe_compile(model, config)
     temperature = config["train"]["temperature"]
 

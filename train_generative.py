@@ -40,7 +40,8 @@ def build_model(config: dict, length: int, image_channels: int) -> ConditionalUN
 
 
 def build_diffusion(config: dict) -> GaussianDiffusion:
-    return GaussianDiffusion.from_config(config["diffusion"]["schedule"], config["diffusion"]["timesteps"])
+    d = config["diffusion"]
+    return GaussianDiffusion.from_config(d["schedule"], d["timesteps"], d.get("prediction", "eps"))
 
 
 def clip_value(config: dict) -> float | None:
@@ -126,10 +127,11 @@ def run(local_rank: int, config: dict) -> None:
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; denoiser %.2fM + image encoder %.2fM "
-                "parameters; T = %d (%s)", run_dir, len(train_set), len(val_set), train_set.n_pixels,
-                (n_all - n_enc) / 1e6, n_enc / 1e6, diffusion.num_timesteps, config["diffusion"]["schedule"])
+                "parameters; T = %d (%s schedule, %s prediction)", run_dir, len(train_set), len(val_set),
+                train_set.n_pixels, (n_all - n_enc) / 1e6, n_enc / 1e6, diffusion.num_timesteps,
+                config["diffusion"]["schedule"], diffusion.prediction)
     model = idist.auto_model(model)
-    optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"]))
+    optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"], fused=True))
     ema = EMAHandler(unwrap(model), momentum=1.0 - config["train"]["ema_decay"])
     forward = maybe_compile(model, config)
 

@@ -50,8 +50,8 @@ def research_loop(model, diffusion, image: torch.Tensor, n: int, generator: torc
         x = torch.randn((1, 1, model.length), generator=generator).to(image.device)
         for i in range(diffusion.num_timesteps - 1, -1, -1):
             t = torch.full((1,), i, device=image.device, dtype=torch.long)
-            eps = model(x, t, context=model.encode(image[None]))  # encoder at every step
-            x0 = diffusion.predict_x0(x, t, eps).clamp(-1, 1)
+            output = model(x, t, context=model.encode(image[None]))  # encoder at every step
+            x0 = diffusion.split_output(x, t, output)[0].clamp(-1, 1)
             mean, _, log_var = diffusion.q_posterior(x0, x, t)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)

@@ -3,6 +3,11 @@
 :class:`GaussianDiffusion` is not an ``nn.Module``: the denoiser is passed to it. Schedules are
 computed in float64 and stored as float32 tensors; coefficients carry their textbook names and
 are read through :func:`extract`.
+
+The network predicts the noise (``prediction='eps'``, the paper's) or the velocity
+v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (``prediction='v'``, Salimans & Ho 2022), whose
+loss keeps weight on the data estimate at high noise levels. Samplers read the network output
+through :meth:`GaussianDiffusion.split_output`, so they serve both.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 #: the cosine schedule's offset s (Nichol & Dhariwal 2021) and its beta ceiling
 COSINE_S = 0.008
 MAX_BETA = 0.999
+#: what the network predicts
+PREDICTIONS = ("eps", "v")
 
 #: a denoiser: (x_t (B, C, L), t (B,) long, context) -> predicted noise (B, C, L)
 Denoiser = Callable[..., torch.Tensor]
@@ -57,12 +64,16 @@ class GaussianDiffusion:
     Parameters
     ----------
     betas : ``(T,)`` noise schedule (float64 numpy array).
+    prediction : 'eps' (the network predicts the noise) or 'v' (the velocity).
     """
 
-    def __init__(self, betas: np.ndarray) -> None:
+    def __init__(self, betas: np.ndarray, prediction: str = "eps") -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
             raise ValueError("betas must be a 1-D array in (0, 1)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction '{prediction}': expected one of {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
@@ -87,8 +98,8 @@ class GaussianDiffusion:
             setattr(self, name, torch.tensor(value, dtype=torch.float32))
 
     @classmethod
-    def from_config(cls, schedule: str, timesteps: int) -> "GaussianDiffusion":
-        return cls(make_betas(schedule, timesteps))
+    def from_config(cls, schedule: str, timesteps: int, prediction: str = "eps") -> "GaussianDiffusion":
+        return cls(make_betas(schedule, timesteps), prediction)
 
     # forward process --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -114,6 +125,20 @@ class GaussianDiffusion:
         return ((extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - x0)
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, xt.shape))
 
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the 'v' target."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
+
+    def split_output(self, xt: torch.Tensor, t: torch.Tensor, output: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_0, eps)`` implied by x_t and the network output (noise or velocity)."""
+        if self.prediction == "eps":
+            return self.predict_x0(xt, t, output), output
+        a = extract(self.sqrt_alphas_cumprod, t, xt.shape)
+        s = extract(self.sqrt_one_minus_alphas_cumprod, t, xt.shape)
+        return a * xt - s * output, s * xt + a * output
+
     # training ---------------------------------------------------------------------------------
     def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None
                          ) -> torch.Tensor:
@@ -122,10 +147,12 @@ class GaussianDiffusion:
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
-        """MSE between the true and the predicted noise at uniformly drawn t (a scalar)."""
+        """MSE between the network output and its target (the noise, or the velocity) at
+        uniformly drawn t (a scalar)."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        prediction = model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        return F.mse_loss(prediction.float(), noise.float())
+        target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
+        output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
+        return F.mse_loss(output.float(), target.float())

@@ -3,7 +3,7 @@
     sample_x(model, x, diffusion, context, generator=None, steps=None, eta=0.0, clip=None,
              progress=False) -> x_0
 
-``model(x_t, t, context)`` predicts the noise; ``x`` ``(B, C, L)`` is the starting Gaussian
+``model(x_t, t, context)`` predicts the noise or the velocity (``diffusion.prediction``); ``x`` ``(B, C, L)`` is the starting Gaussian
 noise; ``context`` is computed once (e.g. one galaxy's image tokens repeated for its N samples);
 ``generator`` makes the draws reproducible; ``clip`` bounds the x_0 estimates (1.0 for the
 'scale' preprocessing, whose spectra lie in [-1, 1]). Adding a sampler means adding a function
@@ -27,8 +27,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def _x0(model, x, t, diffusion, context, clip):
-    eps = model(x, t, context).float()
-    x0 = diffusion.predict_x0(x, t, eps)
+    x0, eps = diffusion.split_output(x, t, model(x, t, context).float())
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
         eps = diffusion.predict_eps(x, t, x0)

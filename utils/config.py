@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.image_depth": (18, 34, 50),
     "model.conditioning": ("x-attention", "concat", "none"),
     "diffusion.schedule": ("cosine", "linear"),
+    "diffusion.prediction": ("eps", "v"),
     "sampling.sampler": ("ddpm", "ddim", "dpmpp2m"),
     "val.sampler": ("ddpm", "ddim", "dpmpp2m"),
     "run.precision": ("fp32", "bf16"),
