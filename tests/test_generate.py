@@ -110,3 +110,28 @@ def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs,
     mismatch = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
     assert mismatch.returncode == 1 and "data.downsample differs" in mismatch.stderr
     assert not list(tmp_path.glob("*/spectra.fits"))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_research_loop_matches_batched_ddpm(prediction):
+    """bench/generate_speed.py times the research code's loop on a few galaxies and takes its
+    quality from the batched sampler: with the same random draws both give the same spectra."""
+    import torch
+
+    from bench.generate_speed import research_loop
+    from models.diffusion import GaussianDiffusion, cosine_betas
+    from models.unet import ConditionalUNet1D
+    from train_generative import sample_for_images
+
+    torch.manual_seed(0)
+    model = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(2,), head_dim=8, image_width=8).eval()
+    for p in model.parameters():  # the zero-initialised projections would hide the image
+        torch.nn.init.normal_(p, std=0.2)
+    diffusion = GaussianDiffusion(cosine_betas(20), prediction=prediction)
+    image = torch.randn(3, 64, 64)
+    config = {"run": {"precision": "fp32"}, "data": {"preprocessing": "scale"}}
+    loop = research_loop(model, diffusion, image, 1, torch.Generator().manual_seed(3))
+    batched = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, config, torch.Generator().manual_seed(3))
+    assert torch.allclose(loop, batched[0], atol=1e-5)
+    other = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, config, torch.Generator().manual_seed(4))
+    assert not torch.allclose(loop, other[0], atol=1e-2)
