@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
+from tqdm import tqdm
 
 from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
@@ -85,6 +86,27 @@ def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
     return np.mean([dataset[int(i)]["spectrum"][0].numpy() for i in rows], axis=0)
 
 
+def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, config: dict,
+                      device: torch.device, baseline: np.ndarray, progress: bool = False):
+    """Per-galaxy MSE of the mean of ``val.n_samples`` samples and of the mean training spectrum
+    ``baseline``, drawn with the ``val`` sampler; also returns the first batch (index, truth,
+    samples) for a figure. Seeded by ``run.seed``, so repeated calls give the same numbers."""
+    v = config["val"]
+    generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
+    mse, base, first = [], [], None
+    batch_size = max(1, 512 // v["n_samples"])
+    for batch in tqdm(val_set.iter_batches(batch_size), total=-(-len(val_set) // batch_size), disable=not progress,
+                      desc="validation", unit="batch"):
+        truth = batch["spectrum"][:, 0].numpy()
+        samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
+                                    v["steps"], config, generator, guidance=v["guidance"]).cpu().numpy()
+        mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
+        base.extend(((baseline[None] - truth) ** 2).mean(1))
+        if first is None:
+            first = (batch["index"].numpy(), truth, samples)
+    return np.asarray(mse), np.asarray(base), first
+
+
 def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config: dict, device: torch.device,
                   run_dir: Path, baseline: np.ndarray):
     """Validation with the EMA model: MSE of the mean of N samples against the truth, next to
@@ -92,29 +114,17 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
     v = config["val"]
 
     def validate(engine: Engine) -> dict:
-        model = unwrap(ema.ema_model)
-        generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
-        mse, base = [], []
-        figure = None
-        batch_size = max(1, 512 // v["n_samples"])
-        for batch in val_set.iter_batches(batch_size):
-            truth = batch["spectrum"][:, 0].numpy()
-            samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
-                                        v["steps"], config, generator, guidance=v["guidance"]).cpu().numpy()
-            mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
-            base.extend(((baseline[None] - truth) ** 2).mean(1))
-            if figure is None:
-                figure = (batch["index"][:FIGURE_GALAXIES].numpy(), truth[:FIGURE_GALAXIES],
-                          samples[:FIGURE_GALAXIES, :FIGURE_SAMPLES])
+        mse, base, first = validation_errors(unwrap(ema.ema_model), diffusion, val_set, config, device, baseline)
         metrics = {"mse_mean": float(np.mean(mse)), "mse_mean_train_spectrum": float(np.mean(base))}
         metrics["mse_ratio"] = metrics["mse_mean"] / metrics["mse_mean_train_spectrum"]
-        if idist.get_rank() == 0 and figure is not None:
-            rows, truth, samples = figure
+        if idist.get_rank() == 0 and first is not None:
+            rows, truth, samples = (a[:FIGURE_GALAXIES] for a in first)
+            samples = samples[:, :FIGURE_SAMPLES]
             images = [val_set.survey.images[val_set.kind][r] for r in rows]
             plot_spectra_grid(run_dir / "figures" / f"samples_{engine.state.iteration:07d}.png", val_set.wave, images,
-                              truth, samples, title=f"iteration {engine.state.iteration}: validation galaxies, "
-                              f"true spectrum and {samples.shape[1]} samples (EMA model, {v['sampler']} "
-                              f"{v['steps']} steps)", ylabel=f"{config['data']['preprocessing']} flux")
+                              truth, samples, title=f"iteration {engine.state.iteration}: validation galaxies, true "
+                              f"spectrum and {samples.shape[1]} samples (EMA model, {v['sampler']} {v['steps']} "
+                              f"steps)", ylabel=f"{config['data']['preprocessing']} flux")
         return metrics
 
     return validate

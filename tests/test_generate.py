@@ -135,3 +135,21 @@ def test_research_loop_matches_batched_ddpm(prediction):
     assert torch.allclose(loop, batched[0], atol=1e-5)
     other = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, config, torch.Generator().manual_seed(4))
     assert not torch.allclose(loop, other[0], atol=1e-2)
+
+
+@pytest.mark.slow
+def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs, tmp_path):
+    """bench/validate_generative.py with the run's own settings gives the run's last validation;
+    --galaxies picks the subset size."""
+    generative = trained_runs[1]
+    logged = json.loads((generative / "metrics.json").read_text())["val"]
+    out = tmp_path / "v.json"
+    result = run_script("bench/validate_generative.py", [str(generative), "--galaxies", "4", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads(out.read_text())
+    n_val = len(open_survey(tiny_mock).rows("val"))
+    assert again["galaxies"] == min(4, n_val)
+    assert again["mse_ratio"] == pytest.approx(logged["mse_ratio"], rel=1e-4)
+    assert again["mse_mean"] == pytest.approx(logged["mse_mean"], rel=1e-4)
+    result = run_script("bench/validate_generative.py", [str(generative), "--galaxies", "2", "--out", str(out)])
+    assert result.returncode == 0 and json.loads(out.read_text())["galaxies"] == 2 < n_val
