@@ -41,7 +41,7 @@ def build_model(config: dict, length: int, image_channels: int) -> ConditionalUN
 
 
 def build_diffusion(config: dict) -> GaussianDiffusion:
-    d = config["diffusion"]
+    d = config["diffusion"]  # runs saved before the prediction key existed predicted the noise
     return GaussianDiffusion.from_config(d["schedule"], d["timesteps"], d.get("prediction", "eps"))
 
 

@@ -24,7 +24,7 @@ MAX_BETA = 0.999
 #: what the network predicts
 PREDICTIONS = ("eps", "v")
 
-#: a denoiser: (x_t (B, C, L), t (B,) long, context) -> predicted noise (B, C, L)
+#: a denoiser: (x_t (B, C, L), t (B,) long, context) -> predicted noise or velocity (B, C, L)
 Denoiser = Callable[..., torch.Tensor]
 
 

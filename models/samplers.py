@@ -3,10 +3,11 @@
     sample_x(model, x, diffusion, context, generator=None, steps=None, eta=0.0, clip=None,
              progress=False) -> x_0
 
-``model(x_t, t, context)`` predicts the noise or the velocity (``diffusion.prediction``); ``x`` ``(B, C, L)`` is the starting Gaussian
-noise; ``context`` is computed once (e.g. one galaxy's image tokens repeated for its N samples);
-``generator`` makes the draws reproducible; ``clip`` bounds the x_0 estimates (1.0 for the
-'scale' preprocessing, whose spectra lie in [-1, 1]). Adding a sampler means adding a function
+``model(x_t, t, context)`` predicts the noise or the velocity (``diffusion.prediction``);
+``x`` ``(B, C, L)`` is the starting Gaussian noise; ``context`` is computed once (e.g. one
+galaxy's image tokens repeated for its N samples); ``generator`` makes the draws reproducible;
+``clip`` bounds the x_0 estimates (1.0 for the 'scale' preprocessing, whose spectra lie in
+[-1, 1]). Adding a sampler means adding a function
 here and an entry in :data:`SAMPLERS`.
 """
 from __future__ import annotations
