@@ -117,14 +117,20 @@ def find_models(config: dict) -> TrainedPair:
     return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
 
 
+def build_denoiser(config: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,
+                   device: torch.device) -> torch.nn.Module:
+    """The trained diffusion model from its run config and weights, on ``device``, in eval mode."""
+    model = build_generative_model(config, n_pixels, n_channels)
+    load_weights(model, weights, path, "diffusion model")
+    return model.to(device).eval()
+
+
 def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torch.device) -> TrainedPair:
     """Build both networks from their own run configs, load the weights, move them to ``device``."""
-    pair.denoiser = build_generative_model(pair.gen_cfg, n_pixels, n_channels)
-    load_weights(pair.denoiser, pair.gen_weights, pair.gen_path, "diffusion model")
+    pair.denoiser = build_denoiser(pair.gen_cfg, pair.gen_weights, pair.gen_path, n_pixels, n_channels, device)
     pair.contrastive = build_contrastive_model({**pair.con_cfg, "model": {**pair.con_cfg["model"], "image_weights": None}},
                                                n_channels)
     load_weights(pair.contrastive, pair.con_weights, pair.con_path, "contrastive network")
-    pair.denoiser.to(device).eval()
     pair.contrastive.to(device).eval()
     pair.diffusion = build_diffusion(pair.gen_cfg)
     return pair

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate import PARAMS, build_models, find_models, load_trained, score  # noqa: E402
+from models.samplers import SAMPLERS  # noqa: E402
 from models.unet import ConditionalUNet1D  # noqa: E402
 from train_generative import sample_for_images  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -91,8 +92,8 @@ def parse_fast(spec: str, defaults: dict) -> list[dict]:
     out = []
     for item in spec.split(","):
         parts = item.split(":")
-        if parts[0] not in ("ddpm", "ddim", "dpmpp2m") or len(parts) > 3:
-            raise SystemExit(f"--fast: '{item}' is not sampler[:steps[:eta]] with sampler ddpm, ddim or dpmpp2m")
+        if parts[0] not in SAMPLERS or len(parts) > 3:
+            raise SystemExit(f"--fast: '{item}' is not sampler[:steps[:eta]] with sampler {', '.join(SAMPLERS)}")
         out.append({"sampler": parts[0], "steps": int(parts[1]) if len(parts) > 1 else defaults["steps"],
                     "eta": float(parts[2]) if len(parts) > 2 else 0.0})
     return out

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import load_trained, load_weights  # noqa: E402
-from train_generative import build_diffusion, build_model, mean_spectrum, validation_errors  # noqa: E402
+from generate import build_denoiser, load_trained  # noqa: E402
+from train_generative import build_diffusion, mean_spectrum, validation_errors  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.training import load_survey, subset  # noqa: E402
 
@@ -55,9 +55,7 @@ def main() -> None:
     val = subset(SpectraDataset(survey, "val", d["image"], d["preprocessing"], d["downsample"]), args.galaxies,
                  seed=config["run"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config, val.n_pixels, val.n_channels)
-    load_weights(model, weights, path, "diffusion model")
-    model.to(device).eval()
+    model = build_denoiser(config, weights, path, val.n_pixels, val.n_channels, device)
     mse, base, _ = validation_errors(model, build_diffusion(config), val, config, device, mean_spectrum(train),
                                      progress=True)
     ratio = float(mse.mean() / base.mean())
