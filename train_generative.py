@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
-from utils.config import cli
+from utils.config import ConfigError, cli
 from utils.plotting import plot_spectra_grid
 from utils.training import attach_training, autocast, launch, maybe_compile, run_training, start_run, unwrap
 
@@ -35,9 +35,14 @@ FIGURE_SAMPLES = 3
 
 def build_model(config: dict, length: int, image_channels: int) -> ConditionalUNet1D:
     m = config["model"]
-    return ConditionalUNet1D(length, image_channels, m["width"], tuple(m["mults"]), tuple(m["attn_levels"]),
-                             m["head_dim"], m["conditioning"], m["image_depth"], m["image_width"],
-                             m["grad_checkpoint"], m.get("cond_drop", 0.0))
+    try:
+        return ConditionalUNet1D(length, image_channels, width=m["width"], mults=tuple(m["mults"]),
+                                 attn_levels=tuple(m["attn_levels"]), head_dim=m["head_dim"],
+                                 conditioning=m["conditioning"], image_depth=m["image_depth"],
+                                 image_width=m["image_width"], context_pos=m.get("context_pos", False),
+                                 grad_checkpoint=m["grad_checkpoint"], cond_drop=m.get("cond_drop", 0.0))
+    except ValueError as err:
+        raise ConfigError(f"model settings: {err}") from None
 
 
 def build_diffusion(config: dict) -> GaussianDiffusion:

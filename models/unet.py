@@ -1,13 +1,25 @@
-"""Conditional 1D UNet denoiser (SPEC section 3).
+"""Conditional 1D UNet denoiser, built to the published NeurIPS 2022 layout (SPEC section 3).
+
+With ``width`` w and ``mults`` (m_1, ..., m_K) the UNet has K - 1 levels of ``w * m_i``
+channels; the last multiplier is never a width (it only sets the middle of the 'concat'
+bottleneck). The paper configuration (w = 64, mults [1, 2, 4, 8, 16], ``attn_levels`` [4]) has
+23.66M parameters without its image encoder and costs 15.5 GFLOP per forward pass on 3,598
+pixels (tests/test_diffusion.py pins both)::
+
+    down level i:  Block(c_prev -> c_i) = skip_i;  conv3 stride 2, no padding;  [transformer]
+    bottleneck:    Block(c_K-1), transformer, Block(c_K-1)     ('concat': one Block c -> w m_K -> c)
+    up level i:    tconv4/2 (c_i -> c_i), pad to skip_i, concat -> Block(2 c_i -> c_i -> c_i-1)  [transformer]
+    out:           1x1 conv c_1 -> 1
+
+A transformer follows the *downsampled* output of every level in ``attn_levels`` and the up
+block of the same level; the bottleneck always has one ('x-attention' and 'none').
 
 Conditioning modes:
-- ``'x-attention'``: a ResNet-18 image encoder's last feature map (C x 2 x 2 for 64 x 64
-  images) becomes 4 context tokens; transformer blocks (self-attention, cross-attention to the
-  tokens, gated-GELU feed-forward) follow the down and up blocks of ``attn_levels`` and sit in
-  the bottleneck;
-- ``'concat'``: a projection of the image embedding to the spectrum length is a second input
-  channel (the transformer blocks then use self-attention only);
-- ``'none'``: unconditional.
+- ``'x-attention'``: a ResNet-18 image encoder's last feature map (512 x 2 x 2 for 64 x 64
+  images) becomes 4 context tokens for the cross-attention of every transformer block;
+- ``'concat'``: a linear map of the encoder's pooled feature to the spectrum length is a second
+  input channel; no transformer blocks;
+- ``'none'``: unconditional; the transformer blocks keep their self-attention only.
 The image encoder is part of the module and trained jointly.
 """
 from __future__ import annotations
@@ -22,7 +34,16 @@ from torch.utils.checkpoint import checkpoint
 from models.encoders import ResNet
 
 CONDITIONINGS = ("x-attention", "concat", "none")
+#: GroupNorm groups of the convolution blocks, and of the transformer's input norm (SPEC 3)
 NORM_GROUPS = 8
+ATTN_NORM_GROUPS = 32
+#: image-encoder feature map cells that become context tokens (2 x 2 for 64 x 64 images)
+CONTEXT_TOKENS = 4
+
+
+def down_length(length: int) -> int:
+    """Length after a stride-2, kernel-3 convolution without padding: 3598 -> 1798."""
+    return (length - 3) // 2 + 1
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -40,14 +61,19 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class ResBlock(nn.Module):
-    """conv3-GroupNorm-ReLU, add the projected time embedding, conv3-GroupNorm-ReLU, residual."""
+def _conv_norm_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1), nn.GroupNorm(NORM_GROUPS, c_out), nn.ReLU())
 
-    def __init__(self, c_in: int, c_out: int, t_dim: int) -> None:
+
+class Block(nn.Module):
+    """conv3(in -> mid)-GN-ReLU, + ReLU-Linear(temb) (-> mid), conv3(mid -> out)-GN-ReLU,
+    + 1x1 conv of the input (identity when in == out). ``(B, in, L)`` -> ``(B, out, L)``."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, t_dim: int) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1), nn.GroupNorm(NORM_GROUPS, c_out), nn.ReLU())
-        self.time = nn.Linear(t_dim, c_out)
-        self.conv2 = nn.Sequential(nn.Conv1d(c_out, c_out, 3, padding=1), nn.GroupNorm(NORM_GROUPS, c_out), nn.ReLU())
+        self.conv1 = _conv_norm_relu(c_in, c_mid)
+        self.time = nn.Sequential(nn.ReLU(), nn.Linear(t_dim, c_mid))
+        self.conv2 = _conv_norm_relu(c_mid, c_out)
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -56,25 +82,35 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head (cross-)attention through ``F.scaled_dot_product_attention``."""
+    """Multi-head attention through ``F.scaled_dot_product_attention``: query, key and value
+    projections without bias, output projection with bias; ``dim / head_dim`` heads.
+    Self-attention when ``context_dim`` is None (one fused q/k/v projection)."""
 
     def __init__(self, dim: int, context_dim: int | None, head_dim: int) -> None:
         super().__init__()
         self.heads = max(1, dim // head_dim)
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        self.self_attention = context_dim is None
+        if self.self_attention:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        else:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(B, N, dim)``, ``context`` ``(B, M, context_dim)`` -> ``(B, N, dim)``."""
         b, n, d = x.shape
-        k, v = self.kv(x if context is None else context).chunk(2, dim=-1)
+        if self.self_attention:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)
         split = lambda a: a.reshape(b, a.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(k), split(v))
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         return self.out(out.transpose(1, 2).reshape(b, n, d))
 
 
 class GEGLU(nn.Module):
-    """Gated-GELU feed-forward: Linear(d, 8d) -> a * gelu(b) -> Linear(4d, d) (Shazeer 2020)."""
+    """Gated-GELU feed-forward: Linear(d, 8d) -> value * gelu(gate) -> Linear(4d, d) (Shazeer 2020)."""
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
@@ -82,19 +118,18 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(a * F.gelu(gate))
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(value * F.gelu(gate))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention to context tokens, GEGLU; on ``(B, C, L)``.
-
-    The output projection starts at zero, so a new block is the identity.
-    """
+    """GroupNorm - 1x1 conv - tokens; pre-LayerNorm self-attention, cross-attention to the
+    context (when ``context_dim``), GEGLU; 1x1 conv initialised to zero; plus the input.
+    ``(B, C, L)`` -> ``(B, C, L)``; a new block is the identity."""
 
     def __init__(self, dim: int, context_dim: int | None, head_dim: int) -> None:
         super().__init__()
-        self.norm_in = nn.GroupNorm(NORM_GROUPS, dim)
+        self.norm_in = nn.GroupNorm(math.gcd(ATTN_NORM_GROUPS, dim), dim, eps=1e-6)
         self.proj_in = nn.Conv1d(dim, dim, 1)
         self.norm1, self.self_attn = nn.LayerNorm(dim), Attention(dim, None, head_dim)
         self.cross = context_dim is not None
@@ -115,17 +150,21 @@ class TransformerBlock(nn.Module):
 
 
 class ConditionalUNet1D(nn.Module):
-    """Noise predictor for ``(B, 1, L)`` spectra of any length, conditioned on images.
+    """Noise (or velocity) predictor for ``(B, 1, L)`` spectra, conditioned on images.
 
     Parameters
     ----------
-    length : spectrum length L (needed by 'concat' only; other modes take any length).
+    length : spectrum length L; it must survive ``len(mults) - 1`` halvings.
     image_channels : 3 (gri) or 5 (ugriz).
-    width, mults : channels ``width * mults[i]`` at level i; L halves between levels.
-    attn_levels : 1-based levels with a transformer block after their down and up blocks.
+    width, mults : level i has ``width * mults[i]`` channels, for all but the last multiplier,
+        which is the middle width of the 'concat' bottleneck.
+    attn_levels : 1-based levels whose downsampled output and up block are followed by a
+        transformer block (the paper: the deepest level, 4).
     head_dim : channels per attention head.
     conditioning : 'x-attention', 'concat' or 'none'.
     image_depth, image_width : the condition encoder's ResNet.
+    context_pos : add a learned position to each of the 4 context tokens (not in the paper,
+        whose tokens carry no position).
     grad_checkpoint : recompute blocks in the backward pass (saves activation memory).
     cond_drop : in training, the share of items whose context is replaced by a learned null
         context, so that the same network also predicts unconditionally (classifier-free
@@ -133,65 +172,87 @@ class ConditionalUNet1D(nn.Module):
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
-                 mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (3, 4),
+                 mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (4,),
                  head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
-                 image_width: int = 64, grad_checkpoint: bool = False,
+                 image_width: int = 64, context_pos: bool = False, grad_checkpoint: bool = False,
                  cond_drop: float = 0.0) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        if len(mults) < 2:
+            raise ValueError(f"mults needs at least 2 entries (levels, then the bottleneck multiplier), got {mults}")
+        dims = [width * m for m in mults[:-1]]
+        levels = len(dims)
+        if any(d % NORM_GROUPS for d in dims) or width * mults[-1] % NORM_GROUPS:
+            raise ValueError(f"every width * mult must be a multiple of {NORM_GROUPS} (GroupNorm groups), "
+                             f"got width {width}, mults {mults}")
+        bad = [a for a in attn_levels if not 1 <= a <= levels]
+        if bad:
+            raise ValueError(f"attn_levels {list(attn_levels)} must lie in 1..{levels} (the UNet's levels)")
+        deepest = length
+        for _ in range(levels):
+            deepest = down_length(deepest)
+        if deepest < 1:
+            raise ValueError(f"a spectrum of {length} pixels is too short for {levels} downsampling levels")
         self.length = length
         self.conditioning = conditioning
         self.grad_checkpoint = grad_checkpoint
         self.cond_drop = cond_drop
-        dims = [width * m for m in mults]
-        t_dim = 4 * width
-        self.time_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, t_dim), nn.ReLU(),
-                                        nn.Linear(t_dim, t_dim))
-        context_dim = None
-        in_channels = 1
+        t_dim = width
+        self.time_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, 4 * width), nn.ReLU(),
+                                        nn.Linear(4 * width, t_dim))
+        context_dim, in_channels = None, 1
         if conditioning == "x-attention":
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
             context_dim = self.image_encoder.feature_dim
-            self.token_pos = nn.Parameter(torch.zeros(1, 4, context_dim))
-            if cond_drop > 0:
-                self.null_context = nn.Parameter(torch.zeros(1, 4, context_dim))
+            if context_pos:
+                self.token_pos = nn.Parameter(torch.zeros(1, CONTEXT_TOKENS, context_dim))
+            null_shape = (1, CONTEXT_TOKENS, context_dim)
         elif conditioning == "concat":
-            self.image_encoder = ResNet(image_depth, image_channels, out_dim=128, width=image_width)
-            self.to_channel = nn.Linear(128, length)
-            if cond_drop > 0:
-                self.null_context = nn.Parameter(torch.zeros(1, 1, length))
+            self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
+            self.to_channel = nn.Linear(self.image_encoder.feature_dim, length)
+            null_shape = (1, 1, length)
             in_channels = 2
-        self.init_conv = nn.Conv1d(in_channels, dims[0], 3, padding=1)
-        attn = set(attn_levels)
-        self.down_blocks, self.down_attn, self.downsample = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        c_prev = dims[0]
-        for i, c in enumerate(dims):
-            self.down_blocks.append(ResBlock(c_prev, c, t_dim))
-            self.down_attn.append(TransformerBlock(c, context_dim, head_dim) if i + 1 in attn else nn.Identity())
-            self.downsample.append(nn.Conv1d(c, c, 3, stride=2) if i + 1 < len(dims) else nn.Identity())
+        if cond_drop > 0 and conditioning != "none":
+            self.null_context = nn.Parameter(torch.zeros(null_shape))
+        use_attn = conditioning != "concat"
+
+        def transformer(c: int) -> nn.Module:
+            return TransformerBlock(c, context_dim, head_dim)
+
+        attn = set(attn_levels) if use_attn else set()
+        self.down_blocks, self.downsample, self.down_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c_prev = in_channels
+        for i, c in enumerate(dims, start=1):
+            self.down_blocks.append(Block(c_prev, c, c, t_dim))
+            self.downsample.append(nn.Conv1d(c, c, 3, stride=2))
+            self.down_attn.append(transformer(c) if i in attn else nn.Identity())
             c_prev = c
-        self.mid1 = ResBlock(dims[-1], dims[-1], t_dim)
-        self.mid_attn = TransformerBlock(dims[-1], context_dim, head_dim)
-        self.mid2 = ResBlock(dims[-1], dims[-1], t_dim)
+        c = dims[-1]
+        if use_attn:
+            self.mid = nn.ModuleList([Block(c, c, c, t_dim), transformer(c), Block(c, c, c, t_dim)])
+        else:
+            self.mid = nn.ModuleList([Block(c, width * mults[-1], c, t_dim)])
         self.upsample, self.up_blocks, self.up_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i in reversed(range(len(dims) - 1)):
-            self.upsample.append(nn.ConvTranspose1d(dims[i + 1], dims[i], 4, stride=2, padding=1))
-            self.up_blocks.append(ResBlock(2 * dims[i], dims[i], t_dim))
-            self.up_attn.append(TransformerBlock(dims[i], context_dim, head_dim) if i + 1 in attn else nn.Identity())
+        for i in range(levels, 0, -1):
+            c, c_out = dims[i - 1], dims[max(i - 2, 0)]
+            self.upsample.append(nn.ConvTranspose1d(c, c, 4, stride=2, padding=1))
+            self.up_blocks.append(Block(2 * c, c, c_out, t_dim))
+            self.up_attn.append(transformer(c_out) if i in attn else nn.Identity())
         self.out = nn.Conv1d(dims[0], 1, 1)
 
     # conditioning -----------------------------------------------------------------------------
     def encode(self, images: torch.Tensor | None) -> torch.Tensor | None:
-        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, C')`` for 'x-attention',
+        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, 512)`` for 'x-attention',
         a channel ``(B, 1, L)`` for 'concat', None for 'none'. Compute once per galaxy."""
         if self.conditioning == "none" or images is None:
             return None
+        features = self.image_encoder.features(images)  # (B, 512, 2, 2)
         if self.conditioning == "x-attention":
-            features = self.image_encoder.features(images)  # (B, C', 2, 2)
             tokens = features.flatten(2).transpose(1, 2)
-            return tokens + self.token_pos[:, : tokens.shape[1]]
-        return self.to_channel(self.image_encoder(images))[:, None]
+            pos = getattr(self, "token_pos", None)
+            return tokens if pos is None else tokens + pos[:, : tokens.shape[1]]
+        return self.to_channel(features.mean((2, 3)))[:, None]
 
     def unconditional(self, context: torch.Tensor | None) -> torch.Tensor | None:
         """The learned null context, shaped like ``context`` (for classifier-free guidance)."""
@@ -202,16 +263,20 @@ class ConditionalUNet1D(nn.Module):
         return self.null_context.expand(context.shape[0], *context.shape[1:]).to(context.dtype)
 
     def _run(self, block: nn.Module, *args):
+        if isinstance(block, nn.Identity):
+            return args[0]
         if self.grad_checkpoint and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 images: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted noise ``(B, 1, L)`` for ``x`` ``(B, 1, L)`` at timesteps ``t`` ``(B,)``.
+        """Network output ``(B, 1, L)`` for ``x`` ``(B, 1, L)`` at timesteps ``t`` ``(B,)``.
 
         Pass a precomputed ``context`` (sampling) or the ``images`` (training, so that the
-        encoder runs inside forward and data-parallel wrappers see it).
+        encoder runs inside forward and data-parallel wrappers see it). In training mode with
+        ``cond_drop > 0`` each item's context is replaced by the null context with that
+        probability.
         """
         if context is None and images is not None:
             context = self.encode(images)
@@ -222,21 +287,18 @@ class ConditionalUNet1D(nn.Module):
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
-        h = self.init_conv(x)
-        skips = []
-        for block, attn, down in zip(self.down_blocks, self.down_attn, self.downsample):
+        h, skips = x, []
+        for block, down, attn in zip(self.down_blocks, self.downsample, self.down_attn):
             h = self._run(block, h, temb)
-            h = self._run(attn, h, tokens) if isinstance(attn, TransformerBlock) else h
             skips.append(h)
-            h = down(h)
-        h = self._run(self.mid1, h, temb)
-        h = self._run(self.mid_attn, h, tokens)
-        h = self._run(self.mid2, h, temb)
-        skips.pop()  # the deepest level feeds the bottleneck directly
+            h = self._run(attn, down(h), tokens)
+        for layer in self.mid:
+            h = self._run(layer, h, tokens if isinstance(layer, TransformerBlock) else temb)
         for up, block, attn in zip(self.upsample, self.up_blocks, self.up_attn):
             skip = skips.pop()
             h = up(h)
-            h = F.pad(h, (0, skip.shape[-1] - h.shape[-1])) if h.shape[-1] < skip.shape[-1] else h[..., : skip.shape[-1]]
+            extra = skip.shape[-1] - h.shape[-1]  # 1 or 2: split it, the odd pixel at the end
+            h = F.pad(h, (extra // 2, extra - extra // 2))
             h = self._run(block, torch.cat([h, skip], dim=1), temb)
-            h = self._run(attn, h, tokens) if isinstance(attn, TransformerBlock) else h
+            h = self._run(attn, h, tokens)
         return self.out(h)

@@ -1,0 +1,265 @@
+"""Benchmark: the paper-size denoiser (SPEC 3) the research code's way against this project's way.
+
+    python bench/paper_speed.py [--repeats 3] [--precisions fp32,bf16] [--compile] [--profile]
+                                [--galaxies 0] [--out bench/paper_speed.json]
+
+Both ways build the same published layout (23.66M-parameter denoiser + ResNet-18 condition
+encoder, 3,598 pixels) from params_generative.yml's defaults and differ only in how they run it:
+
+training step, batch 16 (Adam, per-step Polyak average of all weights):
+  research  einsum attention that materialises the attention matrix, gradient checkpointing inside
+            every transformer block, the Polyak average as a Python loop over the parameters;
+  ours      ``F.scaled_dot_product_attention``, no recomputation, the Polyak average of
+            train_generative.py (Ignite's EMAHandler attached to an Ignite Engine).
+one denoising step for the 25 samples of one galaxy:
+  research  25 forward passes at batch 1, each re-encoding the image (SPEC 6);
+  ours      one forward pass at batch 25 with the image context computed once.
+
+With ``--compile`` the project's way is also timed under ``torch.compile`` (compile time
+reported apart); ``--precisions`` adds bf16 autocast (useful on GPUs and CPUs with bf16 units).
+``--galaxies G`` times the whole generation of G galaxies x 25 samples with the paper's sampler
+(batched DDPM, 250 steps) and the contrastive ranking, extrapolated from a few steps.
+``--profile`` prints torch.profiler's operator table for the project's training step.
+Results go to ``--out`` as JSON together with the machine's description.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.unet import Attention, TransformerBlock  # noqa: E402
+from train_generative import PARAMS, build_model  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+LENGTH, TRAIN_BATCH, N_SAMPLES, TIMESTEPS = 3598, 16, 25, 250
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def einsum_attention(self: Attention, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """The research code's attention: explicit (B*heads, N, M) similarity matrix through einsum."""
+    b, n, d = x.shape
+    if self.self_attention:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+    else:
+        q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)
+    h = self.heads
+    split = lambda a: a.reshape(b, a.shape[1], h, d // h).permute(0, 2, 1, 3).reshape(b * h, a.shape[1], d // h)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    sim = torch.einsum("b i d, b j d -> b i j", q, k) * (d // h) ** -0.5
+    out = torch.einsum("b i j, b j d -> b i d", sim.softmax(dim=-1), v)
+    return self.out(out.reshape(b, h, n, d // h).permute(0, 2, 1, 3).reshape(b, n, d))
+
+
+class ResearchWay:
+    """Patches the shared model classes to run the research code's way while active."""
+
+    def __enter__(self):
+        self.attention, self.block = Attention.forward, TransformerBlock.forward
+        plain_block = TransformerBlock.forward
+        Attention.forward = einsum_attention
+        TransformerBlock.forward = lambda blk, x, context=None: checkpoint(plain_block, blk, x, context,
+                                                                          use_reentrant=False)
+        return self
+
+    def __exit__(self, *exc):
+        Attention.forward, TransformerBlock.forward = self.attention, self.block
+
+
+def paper_model(device: torch.device) -> torch.nn.Module:
+    config = load_config(PARAMS, [])
+    return build_model(config, LENGTH, 3).to(device)
+
+
+def polyak_loop(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.copy_(decay * e + (1 - decay) * p)
+
+
+def time_training(device: torch.device, way: str, precision: str, repeats: int, compile_: bool = False,
+                  profile: bool = False) -> dict:
+    """Median seconds per training step (batch 16) after one warm-up step."""
+    import copy
+
+    from ignite.engine import Engine, Events
+    from ignite.handlers import EMAHandler
+
+    from models.diffusion import GaussianDiffusion
+
+    torch.manual_seed(0)
+    model = paper_model(device)
+    diffusion = GaussianDiffusion.from_config("cosine", TIMESTEPS)
+    opt = torch.optim.Adam(model.parameters(), 1e-4, fused=device.type == "cuda" or None)
+    forward = torch.compile(model) if compile_ else model
+    x0 = torch.rand(TRAIN_BATCH, 1, LENGTH, device=device) * 2 - 1
+    images = torch.randn(TRAIN_BATCH, 3, 64, 64, device=device)
+    times: list[float] = []
+
+    def step(engine=None, _batch=None) -> None:
+        sync(device)
+        start = time.perf_counter()
+        model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = diffusion.training_loss(forward, x0, images=images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if way == "research":
+            polyak_loop(ema_model, model, 0.99)
+            sync(device)
+            times.append(time.perf_counter() - start)
+        else:
+            engine.state.step_start = start
+
+    if way == "research":
+        ema_model = copy.deepcopy(model)
+        with ResearchWay():
+            for _ in range(repeats + 1):
+                step()
+    else:
+        trainer = Engine(step)
+        EMAHandler(model, momentum=0.01).attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+
+        @trainer.on(Events.ITERATION_COMPLETED)
+        def _stop_clock(engine):  # attached after the EMA handler: the average is inside the time
+            sync(device)
+            times.append(time.perf_counter() - engine.state.step_start)
+
+        if profile:
+            trainer.run([0], max_epochs=1)
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                trainer.run([0], max_epochs=1)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            times.clear()
+        trainer.run([0] * (repeats + 1), max_epochs=1)
+    return {"seconds": float(np.median(times[1:])), "first_seconds": times[0], "all": times}
+
+
+@torch.no_grad()
+def time_denoising(device: torch.device, way: str, precision: str, repeats: int, compile_: bool = False) -> dict:
+    """Median seconds for one denoising step of the 25 samples of one galaxy."""
+    torch.manual_seed(0)
+    model = paper_model(device).eval()
+    image = torch.randn(1, 3, 64, 64, device=device)
+    times = []
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if way == "research":
+        x = torch.randn(1, 1, LENGTH, device=device)
+        t = torch.full((1,), 100, device=device)
+        with ResearchWay():
+            for _ in range(repeats + 1):
+                sync(device)
+                start = time.perf_counter()
+                for _sample in range(N_SAMPLES):
+                    with torch.autocast(**amp):
+                        model(x, t, context=model.encode(image))
+                sync(device)
+                times.append(time.perf_counter() - start)
+    else:
+        forward = torch.compile(model) if compile_ else model
+        with torch.autocast(**amp):
+            context = model.encode(image).repeat_interleave(N_SAMPLES, 0)
+        x = torch.randn(N_SAMPLES, 1, LENGTH, device=device)
+        t = torch.full((N_SAMPLES,), 100, device=device)
+        for _ in range(repeats + 1):
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast(**amp):
+                forward(x, t, context)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return {"seconds": float(np.median(times[1:])), "first_seconds": times[0], "all": times}
+
+
+def forward_gflop() -> float:
+    """GFLOP of one batch-1 forward pass (image encoder included), for model FLOP utilisation."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = paper_model(torch.device("cpu")).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 1, LENGTH), torch.tensor([100]), images=torch.randn(1, 3, 64, 64))
+    return counter.get_total_flops() / 1e9
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
+    parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16")
+    parser.add_argument("--compile", action="store_true", help="also time the project's way under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="print the operator table of our training step")
+    parser.add_argument("--galaxies", type=int, default=0,
+                        help="extrapolate the time to generate and rank this many galaxies x 25 samples")
+    parser.add_argument("--out", default="bench/paper_speed.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gflop = forward_gflop()
+    results = {"device": machine(), "torch": torch.__version__, "forward_gflop_batch1": gflop, "rows": []}
+    print(f"{results['device']}, torch {torch.__version__}; forward pass {gflop:.2f} GFLOP at batch 1")
+    print(f"{'what':<34}{'way':<10}{'precision':<10}{'seconds':>9}{'TFLOP/s':>9}")
+    for precision in args.precisions.split(","):
+        ways = [("research", False), ("ours", False)] + ([("ours+compile", True)] if args.compile else [])
+        for way, compiled in ways:
+            for what, fn, flop in (("training step, batch 16", time_training, 3 * TRAIN_BATCH * gflop),
+                                   ("denoising step, 25 samples", time_denoising, N_SAMPLES * gflop)):
+                kwargs = {"profile": args.profile} if fn is time_training and way == "ours" else {}
+                start = time.perf_counter()
+                row = fn(device, "research" if way == "research" else "ours", precision, args.repeats, compiled,
+                         **kwargs)
+                row.update(what=what, way=way, precision=precision, wall_seconds=time.perf_counter() - start,
+                           tflops=flop / 1e3 / row["seconds"])
+                results["rows"].append(row)
+                print(f"{what:<34}{way:<10}{precision:<10}{row['seconds']:9.3f}{row['tflops']:9.3f}"
+                      + (f"   (first call {row['first_seconds']:.1f} s incl. compilation)" if compiled else ""),
+                      flush=True)
+    for what in ("training step, batch 16", "denoising step, 25 samples"):
+        rows = {(r["way"], r["precision"]): r["seconds"] for r in results["rows"] if r["what"] == what}
+        if ("research", "fp32") in rows and ("ours", "fp32") in rows:
+            speedup = rows[("research", "fp32")] / rows[("ours", "fp32")]
+            results[f"speedup fp32, {what}"] = speedup
+            print(f"speed-up of ours over the research way, fp32, {what}: {speedup:.2f}x")
+    if args.galaxies:
+        best = min(r["seconds"] for r in results["rows"] if r["what"].startswith("denoising") and r["way"] != "research")
+        hours = args.galaxies * TIMESTEPS * best / 3600
+        results["generation_hours"] = {"galaxies": args.galaxies, "samples": N_SAMPLES, "steps": TIMESTEPS,
+                                       "hours": hours}
+        print(f"{args.galaxies} galaxies x {N_SAMPLES} samples x {TIMESTEPS} DDPM steps: {hours:.2f} h "
+              f"(from the fastest denoising step; ranking adds one contrastive pass per galaxy)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
