@@ -32,6 +32,7 @@ from utils.config import UserError, cli, load_config, save_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.evaluation import METRICS, evaluate, photometric_params
 from utils.plotting import plot_ranked
+from utils.runtime import keep_freed_memory
 from utils.training import CheckpointError, find_checkpoint, load_survey, read_checkpoint, run_folder_of, subset
 
 PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
@@ -296,7 +297,9 @@ def draw_figures(folder: Path, dataset, results, truth, n: int, top_k: int) -> N
 
 
 def main(argv: Sequence[str]) -> None:
-    run(load_config(PARAMS, argv))
+    config = load_config(PARAMS, argv)
+    keep_freed_memory()
+    run(config)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ one denoising step for the 25 samples of one galaxy:
   research  25 forward passes at batch 1, each re-encoding the image (SPEC 6);
   ours      one forward pass at batch 25 with the image context computed once.
 
+Each way is timed twice: with the system allocator, then after ``utils.runtime.keep_freed_memory``
+(which the entry scripts call; it cannot be undone within a process, hence this order).
 With ``--compile`` the project's way is also timed under ``torch.compile`` (compile time
 reported apart); ``--precisions`` adds bf16 autocast (useful on GPUs and CPUs with bf16 units).
 ``--galaxies G`` times the whole generation of G galaxies x 25 samples with the paper's sampler
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.unet import Attention, TransformerBlock  # noqa: E402
 from train_generative import PARAMS, build_model  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.runtime import keep_freed_memory  # noqa: E402
 
 LENGTH, TRAIN_BATCH, N_SAMPLES, TIMESTEPS = 3598, 16, 25, 250
 
@@ -227,28 +230,37 @@ def main() -> None:
     gflop = forward_gflop()
     results = {"device": machine(), "torch": torch.__version__, "forward_gflop_batch1": gflop, "rows": []}
     print(f"{results['device']}, torch {torch.__version__}; forward pass {gflop:.2f} GFLOP at batch 1")
-    print(f"{'what':<34}{'way':<10}{'precision':<10}{'seconds':>9}{'TFLOP/s':>9}")
+    print(f"{'what':<30}{'way':<13}{'memory':<8}{'precision':<10}{'seconds':>9}{'TFLOP/s':>9}")
+    # the research way and ours with the system allocator first; then glibc is told to keep freed
+    # memory (what the entry scripts do, utils/runtime.py: it cannot be undone), and both again
+    ways = [("research", False, False), ("ours", False, False), ("ours", False, True), ("research", False, True)]
+    ways += [("ours+compile", True, True)] if args.compile else []
     for precision in args.precisions.split(","):
-        ways = [("research", False), ("ours", False)] + ([("ours+compile", True)] if args.compile else [])
-        for way, compiled in ways:
+        for way, compiled, reuse in ways:
+            if reuse and not keep_freed_memory():
+                continue
             for what, fn, flop in (("training step, batch 16", time_training, 3 * TRAIN_BATCH * gflop),
                                    ("denoising step, 25 samples", time_denoising, N_SAMPLES * gflop)):
                 kwargs = {"profile": args.profile} if fn is time_training and way == "ours" else {}
                 start = time.perf_counter()
                 row = fn(device, "research" if way == "research" else "ours", precision, args.repeats, compiled,
                          **kwargs)
-                row.update(what=what, way=way, precision=precision, wall_seconds=time.perf_counter() - start,
-                           tflops=flop / 1e3 / row["seconds"])
+                row.update(what=what, way=way, precision=precision, allocator="reuse" if reuse else "system",
+                           wall_seconds=time.perf_counter() - start, tflops=flop / 1e3 / row["seconds"])
                 results["rows"].append(row)
-                print(f"{what:<34}{way:<10}{precision:<10}{row['seconds']:9.3f}{row['tflops']:9.3f}"
+                print(f"{what:<30}{way:<13}{row['allocator']:<8}{precision:<10}{row['seconds']:9.3f}"
+                      f"{row['tflops']:9.3f}"
                       + (f"   (first call {row['first_seconds']:.1f} s incl. compilation)" if compiled else ""),
                       flush=True)
     for what in ("training step, batch 16", "denoising step, 25 samples"):
-        rows = {(r["way"], r["precision"]): r["seconds"] for r in results["rows"] if r["what"] == what}
-        if ("research", "fp32") in rows and ("ours", "fp32") in rows:
-            speedup = rows[("research", "fp32")] / rows[("ours", "fp32")]
-            results[f"speedup fp32, {what}"] = speedup
-            print(f"speed-up of ours over the research way, fp32, {what}: {speedup:.2f}x")
+        rows = {(r["way"], r["allocator"]): r["seconds"] for r in results["rows"]
+                if r["what"] == what and r["precision"] == "fp32"}
+        for ours in ("system", "reuse"):
+            if ("research", "system") in rows and ("ours", ours) in rows:
+                speedup = rows[("research", "system")] / rows[("ours", ours)]
+                results[f"speedup fp32, {what}, ours with {ours} allocator"] = speedup
+                print(f"speed-up over the research way (system allocator), fp32, {what}, ours with the "
+                      f"{ours} allocator: {speedup:.2f}x")
     if args.galaxies:
         best = min(r["seconds"] for r in results["rows"] if r["what"].startswith("denoising") and r["way"] != "research")
         hours = args.galaxies * TIMESTEPS * best / 3600

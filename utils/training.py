@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import ExponentialLR
 from utils.config import UserError, load_config, save_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.mock import ensure_mock
+from utils.runtime import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
     """Entry point of a trainer: resolve the configuration, then ``run(local_rank, config)`` in one
     process or in each process of a torchrun / ignite.distributed launch."""
     config = load_config(params, argv)
+    keep_freed_memory()
     backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
     with idist.Parallel(backend=backend) as parallel:
         parallel.run(run, config)
