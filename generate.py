@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
 from astropy.io import fits
 from astropy.table import Table
 from tqdm import tqdm
@@ -33,7 +32,9 @@ from utils.dataset import SpectraDataset, open_survey
 from utils.evaluation import METRICS, evaluate, photometric_params
 from utils.plotting import plot_ranked
 from utils.runtime import keep_freed_memory
-from utils.training import CheckpointError, find_checkpoint, load_survey, read_checkpoint, run_folder_of, subset
+from utils.checkpoints import (METRICS_FILE, WEIGHTS_KEY, CheckpointError, best_checkpoint, checkpoint_kind,
+                               find_checkpoint, read_checkpoint)
+from utils.training import load_survey, subset
 
 PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
 CONTRASTIVE_RUNS = Path("runs/contrastive")
@@ -45,31 +46,22 @@ FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 def newest_finished_run(folder: Path, what: str) -> Path:
     """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
-    runs = sorted((p for p in folder.glob("*") if (p / "metrics.json").is_file()), key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise UserError(f"no finished {what} run in '{folder}' (a run folder with metrics.json): train one first, "
+        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
                         f"or name a run folder or checkpoint in the config")
     return runs[-1]
 
 
-def load_trained(path: str | None, default_dir: Path, what: str, state_key: str) -> tuple[dict, dict, Path]:
-    """``(run config, weights, checkpoint path)`` of a trained model.
-
-    Best checkpoint first (lowest validation score), else the latest.
-    """
+def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path]:
+    """``(run config, weights, checkpoint path)`` of a trained model of ``kind``, from a run folder
+    (its best checkpoint, else its latest), a checkpoint file alone, or the newest finished run
+    in ``default_dir``. The configuration is the one saved in the checkpoint."""
     run = Path(path) if path else newest_finished_run(default_dir, what)
-    if run.is_dir():
-        best = sorted((run / "checkpoints").glob("best_*.pt"), key=lambda p: float(p.stem.split("=")[-1]))
-        checkpoint = best[-1] if best else find_checkpoint(run)
-    else:
-        checkpoint = find_checkpoint(run)
-    config_path = run_folder_of(checkpoint) / "config.yml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{what} run '{run_folder_of(checkpoint)}' has no config.yml next to its checkpoints")
+    checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
     state = read_checkpoint(checkpoint, f"{what} checkpoint")
-    if state_key not in state:
-        raise CheckpointError(f"'{checkpoint}' is not a {what} checkpoint (no '{state_key}' entry)")
-    return yaml.safe_load(config_path.read_text()), state[state_key], checkpoint
+    config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
+    return config, state[WEIGHTS_KEY[kind]], checkpoint
 
 
 def check_compatible(config: dict, gen_cfg: dict, con_cfg: dict, gen_path: Path, con_path: Path) -> None:
@@ -88,7 +80,7 @@ def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{what} checkpoint '{path}' does not fit the model built from its own config.yml: "
+        raise CheckpointError(f"{what} checkpoint '{path}' does not fit the model built from its own configuration: "
                               f"{str(err).splitlines()[0]}") from None
 
 
@@ -112,8 +104,9 @@ def find_models(config: dict) -> TrainedPair:
     the configured data."""
     s = config["sampling"]
     gen_cfg, gen_w, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]), "diffusion model",
-                                            "ema_model")
-    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network", "model")
+                                            "generative")
+    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
+                                            "contrastive")
     check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
     return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
 

@@ -24,6 +24,7 @@ from utils.training import attach_training, autocast, launch, maybe_compile, run
 
 PARAMS = Path(__file__).resolve().with_name("params_contrastive.yml")
 logger = logging.getLogger("train_contrastive")
+KIND = "contrastive"
 
 
 def build_model(config: dict, in_channels: int) -> ContrastiveModel:
@@ -88,7 +89,8 @@ def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iterati
 
 
 def run(local_rank: int, config: dict) -> None:
-    run_dir, resume, device, train_set, val_set, loader = start_run(config, config["val"]["max_objects"])
+    start = start_run(config, config["val"]["max_objects"], KIND)
+    run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
     model = build_model(config, train_set.n_channels)
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; %.1fM image + %.1fM spectrum parameters",
                 run_dir, len(train_set), len(val_set), train_set.n_pixels,
@@ -113,9 +115,11 @@ def run(local_rank: int, config: dict) -> None:
         return loss.item()
 
     trainer = Engine(step)
-    attach_training(trainer, config, run_dir, optimizer, {"model": model, "optimizer": optimizer},
-                    make_validate(model, val_set, config, device, run_dir), "loss", resume, config["train"]["lr_decay"])
-    run_training(trainer, loader, config)
+    attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
+                    to_save={"model": model, "optimizer": optimizer},
+                    validate=make_validate(model, val_set, config, device, run_dir), best_key="loss",
+                    resume_from=start.resume, epoch_length=len(start.loader), loader=start.loader)
+    run_training(trainer, start.loader, config)
 
 
 def main(argv: Sequence[str]) -> None:

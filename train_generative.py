@@ -28,6 +28,7 @@ from utils.training import attach_training, autocast, launch, maybe_compile, run
 
 PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
 logger = logging.getLogger("train_generative")
+KIND = "generative"
 #: galaxies shown in the validation figure, and samples drawn for each
 FIGURE_GALAXIES = 5
 FIGURE_SAMPLES = 3
@@ -136,7 +137,8 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
 
 
 def run(local_rank: int, config: dict) -> None:
-    run_dir, resume, device, train_set, val_set, loader = start_run(config, config["val"]["n_objects"])
+    start = start_run(config, config["val"]["n_objects"], KIND)
+    run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
     model = build_model(config, train_set.n_pixels, train_set.n_channels)
     diffusion = build_diffusion(config)
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
@@ -164,11 +166,12 @@ def run(local_rank: int, config: dict) -> None:
     trainer = Engine(step)
     ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     baseline = mean_spectrum(train_set)
-    attach_training(trainer, config, run_dir, optimizer, {"model": model, "ema_model": ema.ema_model,
-                                                          "optimizer": optimizer},
-                    make_validate(ema, diffusion, val_set, config, device, run_dir, baseline), "mse_mean", resume,
-                    config["train"]["lr_decay"])
-    run_training(trainer, loader, config)
+    attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
+                    to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},
+                    validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
+                    best_key="mse_mean", resume_from=start.resume, epoch_length=len(start.loader),
+                    loader=start.loader)
+    run_training(trainer, start.loader, config)
 
 
 def main(argv: Sequence[str]) -> None:

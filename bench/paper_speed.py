@@ -1,7 +1,7 @@
 """Benchmark: the paper-size denoiser (SPEC 3) the research code's way against this project's way.
 
-    python bench/paper_speed.py [--repeats 3] [--precisions fp32,bf16] [--compile] [--profile]
-                                [--galaxies 0] [--out bench/paper_speed.json]
+    python bench/paper_speed.py [--rounds 3] [--repeats 2] [--precisions fp32,bf16] [--what train,denoise]
+                                [--compile] [--profile] [--galaxies 0] [--out bench/paper_speed.json]
 
 Both ways build the same published layout (23.66M-parameter denoiser + ResNet-18 condition
 encoder, 3,598 pixels) from params_generative.yml's defaults and differ only in how they run it:
@@ -15,8 +15,9 @@ one denoising step for the 25 samples of one galaxy:
   research  25 forward passes at batch 1, each re-encoding the image (SPEC 6);
   ours      one forward pass at batch 25 with the image context computed once.
 
-Each way is timed twice: with the system allocator, then after ``utils.runtime.keep_freed_memory``
-(which the entry scripts call; it cannot be undone within a process, hence this order).
+Each way is timed with the system allocator and after ``utils.runtime.keep_freed_memory`` (which
+the entry scripts call), every configuration in a fresh process, ``--rounds`` rounds interleaved
+so that the machine's drift (10% here) falls on all alike; medians and minima are reported.
 With ``--compile`` the project's way is also timed under ``torch.compile`` (compile time
 reported apart); ``--precisions`` adds bf16 autocast (useful on GPUs and CPUs with bf16 units).
 ``--galaxies G`` times the whole generation of G galaxies x 25 samples with the paper's sampler
@@ -216,58 +217,101 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+WHATS = {"train": ("training step, batch 16", time_training, 3 * TRAIN_BATCH),
+         "denoise": ("denoising step, 25 samples", time_denoising, N_SAMPLES)}
+#: (way, allocator): the research code as it ran, ours as the entry scripts run, and the two crossings
+CONFIGS = [("research", "system"), ("ours", "reuse"), ("ours", "system"), ("research", "reuse")]
+
+
+def worker(spec: str, repeats: int, profile: bool) -> None:
+    """One measurement in this process: ``what:way:allocator:precision[:compile]``; prints JSON."""
+    what, way, allocator, precision, *rest = spec.split(":")
+    if allocator == "reuse" and not keep_freed_memory():
+        print(json.dumps(None))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fn = WHATS[what][1]
+    kwargs = {"profile": profile} if what == "train" and way == "ours" else {}
+    row = fn(device, way, precision, repeats, bool(rest), **kwargs)
+    print("RESULT " + json.dumps(row))
+
+
+def measure(spec: str, repeats: int) -> dict | None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--worker", spec, "--repeats", str(repeats)],
+                         capture_output=True, text=True, check=True).stdout
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[-1][7:]) if line else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per process, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes, configurations interleaved")
     parser.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16")
+    parser.add_argument("--what", default="train,denoise", help="comma-separated: train, denoise")
     parser.add_argument("--compile", action="store_true", help="also time the project's way under torch.compile")
     parser.add_argument("--profile", action="store_true", help="print the operator table of our training step")
     parser.add_argument("--galaxies", type=int, default=0,
-                        help="extrapolate the time to generate and rank this many galaxies x 25 samples")
+                        help="extrapolate the time to generate this many galaxies x 25 samples x 250 DDPM steps")
     parser.add_argument("--out", default="bench/paper_speed.json")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.worker:
+        worker(args.worker, args.repeats, args.profile)
+        return
+    if args.profile:
+        worker("train:ours:reuse:fp32", 1, True)
+        return
     gflop = forward_gflop()
     results = {"device": machine(), "torch": torch.__version__, "forward_gflop_batch1": gflop, "rows": []}
-    print(f"{results['device']}, torch {torch.__version__}; forward pass {gflop:.2f} GFLOP at batch 1")
-    print(f"{'what':<30}{'way':<13}{'memory':<8}{'precision':<10}{'seconds':>9}{'TFLOP/s':>9}")
-    # the research way and ours with the system allocator first; then glibc is told to keep freed
-    # memory (what the entry scripts do, utils/runtime.py: it cannot be undone), and both again
-    ways = [("research", False, False), ("ours", False, False), ("ours", False, True), ("research", False, True)]
-    ways += [("ours+compile", True, True)] if args.compile else []
-    for precision in args.precisions.split(","):
-        for way, compiled, reuse in ways:
-            if reuse and not keep_freed_memory():
-                continue
-            for what, fn, flop in (("training step, batch 16", time_training, 3 * TRAIN_BATCH * gflop),
-                                   ("denoising step, 25 samples", time_denoising, N_SAMPLES * gflop)):
-                kwargs = {"profile": args.profile} if fn is time_training and way == "ours" else {}
-                start = time.perf_counter()
-                row = fn(device, "research" if way == "research" else "ours", precision, args.repeats, compiled,
-                         **kwargs)
-                row.update(what=what, way=way, precision=precision, allocator="reuse" if reuse else "system",
-                           wall_seconds=time.perf_counter() - start, tflops=flop / 1e3 / row["seconds"])
-                results["rows"].append(row)
-                print(f"{what:<30}{way:<13}{row['allocator']:<8}{precision:<10}{row['seconds']:9.3f}"
-                      f"{row['tflops']:9.3f}"
-                      + (f"   (first call {row['first_seconds']:.1f} s incl. compilation)" if compiled else ""),
-                      flush=True)
-    for what in ("training step, batch 16", "denoising step, 25 samples"):
-        rows = {(r["way"], r["allocator"]): r["seconds"] for r in results["rows"]
-                if r["what"] == what and r["precision"] == "fp32"}
-        for ours in ("system", "reuse"):
-            if ("research", "system") in rows and ("ours", ours) in rows:
-                speedup = rows[("research", "system")] / rows[("ours", ours)]
-                results[f"speedup fp32, {what}, ours with {ours} allocator"] = speedup
-                print(f"speed-up over the research way (system allocator), fp32, {what}, ours with the "
-                      f"{ours} allocator: {speedup:.2f}x")
-    if args.galaxies:
-        best = min(r["seconds"] for r in results["rows"] if r["what"].startswith("denoising") and r["way"] != "research")
+    print(f"{results['device']}, torch {torch.__version__}; forward pass {gflop:.2f} GFLOP at batch 1; "
+          f"{args.rounds} rounds x {args.repeats} timed repetitions, each configuration in a fresh process")
+    specs = [f"{what}:{way}:{alloc}:{precision}" for precision in args.precisions.split(",")
+             for what in args.what.split(",") for way, alloc in CONFIGS]
+    specs += [f"{what}:ours:reuse:{p}:compile" for p in args.precisions.split(",") for what in args.what.split(",")
+              if args.compile]
+    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    for _ in range(args.rounds):
+        for spec in specs:
+            row = measure(spec, args.repeats)
+            if row is not None:
+                times[spec] += row["all"][1:]
+                if spec.endswith("compile"):
+                    results.setdefault("compile_first_call_seconds", {})[spec] = row["first_seconds"]
+    print(f"{'what':<30}{'way':<14}{'memory':<8}{'precision':<10}{'median s':>9}{'min s':>8}{'TFLOP/s':>9}")
+    for spec, values in times.items():
+        if not values:
+            continue
+        what, way, alloc, precision, *compiled = spec.split(":")
+        label, _, per_forward = WHATS[what]
+        way_label = way + ("+compile" if compiled else "")
+        row = {"what": label, "way": way_label, "allocator": alloc, "precision": precision,
+               "median_seconds": float(np.median(values)), "min_seconds": float(min(values)), "all": values}
+        row["tflops"] = per_forward * gflop / 1e3 / row["median_seconds"]
+        results["rows"].append(row)
+        print(f"{label:<30}{way_label:<14}{alloc:<8}{precision:<10}{row['median_seconds']:9.3f}"
+              f"{row['min_seconds']:8.3f}{row['tflops']:9.3f}")
+    for what in args.what.split(","):
+        label = WHATS[what][0]
+        rows = {(r["way"], r["allocator"]): r for r in results["rows"] if r["what"] == label and r["precision"] == "fp32"}
+        ref = rows.get(("research", "system"))
+        for key in (("ours", "system"), ("ours", "reuse")):
+            if ref and key in rows:
+                med = ref["median_seconds"] / rows[key]["median_seconds"]
+                low = ref["min_seconds"] / rows[key]["min_seconds"]
+                results[f"speedup {label}, ours with {key[1]} allocator"] = {"median": med, "min": low}
+                print(f"{label}: ours ({key[1]} allocator) against the research way: {med:.2f}x (medians), "
+                      f"{low:.2f}x (minima)")
+    if args.galaxies and any(r["what"].startswith("denoising") and r["way"] != "research" for r in results["rows"]):
+        best = min(r["median_seconds"] for r in results["rows"] if r["what"].startswith("denoising")
+                   and r["way"] != "research")
         hours = args.galaxies * TIMESTEPS * best / 3600
         results["generation_hours"] = {"galaxies": args.galaxies, "samples": N_SAMPLES, "steps": TIMESTEPS,
                                        "hours": hours}
-        print(f"{args.galaxies} galaxies x {N_SAMPLES} samples x {TIMESTEPS} DDPM steps: {hours:.2f} h "
-              f"(from the fastest denoising step; ranking adds one contrastive pass per galaxy)")
+        print(f"{args.galaxies} galaxies x {N_SAMPLES} samples x {TIMESTEPS} DDPM steps: {hours:.1f} h "
+              f"(from the fastest denoising step; the ranking adds one contrastive pass per galaxy)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"written {args.out}")

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
 
-    config, weights, path = load_trained(args.run, Path("runs/generative"), "diffusion model", "ema_model")
+    config, weights, path = load_trained(args.run, Path("runs/generative"), "diffusion model", "generative")
     v = config["val"]
     v.update({k: val for k, val in (("sampler", args.sampler), ("steps", args.steps), ("n_samples", args.n))
               if val is not None})

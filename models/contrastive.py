@@ -53,13 +53,15 @@ def nt_xent(z_image: torch.Tensor, z_spectrum: torch.Tensor, temperature: float)
 def true_ranks(z_image: torch.Tensor, z_spectrum: torch.Tensor) -> torch.Tensor:
     """For each image, the 0-based rank of its own spectrum among all spectra by cosine similarity.
 
-    Ties count against the true spectrum (a constant embedding ranks last, not first).
+    Ties count against the true spectrum (a constant embedding ranks last, not first), and so
+    does a non-finite similarity (a NaN embedding ranks last, never first).
     """
     sims = z_image.float() @ z_spectrum.float().T  # (B, B)
     own = sims.diagonal()[:, None]
     others = sims > own
     ties = (sims == own) & ~torch.eye(len(sims), dtype=torch.bool, device=sims.device)
-    return (others | ties).sum(1)
+    ranks = (others | ties).sum(1)
+    return torch.where(torch.isfinite(sims).all(1), ranks, torch.full_like(ranks, len(sims) - 1))
 
 
 def retrieval_metrics(z_image: torch.Tensor, z_spectrum: torch.Tensor, batch_size: int,

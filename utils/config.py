@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "val.sampler": ("ddpm", "ddim", "dpmpp2m"),
     "run.precision": ("fp32", "bf16"),
     "run.backend": ("none", "gloo", "nccl"),
+    "sampling.split": ("train", "val", "test"),
+}
+
+#: Numeric ranges by dotted path: (low, high, what), bounds inclusive, None for open; a list
+#: value is checked item by item. Keys absent from a params file are ignored.
+POSITIVE = (1, None, "at least 1")
+NON_NEGATIVE = (0, None, ">= 0")
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    **{key: POSITIVE for key in (
+        "data.mock_objects", "data.downsample", "model.width", "model.head_dim", "model.image_width",
+        "model.spectrum_width", "model.latent_dim", "model.mults", "model.attn_levels", "model.spectrum_mults",
+        "diffusion.timesteps", "train.batch_size", "train.max_epochs", "val.every", "val.n_objects",
+        "val.n_samples", "val.steps", "val.batch_size", "val.max_objects", "run.checkpoint_every",
+        "sampling.max_objects", "sampling.n_samples", "sampling.steps", "sampling.top_k", "sampling.batch_galaxies")},
+    **{key: NON_NEGATIVE for key in (
+        "data.mock_seed", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
+        "run.seed", "sampling.eta", "sampling.figures")},
+    "train.lr": (1e-12, None, "> 0"),
+    "train.temperature": (1e-6, None, "> 0"),
+    "train.lr_decay": (1e-12, 1.0, "in (0, 1]"),
+    "train.ema_decay": (0.0, 0.999999, "in [0, 1)"),
+    "model.cond_drop": (0.0, 0.999, "in [0, 1)"),
+    "val.max_fraction": (1e-6, 1.0, "in (0, 1]"),
+    "val.guidance": NON_NEGATIVE,
+    "sampling.guidance": NON_NEGATIVE,
 }
 
 
@@ -162,6 +188,34 @@ def check_choice(path: str, value: Any) -> None:
         raise ConfigError(f"config key '{path}': got {value!r}, expected one of {', '.join(map(repr, choices))}")
 
 
+def check_range(path: str, value: Any) -> None:
+    """Raise :class:`ConfigError` when a numeric value (or any item of a list) is NaN, infinite or
+    outside :data:`RANGES`."""
+    if path not in RANGES or value is None:
+        return
+    low, high, what = RANGES[path]
+    for item in (value if isinstance(value, list) else [value]):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if not math.isfinite(item) or (low is not None and item < low) or (high is not None and item > high):
+            raise ConfigError(f"config key '{path}': got {value!r}, expected {what}")
+
+
+def check_consistency(config: dict) -> None:
+    """Checks that involve several keys."""
+    s = config.get("sampling", {})
+    if "top_k" in s and "n_samples" in s and s["top_k"] > s["n_samples"]:
+        raise ConfigError(f"config key 'sampling.top_k': got {s['top_k']}, expected at most sampling.n_samples "
+                          f"({s['n_samples']})")
+    m = config.get("model", {})
+    levels = len(m.get("mults", [])) - 1
+    if "attn_levels" in m and levels >= 1 and any(a > levels for a in m["attn_levels"]):
+        raise ConfigError(f"config key 'model.attn_levels': got {m['attn_levels']}, expected levels in 1..{levels} "
+                          f"(model.mults {m['mults']} has {levels} levels; its last entry is the bottleneck's)")
+    if m.get("mults") is not None and "attn_levels" in m and levels < 1:
+        raise ConfigError(f"config key 'model.mults': got {m['mults']}, expected at least 2 entries")
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
@@ -237,6 +291,8 @@ def load_config(defaults_path: str | Path, argv: Sequence[str] | None = None) ->
         apply_overrides(config, {key: value}, defaults, "command line")
     for path, value in _flatten(config).items():
         check_choice(path, value)
+        check_range(path, value)
+    check_consistency(config)
     config["preset"] = preset
     return config
 

@@ -78,6 +78,10 @@ def assign_split(objid: np.ndarray, val_fraction: float = 0.1, test_fraction: fl
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
+#: a file that marks ``<root>.partial`` as an unfinished write by :class:`DatasetWriter`
+PARTIAL_MARKER = ".dataset-writer"
+
+
 class DatasetWriter:
     """Write a dataset in chunks without holding it in memory.
 
@@ -103,9 +107,14 @@ class DatasetWriter:
         if not images:
             raise ValueError("a dataset needs at least one image array")
         self.tmp = self.root.with_name(self.root.name + ".partial")
-        if self.tmp.exists():
+        if self.tmp.exists():  # an interrupted write of ours is redone; anything else is the user's
+            if not (self.tmp.is_dir() and (self.tmp / PARTIAL_MARKER).is_file()):
+                raise DataError(f"'{self.tmp}' exists and was not left by an interrupted dataset write (no "
+                                f"{PARTIAL_MARKER}): move or delete it yourself")
+            logger.info("removing the unfinished dataset write '%s'", self.tmp)
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
+        (self.tmp / PARTIAL_MARKER).write_text(f"unfinished dataset write for {self.root.name}\n")
         self.n = int(n_objects)
         self.source = source
         loglam = np.asarray(loglam, dtype=np.float64)
@@ -143,6 +152,7 @@ class DatasetWriter:
                 arr.flush()
         with open(self.tmp / "meta.json", "w") as handle:
             json.dump(meta, handle, indent=2)
+        (self.tmp / PARTIAL_MARKER).unlink()
         os.replace(self.tmp, self.root)
         return self.root
 

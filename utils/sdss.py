@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import logging
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import requests
+import urllib3
 from astropy.table import Table, vstack
 
 from utils.config import UserError
@@ -218,6 +220,27 @@ class RateLimiter:
         time.sleep(max(0.0, start - now))
 
 
+#: suffix of a download in progress (``.<name>.<pid>.<thread>.part``)
+PART_SUFFIX = ".part"
+#: errors worth another attempt
+RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError, http.client.IncompleteRead)
+#: errors that say the server cannot be reached (refused, reset, or silent)
+UNREACHABLE_ERRORS = (requests.ConnectionError, requests.Timeout)
+
+
+def sweep_partial_files(folder: Path) -> int:
+    """Delete downloads in progress that a killed run left in ``folder``; returns how many."""
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.glob(f".*{PART_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d unfinished download(s) left in %s", len(stale), folder)
+    return len(stale)
+
+
 class Downloader:
     """Concurrent, rate-limited downloads with retries, validation and atomic writes.
 
@@ -232,18 +255,23 @@ class Downloader:
     """
 
     def __init__(self, workers: int = 8, rate: float = 10.0, timeout: float = 30.0, retries: int = 5,
-                 backoff: float = 1.0, session: requests.Session | None = None) -> None:
+                 backoff: float = 1.0, session: requests.Session | None = None, give_up_after: int = 0) -> None:
         self.workers = workers
         self.limiter = RateLimiter(rate)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.session = session or requests.Session()
+        #: consecutive files lost to connection errors or time-outs after which the server is taken
+        #: for unreachable and the run stops (0: twice the number of workers, at least 5)
+        self.give_up_after = give_up_after or max(5, 2 * workers)
+        self._stop = threading.Event()
 
     def _attempt(self, task: Task) -> str | None:
-        """One download; None on success, else the reason (a retryable one starts with 'retry:')."""
+        """One download; None on success, else the reason (a retryable one starts with 'retry:').
+        Every exception of the HTTP stack becomes a reason, never a traceback."""
         self.limiter.wait()
-        tmp = task.dest.with_name(f".{task.dest.name}.{os.getpid()}.{threading.get_ident()}.part")
+        tmp = task.dest.with_name(f".{task.dest.name}.{os.getpid()}.{threading.get_ident()}{PART_SUFFIX}")
         try:
             with self.session.get(task.url, timeout=self.timeout, stream=True) as response:
                 if response.status_code in RETRY_STATUS:
@@ -252,20 +280,23 @@ class Downloader:
                 if response.status_code != 200:
                     return f"HTTP {response.status_code}"
                 expected = response.headers.get("Content-Length")
-                size = 0
                 with open(tmp, "wb") as handle:
                     for chunk in response.iter_content(65536):
                         handle.write(chunk)
-                        size += len(chunk)
-                if expected is not None and size != int(expected):
+                # Content-Length counts the bytes on the wire: compare with the raw (still compressed,
+                # for a gzip response) byte count, not with the decoded size
+                size = response.raw.tell()
+                if expected is not None and expected.strip().isdigit() and size != int(expected):
                     return f"retry:truncated body ({size} of {expected} bytes)"
             problem = task.validate(tmp)
             if problem:
                 return f"retry:invalid file: {problem}"
             os.replace(tmp, task.dest)
             return None
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+        except RETRY_ERRORS as err:
             return f"retry:{type(err).__name__}"
+        except (requests.RequestException, http.client.HTTPException, urllib3.exceptions.HTTPError, ValueError) as err:
+            return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no detail'}"
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -274,6 +305,8 @@ class Downloader:
         """Download one file with retries; None on success, else the final reason."""
         reason = None
         for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                return "not attempted: the run stopped (server unreachable)"
             reason = self._attempt(task)
             if reason is None or not reason.startswith("retry:"):
                 return reason
@@ -281,8 +314,8 @@ class Downloader:
             delay = self.backoff * 2 ** attempt * (1 + 0.25 * random.random())
             if len(parts) > 2 and parts[-1].strip().isdigit():
                 delay = max(delay, float(parts[-1]))
-            if attempt < self.retries:
-                time.sleep(delay)
+            if attempt < self.retries and self._stop.wait(delay):
+                return "not attempted: the run stopped (server unreachable)"
         return reason.removeprefix("retry:") + f" (after {self.retries + 1} attempts)"
 
     def run(self, tasks: Iterable[Task], failures_file: Path | None = None, desc: str = "download") -> Report:
@@ -291,6 +324,9 @@ class Downloader:
         tasks = list(tasks)
         report = Report()
         todo = []
+        self._stop.clear()
+        for folder in {task.dest.parent for task in tasks}:
+            sweep_partial_files(folder)
         for task in tasks:
             task.dest.parent.mkdir(parents=True, exist_ok=True)
             if task.dest.exists() and task.validate(task.dest) is None:
@@ -298,28 +334,32 @@ class Downloader:
             else:
                 todo.append(task)
         bar = tqdm(total=len(tasks), initial=report.skipped, desc=desc, unit="file")
-        connection_failures = 0
+        consecutive, unreachable = 0, None
         with ThreadPoolExecutor(self.workers) as pool:
             futures = {pool.submit(self.fetch, task): task for task in todo}
             for future in as_completed(futures):
                 task, reason = futures[future], future.result()
                 if reason is None:
                     report.fetched += 1
-                    connection_failures = 0
-                else:
+                    consecutive = 0
+                elif not reason.startswith("not attempted"):
                     report.failures[task.key] = f"{reason}: {task.url}"
-                    if "ConnectionError" in reason:
-                        connection_failures += 1
+                    consecutive = consecutive + 1 if any(e.__name__ in reason for e in UNREACHABLE_ERRORS) else 0
                 bar.update(1)
                 bar.set_postfix(new=report.fetched, kept=report.skipped, failed=len(report.failures))
-                if connection_failures >= 5 and report.fetched == 0:
+                if consecutive >= self.give_up_after and unreachable is None:
+                    unreachable = requests.utils.urlparse(task.url).netloc
+                    self._stop.set()  # running downloads end after their current attempt
                     for other in futures:
                         other.cancel()
-                    bar.close()
-                    host = requests.utils.urlparse(task.url).netloc
-                    raise NetworkUnreachable(f"cannot connect to {host}: the network or the server is unreachable "
-                                             f"(rerun the same command later; nothing valid is fetched twice)")
         bar.close()
+        if unreachable is not None:
+            if failures_file is not None:
+                write_failures(failures_file, report.failures)
+            raise NetworkUnreachable(f"cannot connect to {unreachable}: it stopped answering ({consecutive} files in a "
+                                     f"row lost to "
+                                     f"connection errors or time-outs; {report.fetched} fetched in this run are kept); "
+                                     f"rerun the same command later; nothing valid is fetched twice")
         if failures_file is not None:
             write_failures(failures_file, report.failures)
         logger.info("%s: %d fetched, %d already valid, %d failed%s", desc, report.fetched, report.skipped,

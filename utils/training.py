@@ -1,7 +1,8 @@
 """Ignite wiring shared by both trainers: run folders, data, checkpoints, resume, logging.
 
 Written once here; ``train_contrastive.py`` and ``train_generative.py`` only define their
-models, their training step and their validation.
+models, their training step and their validation. Checkpoint files themselves belong to
+:mod:`utils.checkpoints`.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -17,10 +19,15 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, LRScheduler, ProgressBar, TerminateOnNan
+from ignite.handlers import Checkpoint, LRScheduler, ProgressBar
 from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
+from torch.utils.data.distributed import DistributedSampler
 
+from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, CONFIG_FILE, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY,
+                               CheckpointError, NonFiniteError, RunInfo, SafeDiskSaver, adopt_saved, checkpoint_kind,
+                               find_checkpoint, load_checkpoint, read_checkpoint, run_folder_of, sweep_stale_files,
+                               write_json)
 from utils.config import UserError, load_config, save_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.mock import ensure_mock
@@ -28,50 +35,33 @@ from utils.runtime import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST_PREFIX = "latest"
-BEST_PREFIX = "best"
-METRICS_FILE = "metrics.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable or does not fit the model."""
-
 
 # --------------------------------------------------------------------------------------------
 # run folder and logging
 # --------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest 'latest' (else best) checkpoint inside a run folder."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError(f"checkpoint or run folder '{path}' does not exist")
-    folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
-    for prefix in (LATEST_PREFIX, BEST_PREFIX):
-        found = sorted(folder.glob(f"{prefix}_*.pt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1]
-    raise CheckpointError(f"no checkpoint (*.pt) found in '{folder}'")
+def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
+    file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder."""
+    checkpoint = find_checkpoint(resume)
+    checkpoint_kind(read_checkpoint(checkpoint, "run.resume checkpoint"), checkpoint, kind, "run.resume checkpoint")
+    run_dir = run_folder_of(checkpoint)
+    if checkpoint.parent.name != CHECKPOINT_DIR or not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"run.resume checkpoint '{checkpoint}' is not inside a run folder "
+                              f"(<run>/{CHECKPOINT_DIR}/ next to <run>/{CONFIG_FILE})")
+    return checkpoint, run_dir
 
 
-def run_folder_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
-
-
-def prepare_run(config: dict) -> tuple[Path, Path | None]:
+def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
     """Create (or reuse, when resuming) the run folder; write the resolved config there.
 
-    Returns ``(run_dir, checkpoint_to_resume_or_None)``. Only rank 0 touches the disk; the path
-    is broadcast to the other ranks.
+    Returns ``(run_dir, checkpoint_to_resume_or_None)``. A bad ``run.resume`` is rejected before
+    any file is written. Only rank 0 touches the disk; the path is broadcast to the other ranks.
     """
     resume = config["run"]["resume"]
     checkpoint = None
     if idist.get_rank() == 0:
         if resume:
-            checkpoint = find_checkpoint(resume)
-            run_dir = run_folder_of(checkpoint)
+            checkpoint, run_dir = resume_target(resume, kind)
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             run_dir = Path(config["run"]["out_dir"]) / stamp
@@ -81,7 +71,8 @@ def prepare_run(config: dict) -> tuple[Path, Path | None]:
                 n += 1
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         (run_dir / "figures").mkdir(exist_ok=True)
-        name = "config.yml" if not (run_dir / "config.yml").exists() else f"config-resumed-{stamp_now()}.yml"
+        sweep_stale_files(run_dir / CHECKPOINT_DIR)
+        name = CONFIG_FILE if not (run_dir / CONFIG_FILE).exists() else f"config-resumed-{stamp_now()}.yml"
         save_config(config, run_dir / name)
         message = f"{run_dir}|{checkpoint or ''}"
     else:
@@ -207,65 +198,18 @@ class TrainClock:
         self.val_seconds = float(state["val_seconds"])
 
 
-def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise CheckpointError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{what} '{path}' is not a checkpoint dictionary")
-    return state
+def attach_lr_decay(trainer: Engine, optimizer: torch.optim.Optimizer, decay: float, epoch_length: int) -> LRScheduler:
+    """Learning rate x ``decay`` at the end of every epoch. Stepped on the epoch's last
+    ITERATION_COMPLETED (before that iteration's checkpoint), so that a checkpoint taken at the end
+    of an epoch already holds the decayed rate and a resume from it decays exactly like an
+    uninterrupted run."""
+    scheduler = LRScheduler(ExponentialLR(optimizer, gamma=decay))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=epoch_length), scheduler)
+    return scheduler
 
 
-def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
-    """Restore every object of ``to_load`` from ``path`` with errors a user can act on."""
-    state = read_checkpoint(path)
-    missing = [k for k in to_load if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)}: it was written by another "
-                              f"trainer or an older version")
-    try:
-        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint '{path}' does not fit this configuration (different model "
-                              f"settings?): {first}") from None
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def attach_training(trainer: Engine, config: dict, run_dir: Path, optimizer: torch.optim.Optimizer,
-                    to_save: dict[str, Any], validate: Callable[[Engine], dict[str, float]], best_key: str,
-                    resume_from: Path | None, lr_decay: float) -> TrainClock:
-    """Attach the handlers every trainer needs.
-
-    - ProgressBar, TerminateOnNan, learning rate x ``lr_decay`` at every epoch (LRScheduler);
-    - ``validate(trainer)`` every ``val.every`` iterations and at the end; its dict goes to
-      ``trainer.state.val_metrics``; the share of wall time spent in it is logged;
-    - checkpoints (rank 0, written atomically): the latest every ``run.checkpoint_every``
-      iterations and at the end, and the 2 best by ``best_key`` (lower is better; NaN never);
-    - ``train.max_iters`` and ``train.max_minutes`` budgets; ``metrics.json`` at the end;
-    - resume from ``resume_from`` when given (model, optimizer, scheduler, engine, clock, ...).
-    """
-    clock = TrainClock()
-    scheduler = LRScheduler(ExponentialLR(optimizer, gamma=lr_decay))
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, scheduler)
-    to_save = {**to_save, "trainer": trainer, "lr_scheduler": scheduler, "clock": clock}
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan())
-    trainer.state.val_metrics = {}
-    rank0 = idist.get_rank() == 0
-    if rank0:
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out})
-
-    saver = DiskSaver(run_dir / CHECKPOINT_DIR, require_empty=False, atomic=True) if rank0 else None
-    latest = Checkpoint(to_save, saver, filename_prefix=LATEST_PREFIX, n_saved=1,
-                        global_step_transform=lambda e, _: e.state.iteration) if rank0 else None
-    best = Checkpoint(to_save, saver, filename_prefix=BEST_PREFIX, n_saved=2,
-                      score_function=lambda e: -e.state.val_metrics[best_key], score_name=f"neg_{best_key}",
-                      global_step_transform=lambda e, _: e.state.iteration) if rank0 else None
+def attach_budget(trainer: Engine, clock: TrainClock, max_minutes: float) -> None:
+    """Count training wall time in ``clock``; stop after ``max_minutes`` of it (0: no limit)."""
 
     @trainer.on(Events.ITERATION_STARTED)
     def _tick(engine: Engine) -> None:
@@ -274,14 +218,60 @@ def attach_training(trainer: Engine, config: dict, run_dir: Path, optimizer: tor
     @trainer.on(Events.ITERATION_COMPLETED)
     def _tock(engine: Engine) -> None:
         clock.stop("train")
-        limit = config["train"]["max_minutes"]
-        if limit and clock.train_seconds >= 60 * limit:
-            logger.info("training time budget of %.1f min reached at iteration %d", limit, engine.state.iteration)
+        if max_minutes and clock.train_seconds >= 60 * max_minutes:
+            logger.info("training time budget of %.1f min reached at iteration %d", max_minutes,
+                        engine.state.iteration)
             engine.terminate()
+
+
+def attach_non_finite_stop(trainer: Engine, checkpoint_dir: Path) -> None:
+    """Stop with :class:`NonFiniteError` (exit code 1) when the loss is NaN or inf, before any
+    handler attached later (validation, checkpoints) sees the iteration."""
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _check(engine: Engine) -> None:
+        loss = engine.state.output
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            raise NonFiniteError(f"training loss is {loss} at iteration {engine.state.iteration} (epoch "
+                                 f"{engine.state.epoch}): run stopped; its finite checkpoints in '{checkpoint_dir}' "
+                                 f"are kept (resume from one with a lower train.lr)")
+
+
+def attach_sampler_epochs(trainer: Engine, loader) -> None:
+    """Tell a DistributedSampler the epoch, so that every epoch is shuffled anew (torchrun)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
+
+
+def create_checkpointers(run_dir: Path, to_save: dict[str, Any], best_key: str
+                         ) -> tuple[Checkpoint | None, Checkpoint | None]:
+    """The 'latest' checkpoint (one kept) and the 2 'best' by ``best_key`` (lower is better), on
+    rank 0; (None, None) on the other ranks."""
+    if idist.get_rank() != 0:
+        return None, None
+    saver = SafeDiskSaver(run_dir / CHECKPOINT_DIR)
+    step = lambda engine, _: engine.state.iteration  # noqa: E731
+    latest = Checkpoint(to_save, saver, filename_prefix=LATEST_PREFIX, n_saved=1, global_step_transform=step)
+    best = Checkpoint(to_save, saver, filename_prefix=BEST_PREFIX, n_saved=2,
+                      score_function=lambda engine: -engine.state.val_metrics[best_key],
+                      score_name=f"neg_{best_key}", global_step_transform=step)
+    return latest, best
+
+
+def create_validation(trainer: Engine, *, validate: Callable[[Engine], dict[str, float]], clock: TrainClock,
+                      best: Checkpoint | None, best_key: str, optimizer: torch.optim.Optimizer, every: int,
+                      max_fraction: float) -> Callable[[Engine], None]:
+    """The validation handler: ``validate(trainer)`` on rank 0 (the other ranks receive its
+    metrics), logged, kept in ``trainer.state.val_metrics``, offered to the best checkpoints.
+    A non-finite ``best_key`` stops the run with :class:`NonFiniteError`."""
+    rank0, world = idist.get_rank() == 0, idist.get_world_size()
 
     def run_validation(engine: Engine) -> None:
         start = time.perf_counter()
-        metrics = validate(engine)
+        metrics = validate(engine) if rank0 else {}
+        if world > 1:
+            metrics = json.loads(idist.broadcast(json.dumps(metrics) if rank0 else "", src=0, safe_mode=True))
         clock.val_seconds += time.perf_counter() - start
         metrics["val_time_fraction"] = clock.val_fraction
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
@@ -289,44 +279,71 @@ def attach_training(trainer: Engine, config: dict, run_dir: Path, optimizer: tor
         engine.state.val_metrics = metrics
         logger.info("validation at iteration %d (epoch %d, lr %.3g): %s", engine.state.iteration, engine.state.epoch,
                     optimizer.param_groups[0]["lr"], shown)
-        cap = config["val"].get("max_fraction", 0.1)
-        if clock.val_fraction > cap and engine.state.iteration > config["val"]["every"]:
+        if clock.val_fraction > max_fraction and engine.state.iteration > every:
             logger.warning("validation has taken %.0f%% of wall time (target <= %.0f%%): raise val.every or "
-                           "lower the validation sample size", 100 * clock.val_fraction, 100 * cap)
-        if rank0:
-            value = metrics.get(best_key)
-            if _finite(value):
-                best(engine)
-            else:
-                logger.warning("validation %s is %r: not considered for the best checkpoints", best_key, value)
+                           "lower the validation sample size", 100 * clock.val_fraction, 100 * max_fraction)
+        value = metrics.get(best_key)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise NonFiniteError(f"validation {best_key} is {value} at iteration {engine.state.iteration}: run "
+                                 f"stopped; its finite checkpoints are kept")
+        if best is not None:
+            best(engine)
 
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config["val"]["every"]), run_validation)
+    return run_validation
+
+
+def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, optimizer: torch.optim.Optimizer,
+                    to_save: dict[str, Any], validate: Callable[[Engine], dict[str, float]], best_key: str,
+                    resume_from: Path | None, epoch_length: int, loader=None) -> TrainClock:
+    """Attach the handlers every trainer needs, in this order on each iteration: time budget,
+    non-finite loss stop, learning-rate decay at epoch ends, validation every ``val.every``
+    iterations, the 'latest' checkpoint every ``run.checkpoint_every``; at the end validation (if
+    not just done), a last checkpoint and ``metrics.json``. Resumes from ``resume_from`` (model,
+    optimizer, scheduler, engine, clock, and the checkpoint handlers' files). ``kind`` ('contrastive'
+    or 'generative') and the configuration are saved in every checkpoint."""
+    clock = TrainClock()
+    attach_budget(trainer, clock, config["train"]["max_minutes"])
+    attach_non_finite_stop(trainer, run_dir / CHECKPOINT_DIR)
+    scheduler = attach_lr_decay(trainer, optimizer, config["train"]["lr_decay"], epoch_length)
+    attach_sampler_epochs(trainer, loader)
+    to_save = {**to_save, "trainer": trainer, "lr_scheduler": scheduler, "clock": clock,
+               RUN_INFO_KEY: RunInfo(kind, config)}
+    trainer.state.val_metrics = {}
+    rank0 = idist.get_rank() == 0
     if rank0:
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out})
+    latest, best = create_checkpointers(run_dir, to_save, best_key)
+    run_validation = create_validation(trainer, validate=validate, clock=clock, best=best, best_key=best_key,
+                                       optimizer=optimizer, every=config["val"]["every"],
+                                       max_fraction=config["val"].get("max_fraction", 0.1))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config["val"]["every"]), run_validation)
+    if latest is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config["run"]["checkpoint_every"]), latest)
 
     @trainer.on(Events.COMPLETED)
     def _finish(engine: Engine) -> None:
         if engine.state.val_metrics.get("_iteration") != engine.state.iteration:
             run_validation(engine)
-        if rank0:
+        if latest is not None:
             latest(engine)
             summary = {"iteration": engine.state.iteration, "epoch": engine.state.epoch,
-                       "world_size": idist.get_world_size(),
+                       "world_size": idist.get_world_size(), "kind": kind,
                        "lr": optimizer.param_groups[0]["lr"], "train_minutes": clock.train_seconds / 60,
                        "val_minutes": clock.val_seconds / 60, "val_time_fraction": clock.val_fraction,
                        "best_checkpoints": [str(run_dir / CHECKPOINT_DIR / item.filename) for item in best._saved],
                        "val": {k: v for k, v in engine.state.val_metrics.items() if not k.startswith("_")}}
-            with open(run_dir / METRICS_FILE, "w") as handle:
-                json.dump(summary, handle, indent=2)
+            write_json(run_dir / METRICS_FILE, summary)
             logger.info("run finished: %s", run_dir / METRICS_FILE)
 
     if resume_from is not None:
         load_checkpoint(resume_from, to_save)
+        if latest is not None:
+            adopt_saved(latest, run_dir / CHECKPOINT_DIR, LATEST_PREFIX)
+            adopt_saved(best, run_dir / CHECKPOINT_DIR, BEST_PREFIX)
         logger.info("resumed from %s at iteration %d (epoch %d), learning rate %.6g", resume_from,
                     trainer.state.iteration, trainer.state.epoch, optimizer.param_groups[0]["lr"])
     _attach_tensorboard(trainer, run_dir, optimizer)
     return clock
-
 
 def _attach_tensorboard(trainer: Engine, run_dir: Path, optimizer: torch.optim.Optimizer) -> None:
     """TensorBoard logging when a backend is installed; never required."""
@@ -343,19 +360,28 @@ def _attach_tensorboard(trainer: Engine, run_dir: Path, optimizer: torch.optim.O
     trainer.add_event_handler(Events.COMPLETED, lambda _: tb.close())
 
 
-def start_run(config: dict, val_size: int):
-    """The prologue of every trainer: run folder, logging, seed, device, data.
+@dataclass
+class RunStart:
+    """What every trainer starts from (see :func:`start_run`)."""
 
-    Returns ``(run_dir, resume_checkpoint, device, train_set, val_set, train_loader)``, the
-    validation set cut to a fixed subset of ``val_size`` galaxies.
-    """
-    run_dir, resume = prepare_run(config)
+    run_dir: Path
+    resume: Path | None
+    device: torch.device
+    train_set: SpectraDataset
+    val_set: SpectraDataset
+    loader: Any
+
+
+def start_run(config: dict, val_size: int, kind: str) -> RunStart:
+    """The prologue of every trainer: run folder, logging, seed, device, data; the validation set
+    cut to a fixed subset of ``val_size`` galaxies."""
+    run_dir, resume = prepare_run(config, kind)
     setup_logging(run_dir)
     manual_seed(config["run"]["seed"] + idist.get_rank())
     survey = load_survey(config)
     train_set, val_set = datasets(config, survey)
     val_set = subset(val_set, val_size, seed=config["run"]["seed"])
-    return run_dir, resume, idist.device(), train_set, val_set, train_loader(config, train_set)
+    return RunStart(run_dir, resume, idist.device(), train_set, val_set, train_loader(config, train_set))
 
 
 def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
@@ -375,8 +401,9 @@ def run_training(trainer: Engine, loader, config: dict) -> None:
     state = trainer.state
     if state.iteration:  # resumed: the configured budget decides, whatever the checkpoint's was
         if (max_iters and state.iteration >= max_iters) or (max_epochs and state.epoch >= max_epochs):
-            logger.info("checkpoint is already at iteration %d (epoch %d): nothing left to train",
-                        state.iteration, state.epoch)
+            logger.info("checkpoint is already at iteration %d (epoch %d): nothing left to train; finishing the "
+                        "run (validation, metrics.json)", state.iteration, state.epoch)
+            trainer.fire_event(Events.COMPLETED)
             return
         state.max_iters, state.max_epochs = max_iters, max_epochs
         trainer.run(loader)

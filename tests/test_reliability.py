@@ -1,0 +1,256 @@
+"""Faults injected into training runs: kills around checkpoints, NaN, resume, stale files, bad
+resume targets, bad configuration values, a foreign ``<root>.partial``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from conftest import ROOT
+from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
+                               SafeDiskSaver, find_checkpoint, read_checkpoint, read_index)
+from utils.config import ConfigError, load_config
+from utils.training import attach_training, prepare_run, run_training
+
+CONTRASTIVE = ROOT / "params_contrastive.yml"
+EPOCH = 4  # iterations per epoch of the toy runs
+
+
+def toy_run(run_dir: Path, overrides: list[str], *, resume: Path | None = None, losses=None, scores=None,
+            max_iters: int = 12):
+    """A toy trainer on the project's wiring: a linear model, 4 iterations per epoch, learning-rate
+    decay 0.5 per epoch. ``losses``/``scores`` override the training loss and validation score by
+    iteration. Returns (trainer, model, optimizer)."""
+    config = load_config(CONTRASTIVE, ["train.lr=1.0", "train.lr_decay=0.5", f"train.max_iters={max_iters}",
+                                       "run.checkpoint_every=2", "val.every=2", *overrides])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    data = [torch.randn(8, 3) for _ in range(EPOCH)]
+
+    def step(engine, x):
+        loss = model(x).square().mean() * 1e-3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if losses and engine.state.iteration in losses:
+            with torch.no_grad():
+                model.weight.fill_(losses[engine.state.iteration])
+            return losses[engine.state.iteration]
+        return loss.item()
+
+    def validate(engine):
+        score = (scores or {}).get(engine.state.iteration, 1.0 / engine.state.iteration)
+        return {"loss": score}
+
+    trainer = Engine(step)
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    attach_training(trainer, config=config, kind="contrastive", run_dir=run_dir, optimizer=opt,
+                    to_save={"model": model, "optimizer": opt}, validate=validate, best_key="loss",
+                    resume_from=resume, epoch_length=EPOCH)
+    return trainer, model, opt, data, config
+
+
+def checkpoint_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
+
+
+def test_resume_from_end_of_epoch_checkpoint_keeps_the_lr_schedule(tmp_path):
+    """Killed right after the checkpoint at the end of epoch 2, resumed: the final learning rate,
+    weights and iteration are those of an uninterrupted run."""
+    whole, model_a, opt_a, data, config = toy_run(tmp_path / "a", [])
+    run_training(whole, data, config)
+    killed, _, _, data, config = toy_run(tmp_path / "b", [], max_iters=8)
+    run_training(killed, data, config)
+    (tmp_path / "b" / "metrics.json").unlink()  # as if killed before the end
+    ckpt = tmp_path / "b" / CHECKPOINT_DIR / "latest_checkpoint_8.pt"
+    assert read_checkpoint(ckpt)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.25)
+    resumed, model_b, opt_b, data, config = toy_run(tmp_path / "b", [], resume=ckpt)
+    run_training(resumed, data, config)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(opt_a.param_groups[0]["lr"]) == pytest.approx(0.125)
+    assert resumed.state.iteration == whole.state.iteration == 12
+    assert torch.allclose(model_a.weight, model_b.weight)
+
+
+def test_run_killed_after_its_last_checkpoint_is_finished_by_resume(tmp_path):
+    trainer, _, _, data, config = toy_run(tmp_path, [], max_iters=4)
+    run_training(trainer, data, config)
+    (tmp_path / "metrics.json").unlink()
+    resumed, _, _, data, config = toy_run(tmp_path, [], resume=tmp_path / CHECKPOINT_DIR / "latest_checkpoint_4.pt",
+                                          max_iters=4)
+    run_training(resumed, data, config)
+    assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 4
+
+
+def test_old_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
+    """The 'latest' file is replaced only once the new one is complete: a save that dies leaves
+    the previous checkpoint, loadable, and no temporary file after the next start."""
+    trainer, _, _, data, config = toy_run(tmp_path, [], max_iters=8)
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # latest at iteration 4 (after latest 2 and the two best saves)
+            f.write(b"partial")
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(trainer, data, config)
+    monkeypatch.undo()
+    assert "latest_checkpoint_2.pt" in checkpoint_files(tmp_path)
+    assert read_checkpoint(tmp_path / CHECKPOINT_DIR / "latest_checkpoint_2.pt")["trainer"]["iteration"] == 2
+    (tmp_path / CHECKPOINT_DIR / "tmpkilled").write_bytes(b"left by a kill -9")
+    config["run"]["resume"] = str(tmp_path)
+    config["run"]["out_dir"] = str(tmp_path.parent)
+    (tmp_path / "config.yml").write_text("")
+    prepare_run(config, "contrastive")
+    assert not (tmp_path / CHECKPOINT_DIR / "tmpkilled").exists()
+
+
+def test_resumed_runs_do_not_pile_up_checkpoints(tmp_path):
+    trainer, _, _, data, config = toy_run(tmp_path, [], max_iters=6)
+    run_training(trainer, data, config)
+    for stop in (10, 14):
+        resumed, _, _, data, config = toy_run(tmp_path, [], resume=find_checkpoint(tmp_path), max_iters=stop)
+        run_training(resumed, data, config)
+    files = checkpoint_files(tmp_path)
+    assert [f for f in files if f.startswith("latest")] == ["latest_checkpoint_14.pt"]
+    assert len([f for f in files if f.startswith("best")]) == 2
+    assert set(read_index(tmp_path / CHECKPOINT_DIR)) == set(files)
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_finite_checkpoint(tmp_path):
+    trainer, _, _, data, config = toy_run(tmp_path, [], losses={5: float("nan")})
+    with pytest.raises(NonFiniteError, match="training loss is nan at iteration 5"):
+        run_training(trainer, data, config)
+    files = checkpoint_files(tmp_path)
+    assert "latest_checkpoint_4.pt" in files and not (tmp_path / "metrics.json").exists()
+    for name in files:
+        state = read_checkpoint(tmp_path / CHECKPOINT_DIR / name)
+        assert torch.isfinite(state["model"]["weight"]).all()
+
+
+def test_nan_validation_stops_and_is_never_best(tmp_path):
+    trainer, _, _, data, config = toy_run(tmp_path, [], scores={2: 2.0, 4: 1.0, 6: float("nan")})
+    with pytest.raises(NonFiniteError, match="validation loss is nan at iteration 6"):
+        run_training(trainer, data, config)
+    best = sorted(f for f in checkpoint_files(tmp_path) if f.startswith("best"))
+    assert best == ["best_checkpoint_2_neg_loss=-2.0000.pt", "best_checkpoint_4_neg_loss=-1.0000.pt"]
+    json.loads((tmp_path / CHECKPOINT_DIR / INDEX_FILE).read_text())  # valid JSON
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    saver = SafeDiskSaver(tmp_path)
+    saver({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 1}}, "latest_checkpoint_1.pt")
+    saver.remove("latest_checkpoint_1.pt")
+    with pytest.raises(NonFiniteError, match="model.w"):
+        saver({"model": {"w": torch.tensor([1.0, float("inf")])}, "trainer": {"iteration": 2}}, "latest_checkpoint_2.pt")
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["latest_checkpoint_1.pt"]
+
+
+def test_bad_resume_targets_are_rejected_before_anything_is_written(tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "flux.npy").write_bytes(b"\x93NUMPY")
+    foreign = dataset / "weights.pt"
+    torch.save({"model": {}}, foreign)
+    run = tmp_path / "run"
+    (run / CHECKPOINT_DIR).mkdir(parents=True)
+    (run / "config.yml").write_text("")
+    other_kind = run / CHECKPOINT_DIR / "latest_checkpoint_1.pt"
+    torch.save({RUN_INFO_KEY: {"kind": "contrastive", "config": {}}}, other_kind)
+    config = load_config(ROOT / "params_generative.yml", [])
+    for target, message in ((dataset / "flux.npy", "cannot be read"), (foreign, "not written by this project"),
+                            (other_kind, "is a contrastive checkpoint, expected a generative one")):
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        config["run"]["resume"] = str(target)
+        with pytest.raises(CheckpointError, match=message):
+            prepare_run(config, "generative")
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_iters=-5", "expected >= 0"), ("train.batch_size=0", "at least 1"), ("train.lr=nan", "> 0"),
+    ("val.every=0", "at least 1"), ("data.downsample=-2", "at least 1"), ("model.spectrum_mults=[1, 0]", "at least 1"),
+    ("train.lr_decay=0", "in (0, 1]"), ("train.temperature=0", "> 0"), ("run.checkpoint_every=0", "at least 1"),
+])
+def test_out_of_range_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(CONTRASTIVE, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.top_k=0", "at least 1"), ("sampling.split=everything", "one of 'train', 'val', 'test'"),
+    ("sampling.top_k=30", "at most sampling.n_samples"), ("model.attn_levels=[5]", "1..4"),
+    ("train.ema_decay=1", "in [0, 1)"), ("sampling.n_samples=0", "at least 1"),
+])
+def test_generative_out_of_range_values_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(ROOT / "params_generative.yml", [override])
+
+
+def test_a_foreign_partial_folder_is_never_deleted(tmp_path):
+    import numpy as np
+
+    from utils.dataset import DataError, DatasetWriter
+
+    mine = tmp_path / "survey.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own files")
+    with pytest.raises(DataError, match="was not left by an interrupted dataset write"):
+        DatasetWriter(tmp_path / "survey", 4, np.arange(10.0))
+    assert (mine / "notes.txt").read_text() == "the user's own files"
+    DatasetWriter(tmp_path / "other", 4, np.arange(10.0))  # interrupted: redone without asking
+    assert DatasetWriter(tmp_path / "other", 4, np.arange(10.0)).tmp.is_dir()
+
+
+def test_nan_embeddings_rank_last_not_first():
+    from models.contrastive import retrieval_metrics
+
+    z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    perfect = retrieval_metrics(z, z, 8)
+    broken = retrieval_metrics(torch.full((8, 4), float("nan")), z, 8)
+    assert perfect["top1_batch"] == 1.0 and broken["top1_batch"] == 0.0 and broken["median_rank"] == 8
+
+
+def _distributed_worker(local_rank: int, out_dir: str) -> None:
+    """One rank of a 2-process gloo run of the project's wiring on a 16-item dataset."""
+    import ignite.distributed as idist
+    from torch.utils.data import TensorDataset
+
+    from utils.training import TrainClock, attach_sampler_epochs, create_validation, train_loader
+
+    config = load_config(CONTRASTIVE, ["train.batch_size=4", "data.num_workers=0"])
+    loader = train_loader(config, TensorDataset(torch.arange(16)))
+    trainer = Engine(lambda engine, batch: batch[0].tolist())
+    seen: dict[int, list[int]] = {}
+    calls = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: seen.setdefault(e.state.epoch, []).extend(e.state.output))
+    attach_sampler_epochs(trainer, loader)
+    model = torch.nn.Linear(1, 1)
+    validation = create_validation(trainer, validate=lambda e: calls.append(1) or {"loss": 0.5 + idist.get_rank()},
+                                   clock=TrainClock(), best=None, best_key="loss",
+                                   optimizer=torch.optim.SGD(model.parameters(), 0.1), every=1, max_fraction=1.0)
+    trainer.run(loader, max_epochs=3)
+    validation(trainer)
+    result = {"seen": seen, "calls": len(calls), "val": trainer.state.val_metrics["loss"]}
+    Path(out_dir, f"rank{idist.get_rank()}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_torchrun_reshuffles_every_epoch_and_validates_once(tmp_path):
+    import ignite.distributed as idist
+
+    with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=29533) as parallel:
+        parallel.run(_distributed_worker, str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in ("1", "2", "3"):  # like one process: every epoch is a permutation of the dataset
+        assert sorted(ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]) == list(range(16))
+    assert ranks[0]["seen"]["1"] != ranks[0]["seen"]["2"] != ranks[0]["seen"]["3"]
+    assert [r["calls"] for r in ranks] == [1, 0] and ranks[0]["val"] == ranks[1]["val"] == 0.5

@@ -1,0 +1,229 @@
+"""Run folders and checkpoints: how they are written, found and read.
+
+Every checkpoint is written atomically by :class:`SafeDiskSaver` (temporary file, then rename);
+a checkpoint it replaces is deleted only after the new one is complete, so at every instant at
+least one complete checkpoint exists; a checkpoint with a non-finite tensor is never written.
+Every checkpoint carries a :class:`RunInfo` entry (the trainer's kind and its resolved
+configuration), so a checkpoint file is usable alone. ``checkpoints/index.json``, rewritten
+atomically after every save and removal, lists the files with their prefix, iteration and score:
+resumed runs adopt it (no pile-up of old files) and generate.py picks the best checkpoint from it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ignite.handlers import Checkpoint, DiskSaver
+
+from utils.config import UserError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_PREFIX = "latest"
+BEST_PREFIX = "best"
+INDEX_FILE = "index.json"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yml"
+#: the checkpoint entry that says which trainer wrote it, with its configuration
+RUN_INFO_KEY = "run_info"
+#: what each kind of run saves as its sampling weights
+WEIGHTS_KEY = {"contrastive": "model", "generative": "ema_model"}
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, of the wrong kind or does not fit the model."""
+
+
+class NonFiniteError(UserError):
+    """A non-finite loss, score or weight: the run stops, finite checkpoints are kept."""
+
+
+class RunInfo:
+    """The trainer's kind and resolved configuration, saved in every checkpoint.
+
+    Loading it checks the kind: a contrastive checkpoint cannot resume a diffusion run.
+    """
+
+    def __init__(self, kind: str, config: dict) -> None:
+        self.kind, self.config = kind, config
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "config": self.config}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("kind") != self.kind:
+            raise CheckpointError(f"the checkpoint was written by the {state.get('kind')} trainer, not the "
+                                  f"{self.kind} one")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by None (valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temporary file, then rename); non-finite floats become null."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(json_safe(data), handle, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def _non_finite(obj: Any, where: str = "") -> str | None:
+    """The name of the first floating tensor of ``obj`` that holds NaN or inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            found = _non_finite(value, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    return None
+
+
+class SafeDiskSaver(DiskSaver):
+    """Ignite's atomic ``DiskSaver`` that (1) refuses checkpoints with non-finite tensors, (2)
+    deletes the files it is asked to remove only after the next checkpoint is complete, and (3)
+    keeps ``index.json`` up to date."""
+
+    def __init__(self, dirname: Path) -> None:
+        super().__init__(dirname, require_empty=False, atomic=True, create_dir=True)
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        bad = _non_finite(checkpoint)
+        if bad:
+            raise NonFiniteError(f"'{bad}' holds NaN or inf: checkpoint {filename} not written; the finite "
+                                 f"checkpoints in '{self.dirname}' are kept")
+        super().__call__(checkpoint, filename, metadata)
+        pending, self._pending = [f for f in self._pending if f != filename], []
+        for name in pending:
+            (Path(self.dirname) / name).unlink(missing_ok=True)
+        info = checkpoint.get(RUN_INFO_KEY, {}) if isinstance(checkpoint, Mapping) else {}
+        trainer = checkpoint.get("trainer", {}) if isinstance(checkpoint, Mapping) else {}
+        index = read_index(Path(self.dirname))
+        for name in pending:
+            index.pop(name, None)
+        index[filename] = {"prefix": (metadata or {}).get("basename", "").split("_")[0],
+                           "priority": (metadata or {}).get("priority"), "iteration": trainer.get("iteration"),
+                           "kind": info.get("kind")}
+        write_json(Path(self.dirname) / INDEX_FILE, index)
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)
+
+
+def read_index(folder: Path) -> dict[str, dict]:
+    """``{filename: {prefix, priority, iteration, kind}}`` for the checkpoints in ``folder`` that exist."""
+    path = folder / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: entry for name, entry in index.items() if (folder / name).is_file()} if isinstance(index, dict) else {}
+
+
+def sweep_stale_files(folder: Path) -> list[str]:
+    """Delete temporary files that a killed save left in a checkpoint folder; returns their names.
+    Only names Ignite's atomic saver and :func:`write_json` create are touched."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_file() and ((path.name.startswith("tmp") and not path.suffix == ".pt")
+                                   or (path.name.startswith(f".{INDEX_FILE}.") and path.suffix == ".tmp")):
+                path.unlink()
+                removed.append(path.name)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), folder)
+    return removed
+
+
+def adopt_saved(handler: Checkpoint, folder: Path, prefix: str) -> None:
+    """Let a fresh Ignite ``Checkpoint`` manage the files of ``prefix`` that the resumed run left,
+    so that it deletes them in turn instead of piling up new ones beside them."""
+    entries = [(e["priority"], name) for name, e in read_index(folder).items()
+               if e.get("prefix") == prefix and isinstance(e.get("priority"), (int, float))]
+    handler.load_state_dict({key: sorted(entries) for key in handler.state_dict()})
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest 'latest' (else best) checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint or run folder '{path}' does not exist")
+    folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    index = read_index(folder)
+    for prefix in (LATEST_PREFIX, BEST_PREFIX):
+        found = [(e.get("iteration") or 0, name) for name, e in index.items() if e.get("prefix") == prefix]
+        if found:
+            return folder / max(found)[1]
+    for prefix in (LATEST_PREFIX, BEST_PREFIX):  # a folder without index: newest file
+        files = sorted(folder.glob(f"{prefix}_*.pt"), key=lambda p: p.stat().st_mtime)
+        if files:
+            return files[-1]
+    raise CheckpointError(f"no checkpoint (*.pt) found in '{folder}'")
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The run's best checkpoint by its validation score (from index.json), else its latest."""
+    folder = run / CHECKPOINT_DIR
+    best = [(e["priority"], name) for name, e in read_index(folder).items()
+            if e.get("prefix") == BEST_PREFIX and isinstance(e.get("priority"), (int, float))]
+    return folder / max(best)[1] if best else find_checkpoint(run)
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
+
+
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise CheckpointError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{what} '{path}' is not a checkpoint dictionary")
+    return state
+
+
+def checkpoint_kind(state: dict, path: Path, kind: str, what: str) -> dict:
+    """The run configuration saved in ``state``, after checking that the ``kind`` trainer wrote it."""
+    info = state.get(RUN_INFO_KEY)
+    if not isinstance(info, dict) or "kind" not in info:
+        raise CheckpointError(f"{what} '{path}' was not written by this project's trainers (no {RUN_INFO_KEY})")
+    if info["kind"] != kind:
+        raise CheckpointError(f"{what} '{path}' is a {info['kind']} checkpoint, expected a {kind} one")
+    return info["config"]
+
+
+def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
+    """Restore every object of ``to_load`` from ``path`` with errors a user can act on."""
+    state = read_checkpoint(path)
+    missing = [k for k in to_load if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)}: it was written by another "
+                              f"trainer or an older version")
+    try:
+        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint '{path}': {err}") from None
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint '{path}' does not fit this configuration (different model "
+                              f"settings?): {first}") from None
