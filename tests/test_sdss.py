@@ -2,6 +2,7 @@
 SQL service, and synthetic spec files."""
 from __future__ import annotations
 
+import gzip
 import io
 import socket
 import threading
@@ -54,7 +55,8 @@ def jpeg_bytes(size: int = 64, seed: int = 0) -> bytes:
 # --------------------------------------------------------------------------------------------
 class FaultyServer:
     """Serves ``files`` (path -> bytes). ``faults[path]`` is a list of faults consumed one per
-    request: 503, 429, 'truncate', 'stall'; 404 for unknown paths."""
+    request: 503, 429, 'truncate', 'stall', 'redirect-loop', 'gzip' (a correct gzip-encoded
+    response), 'bad-gzip' (declared gzip, undecodable); 404 for unknown paths."""
 
     def __init__(self, files: dict[str, bytes], faults: dict[str, list] | None = None) -> None:
         self.files = files
@@ -84,6 +86,19 @@ class FaultyServer:
                     return
                 if fault == "stall":
                     time.sleep(1.5)
+                if fault == "redirect-loop":
+                    self.send_response(302)
+                    self.send_header("Location", self.path)
+                    self.end_headers()
+                    return
+                if fault in ("gzip", "bad-gzip"):
+                    body = gzip.compress(body) if fault == "gzip" else b"\x1f\x8b not gzip at all" * 10
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -322,3 +337,38 @@ def test_ugriz_cutouts_share_each_frame(tmp_path):
     peak = np.unravel_index(np.argmax(cut[2]), cut[2].shape)
     assert abs(peak[0] - 32) <= 2 and abs(peak[1] - 32) <= 2  # the source sits at the requested position
     assert np.allclose(cut.max((1, 2)), np.arange(1, 6), rtol=0.05)  # nanomaggies of each band kept
+
+
+def test_compression_redirects_and_stale_partial_files(tmp_path):
+    """A gzip response is checked against its compressed length and kept; a redirect loop and an
+    undecodable body become listed failures, not tracebacks; a kill's partial files are swept."""
+    files = {f"/spec/{i}.fits": spec_bytes(*good_spectrum(i)) for i in range(3)}
+    faults = {"/spec/0.fits": ["gzip"], "/spec/1.fits": ["redirect-loop"] * 100, "/spec/2.fits": ["bad-gzip"] * 10}
+    stale = tmp_path / ".0.fits.999.1.part"
+    stale.write_bytes(b"left by kill -9")
+    with FaultyServer(files, faults) as server:
+        tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / f"{i}.fits", valid_spectrum) for i in range(3)]
+        report = fast_downloader(retries=1).run(tasks, tmp_path / "failures.csv")
+    assert report.fetched == 1 and valid_spectrum(tmp_path / "0.fits") is None
+    assert "TooManyRedirects" in report.failures["1"] and "ContentDecodingError" in report.failures["2"]
+    assert not stale.exists() and not list(tmp_path.glob(".*.part"))
+    assert (tmp_path / "failures.csv").read_text().count("\n") == 3  # header + 2 failures
+
+
+def test_silent_server_stops_the_run_in_bounded_time(tmp_path):
+    """A server that accepts connections but never answers (time-outs, not refusals) stops the
+    run with one line after a bounded time; files fetched before are kept."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # never accepted: every request times out
+        port = silent.getsockname()[1]
+        (tmp_path / "kept.fits").write_bytes(spec_bytes(*good_spectrum(0)))
+        tasks = [Task("kept", f"http://127.0.0.1:{port}/kept", tmp_path / "kept.fits", valid_spectrum)]
+        tasks += [Task(str(i), f"http://127.0.0.1:{port}/{i}", tmp_path / f"{i}.fits", valid_spectrum)
+                  for i in range(40)]
+        start = time.perf_counter()
+        with pytest.raises(NetworkUnreachable, match=f"cannot connect to 127.0.0.1:{port}: it stopped answering"):
+            fast_downloader(timeout=0.2, retries=1).run(tasks, tmp_path / "failures.csv")
+        elapsed = time.perf_counter() - start
+    assert elapsed < 10 and valid_spectrum(tmp_path / "kept.fits") is None
+    assert "Timeout" in (tmp_path / "failures.csv").read_text()

@@ -338,6 +338,8 @@ class Downloader:
         with ThreadPoolExecutor(self.workers) as pool:
             futures = {pool.submit(self.fetch, task): task for task in todo}
             for future in as_completed(futures):
+                if future.cancelled():  # after the server was taken for unreachable
+                    continue
                 task, reason = futures[future], future.result()
                 if reason is None:
                     report.fetched += 1
