@@ -1,7 +1,6 @@
 """Benchmark: the research code's way of generating spectra against this project's fast path.
 
     python bench/generate_speed.py [--galaxies 48] [--loop-galaxies 1] [--fast ddim:10:0,ddim:25:1]
-                                   [--skip-paper-step]
 
 (a) research-code way: 250-step ancestral sampling, one sample per call in a Python loop, the
     image encoder recomputed at every step, fp32;
@@ -14,9 +13,9 @@ The loop of (a) is timed on ``--loop-galaxies`` galaxies (it is slow); its contr
 measured on all ``--galaxies`` with the batched implementation of the same 250-step ancestral
 sampler (given the same random draws it returns the same spectra:
 tests/test_generate.py::test_research_loop_matches_batched_ddpm). Each fast path's contrastive
-MSE is compared with it galaxy by galaxy (change and standard error of the change). Also times
-one training step of the paper-size denoiser (SPEC 7: batch 16, 3598 pixels) in fp32 and bf16,
-and reports the share of training time the last generative run spent in validation.
+MSE is compared with it galaxy by galaxy (change and standard error of the change). Also reports
+the share of training time the last generative run spent in validation. The paper-size
+denoiser's step times are bench/paper_speed.py's.
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generate import PARAMS, build_models, find_models, load_trained, score  # noqa: E402
 from models.samplers import SAMPLERS  # noqa: E402
-from models.unet import ConditionalUNet1D  # noqa: E402
 from train_generative import sample_for_images  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
@@ -62,27 +60,6 @@ def research_loop(model, diffusion, image: torch.Tensor, n: int, generator: torc
             x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
         out.append(x[0, 0])
     return torch.stack(out)
-
-
-def paper_step(device: torch.device, precision: str, repeats: int) -> float:
-    """Seconds per training step of the paper-size denoiser (batch 16, 3598 pixels)."""
-    model = ConditionalUNet1D(3598).to(device)
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
-    x = torch.randn(16, 1, 3598, device=device)
-    images = torch.randn(16, 3, 64, 64, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        t = torch.randint(0, 250, (16,), device=device)
-        sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = (model(x, t, images=images).float() - x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
 
 
 def parse_fast(spec: str, defaults: dict) -> list[dict]:
@@ -115,11 +92,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=25)
     parser.add_argument("--fast", default="", help="fast-path settings 'sampler:steps:eta,...' (default: the "
                         "sampling section of the diffusion model's own run config)")
-    parser.add_argument("--skip-paper-step", action="store_true")
-    parser.add_argument("--paper-repeats", type=int, default=3)
-    parser.add_argument("--paper-precisions", default=None,
-                        help="comma-separated; default fp32,bf16 on CUDA and fp32 on a CPU, where bf16 without "
-                             "hardware support did not finish one paper-size step in 6 minutes")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
 
@@ -194,12 +166,6 @@ def main() -> None:
         del row["per_galaxy"]
     results["rows"] = rows
 
-    if not args.skip_paper_step:
-        results["paper_step_seconds"] = {}
-        precisions = args.paper_precisions or ("fp32,bf16" if device.type == "cuda" else "fp32")
-        for precision in precisions.split(","):
-            results["paper_step_seconds"][precision] = paper_step(device, precision, args.paper_repeats)
-            print(f"paper-size step {precision}: {results['paper_step_seconds'][precision]:.3f} s", flush=True)
     run_dir = gen_path.parent.parent
     if (run_dir / "metrics.json").exists():
         results["val_time_fraction"] = json.loads((run_dir / "metrics.json").read_text()).get("val_time_fraction")
@@ -216,9 +182,6 @@ def main() -> None:
     print("target (>= 10x the research loop, contrastive MSE at most 5% worse): " +
           ("met by " + ", ".join(f"{r['sampler']} {r['steps']}" for r in rows if r["meets_target"])
            if any(r["meets_target"] for r in rows) else "not met"))
-    if "paper_step_seconds" in results:
-        print("paper-size denoiser training step (batch 16, 3598 px): " +
-              ", ".join(f"{k} {v:.3f} s" for k, v in results["paper_step_seconds"].items()))
     if results.get("val_time_fraction") is not None:
         print(f"validation share of training time in {run_dir.name}: {100 * results['val_time_fraction']:.1f}%")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -288,7 +288,7 @@ def test_tiny_model_overfits_a_few_spectra():
 
     before = eval_loss()
     opt = torch.optim.Adam(net.parameters(), 2e-3)
-    for _ in range(400):
+    for _ in range(300):  # measured: loss / 12.8 at 300 steps, / 14 at 400
         net.train()
         loss = d.training_loss(net, x0.repeat(8, 1, 1), images=images.repeat(8, 1, 1, 1))
         opt.zero_grad()

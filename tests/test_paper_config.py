@@ -17,8 +17,8 @@ DATA = ["data.source=folder", "data.num_workers=0"]
 def test_paper_configuration_trains_and_generates(tiny_mock, tmp_path):
     runs = tmp_path / "runs"
     contrastive = run_script("train_contrastive.py", [
-        f"data.root={tiny_mock}", *DATA, "train.batch_size=4", "val.batch_size=4", "val.every=2",
-        "run.checkpoint_every=2", "train.max_iters=2", f"run.out_dir={runs / 'contrastive'}"], timeout=300)
+        f"data.root={tiny_mock}", *DATA, "train.batch_size=4", "val.batch_size=4", "val.every=1",
+        "run.checkpoint_every=1", "train.max_iters=1", f"run.out_dir={runs / 'contrastive'}"], timeout=300)
     assert contrastive.returncode == 0, contrastive.stderr[-3000:]
     generative = run_script("train_generative.py", [
         f"data.root={tiny_mock}", *DATA, "val.every=2", "val.n_objects=2", "val.n_samples=2", "val.steps=2",

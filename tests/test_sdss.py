@@ -293,6 +293,59 @@ def test_prepare_writes_dataset_and_report(tmp_path):
         prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
 
 
+def _mirror(tmp_path, n: int = 3, with_specobjid: bool = True):
+    """A tiny local mirror: SAS-named spectra, images named by (derived) specObjID, a catalog."""
+    from utils.prepare import spec_obj_id
+
+    rng = np.random.default_rng(2)
+    plate, mjd, fiber = np.full(n, 266), np.full(n, 51602), np.arange(n) + 1
+    ids = spec_obj_id(plate, mjd, fiber)
+    cat = Table({"plate": plate, "mjd": mjd, "fiberID": fiber, "ra": rng.uniform(0, 10, n),
+                 "dec": rng.uniform(0, 10, n), "z": rng.uniform(0.02, 0.2, n),
+                 **{f"cModelMag_{b}": rng.uniform(15, 18, n) for b in "ugriz"}})
+    if with_specobjid:
+        cat["specObjID"] = ids
+    for folder in ("spectra", "images"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    for i in range(n):
+        (tmp_path / "spectra" / f"spec-0266-51602-{i + 1:04d}.fits").write_bytes(spec_bytes(*good_spectrum(i)))
+        (tmp_path / "images" / f"{ids[i]}.jpg").write_bytes(jpeg_bytes(seed=i))
+    return cat, ids
+
+
+def test_prepare_accepts_a_plate_mjd_fiber_catalog(tmp_path):
+    cat, ids = _mirror(tmp_path, with_specobjid=False)
+    cat.write(tmp_path / "catalog.fits")
+    out = prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
+    assert sorted(np.asarray(open_survey(out).catalog["objid"])) == sorted(ids.tolist())
+    assert (ids[0] >> 50) == 266 and ((ids[0] >> 38) & 0xFFF) == 1  # the specObjID bit layout
+
+
+def test_prepare_checks_the_catalog_first_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
+    from utils import prepare as prep
+    from utils.config import UserError
+
+    cat, _ = _mirror(tmp_path)
+    cat.remove_columns(["cModelMag_r", "z"])
+    cat.write(tmp_path / "bad.fits")
+    calls = []
+    monkeypatch.setattr(prep, "read_spec", lambda path: calls.append(path))
+    with pytest.raises(UserError, match=r"lacks the column\(s\) z, cModelMag_r"):
+        prepare(tmp_path / "bad.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
+    assert calls == [] and not list(tmp_path.glob("ds*"))  # nothing read, nothing written
+    monkeypatch.undo()
+    good, _ = _mirror(tmp_path)
+    good.write(tmp_path / "catalog.fits")
+
+    def dying_finish(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed while finishing")
+
+    monkeypatch.setattr(prep.DatasetWriter, "finish", dying_finish)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
+    assert not list(tmp_path.glob("ds*"))  # no ds.staging, no ds.partial
+
+
 @pytest.mark.network
 def test_live_sdss_query(tmp_path):
     try:

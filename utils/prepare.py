@@ -4,7 +4,9 @@
         --images data/sdss/images --out data/sdss/dataset [--grid apj] [--ugriz DIR]
 
 Works on downloaded files and on a local SAS mirror (``--spectra`` may hold files named
-``<specObjID>.fits`` or ``spec-PPPP-MMMMM-FFFF.fits``). Objects are processed in chunks; a
+``<specObjID>.fits`` or ``spec-PPPP-MMMMM-FFFF.fits``; a catalog without specObjID but with
+plate, mjd and fiberID is identified by those). The catalog is checked before any work; a
+failure leaves no staging or partial folder behind. Objects are processed in chunks; a
 100,000-object run never holds more than one chunk of spectra in memory. Every dropped object
 is written with its reason to ``<out>.dropped.csv``.
 """
@@ -25,13 +27,42 @@ from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
 from utils.config import UserError
-from utils.dataset import BANDS, DatasetWriter, assign_split
+from utils.dataset import BANDS, PARTIAL_MARKER, DatasetWriter, assign_split
 from utils.sdss import cutout_path, jpeg_path, spectrum_path
 from utils.spectra import APJ_SMOOTH_SIGMA, APJ_WAVE_STEP, LOGLAM_STEP, apj_wave, neurips_loglam
 
 logger = logging.getLogger(__name__)
 GRIDS = ("neurips", "apj")
 CHUNK = 1000
+#: catalog columns preparation needs, besides an object identity (specObjID, or plate/mjd/fiberID)
+NEEDED_COLUMNS = ("ra", "dec", "z", *(f"cModelMag_{b}" for b in BANDS))
+PLATE_COLUMNS = ("plate", "mjd", "fiberID")
+
+
+def spec_obj_id(plate: np.ndarray, mjd: np.ndarray, fiber: np.ndarray) -> np.ndarray:
+    """SDSS specObjID bits from plate, MJD and fibre (plate << 50 | fiber << 38 | (mjd - 50000)
+    << 24), with the run2d bits left 0: a stable identity for catalogs without specObjID."""
+    plate, mjd, fiber = (np.asarray(a, dtype=np.int64) for a in (plate, mjd, fiber))
+    return (plate << 50) | (fiber << 38) | ((mjd - 50000) << 24)
+
+
+def check_catalog(catalog: Table, path: Path) -> Table:
+    """The catalog with a ``specObjID`` column, or a :class:`UserError` naming what is missing,
+    before any work is done."""
+    missing = [c for c in NEEDED_COLUMNS if c not in catalog.colnames]
+    has_plate = all(c in catalog.colnames for c in PLATE_COLUMNS)
+    if "specObjID" not in catalog.colnames and not has_plate:
+        missing.append("specObjID (or plate, mjd and fiberID)")
+    if missing:
+        raise UserError(f"catalog '{path}' lacks the column(s) {', '.join(missing)}; it has "
+                        f"{', '.join(catalog.colnames) or 'none'}")
+    if len(catalog) == 0:
+        raise UserError(f"catalog '{path}' has no rows")
+    if "specObjID" not in catalog.colnames:
+        catalog = catalog.copy(copy_data=False)
+        catalog["specObjID"] = spec_obj_id(catalog["plate"], catalog["mjd"], catalog["fiberID"])
+        logger.info("catalog has no specObjID: objects identified by plate, mjd and fiberID")
+    return catalog
 
 
 def read_spec(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,10 +142,27 @@ def prepare(catalog_path: str | Path, spectra_dir: str | Path, images_dir: str |
         raise UserError("give --images (gri JPEG cutouts) and/or --ugriz (5-band cutouts)")
     if out.exists():
         raise UserError(f"dataset folder '{out}' already exists; refusing to overwrite it")
-    catalog = Table.read(catalog_path)
+    try:
+        catalog = Table.read(catalog_path)
+    except Exception as err:  # not a table astropy can read
+        raise UserError(f"catalog '{catalog_path}' cannot be read as a table ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    catalog = check_catalog(catalog, catalog_path)
+    staging = out.with_name(out.name + ".staging")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        return _prepare(catalog, spectra_dir, images_dir, out, grid, ugriz_dir, chunk, staging)
+    except BaseException:  # leave nothing half-made behind: staging and the unfinished dataset are ours
+        shutil.rmtree(staging, ignore_errors=True)
+        if (partial / PARTIAL_MARKER).is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str, ugriz_dir, chunk: int,
+             staging: Path) -> Path:
     n = len(catalog)
     loglam = neurips_loglam() if grid == "neurips" else np.log10(apj_wave())
-    staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     mm = np.lib.format.open_memmap
