@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -24,137 +23,18 @@ from astropy.io import fits
 from astropy.table import Table
 from tqdm import tqdm
 
-from models.diffusion import GaussianDiffusion
-from train_contrastive import build_model as build_contrastive_model
-from train_generative import build_diffusion, build_model as build_generative_model, mean_spectrum, sample_for_images
-from utils.config import UserError, cli, load_config, save_config
-from utils.dataset import SpectraDataset, open_survey
+from utils.builders import GENERATIVE_PARAMS
+from utils.config import cli, load_config, save_config
+from utils.dataset import SpectraDataset
 from utils.evaluation import METRICS, evaluate, photometric_params
+from utils.generation import build_models, find_models, generation_set, mean_spectrum, sample_for_images, score
 from utils.plotting import plot_ranked
 from utils.runtime import keep_freed_memory
-from utils.checkpoints import (METRICS_FILE, WEIGHTS_KEY, CheckpointError, best_checkpoint, checkpoint_kind,
-                               find_checkpoint, read_checkpoint)
-from utils.training import load_survey, subset
+from utils.training import load_survey
 
-PARAMS = Path(__file__).resolve().with_name("params_generative.yml")
-CONTRASTIVE_RUNS = Path("runs/contrastive")
+PARAMS = GENERATIVE_PARAMS
 logger = logging.getLogger("generate")
-#: data settings that a trained model fixes and the data must share
-DATA_KEYS = ("image", "preprocessing", "downsample")
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
-
-
-def newest_finished_run(folder: Path, what: str) -> Path:
-    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
-    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
-                        f"or name a run folder or checkpoint in the config")
-    return runs[-1]
-
-
-def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path]:
-    """``(run config, weights, checkpoint path)`` of a trained model of ``kind``, from a run folder
-    (its best checkpoint, else its latest), a checkpoint file alone, or the newest finished run
-    in ``default_dir``. The configuration is the one saved in the checkpoint."""
-    run = Path(path) if path else newest_finished_run(default_dir, what)
-    checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
-    state = read_checkpoint(checkpoint, f"{what} checkpoint")
-    config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
-    return config, state[WEIGHTS_KEY[kind]], checkpoint
-
-
-def check_compatible(config: dict, gen_cfg: dict, con_cfg: dict, gen_path: Path, con_path: Path) -> None:
-    """Both models must have been trained on data prepared like the data we generate for."""
-    for key in DATA_KEYS:
-        values = {"this run": config["data"][key], f"diffusion model ({gen_path})": gen_cfg["data"][key],
-                  f"contrastive network ({con_path})": con_cfg["data"][key]}
-        if len(set(map(str, values.values()))) > 1:
-            shown = "; ".join(f"{k}: {v!r}" for k, v in values.items())
-            raise UserError(f"data.{key} differs between the models and the data ({shown}): the spectrum length, "
-                            f"bands and preprocessing must match")
-
-
-def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -> None:
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{what} checkpoint '{path}' does not fit the model built from its own configuration: "
-                              f"{str(err).splitlines()[0]}") from None
-
-
-@dataclass
-class TrainedPair:
-    """The two trained networks generate.py needs, with where they came from."""
-
-    gen_cfg: dict
-    con_cfg: dict
-    gen_path: Path
-    con_path: Path
-    gen_weights: dict
-    con_weights: dict
-    denoiser: torch.nn.Module | None = None
-    contrastive: torch.nn.Module | None = None
-    diffusion: GaussianDiffusion | None = None
-
-
-def find_models(config: dict) -> TrainedPair:
-    """Locate both trained models (config paths or newest finished runs) and check that they fit
-    the configured data."""
-    s = config["sampling"]
-    gen_cfg, gen_w, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]), "diffusion model",
-                                            "generative")
-    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
-                                            "contrastive")
-    check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
-    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
-
-
-def build_denoiser(config: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,
-                   device: torch.device) -> torch.nn.Module:
-    """The trained diffusion model from its run config and weights, on ``device``, in eval mode."""
-    model = build_generative_model(config, n_pixels, n_channels)
-    load_weights(model, weights, path, "diffusion model")
-    return model.to(device).eval()
-
-
-def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torch.device) -> TrainedPair:
-    """Build both networks from their own run configs, load the weights, move them to ``device``."""
-    pair.denoiser = build_denoiser(pair.gen_cfg, pair.gen_weights, pair.gen_path, n_pixels, n_channels, device)
-    pair.contrastive = build_contrastive_model({**pair.con_cfg, "model": {**pair.con_cfg["model"], "image_weights": None}},
-                                               n_channels)
-    load_weights(pair.contrastive, pair.con_weights, pair.con_path, "contrastive network")
-    pair.contrastive.to(device).eval()
-    pair.diffusion = build_diffusion(pair.gen_cfg)
-    return pair
-
-
-def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
-    """The galaxies to generate for and whether their true spectra are known."""
-    s, d = config["sampling"], config["data"]
-    if s["catalog"]:
-        images = open_survey(s["catalog"], check_values=False)
-        images.meta["image_stats"] = survey.meta["image_stats"]  # normalise like the training images
-        if len(images.loglam) != len(survey.loglam) or not np.allclose(images.loglam, survey.loglam):
-            raise UserError(f"sampling.catalog '{s['catalog']}' has a different wavelength grid from data.root")
-        known = bool(np.isfinite(np.asarray(images.flux)).all())
-        dataset = SpectraDataset(images, None, d["image"], d["preprocessing"], d["downsample"], train=False,
-                                 spectra=known)
-        return subset(dataset, s["max_objects"], seed=0), known
-    dataset = SpectraDataset(survey, s["split"], d["image"], d["preprocessing"], d["downsample"], train=False)
-    if len(dataset) == 0:
-        raise UserError(f"split '{s['split']}' of '{survey.root}' is empty")
-    return subset(dataset, s["max_objects"], seed=0), True
-
-
-@torch.no_grad()
-def score(contrastive, images: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity ``(G, N)`` of each galaxy's image to each of its N samples (batched)."""
-    g, n, length = samples.shape
-    z_image = contrastive.embed_images(images)  # (G, D), once per galaxy
-    z_spec = contrastive.embed_spectra(samples.reshape(g * n, 1, length)).reshape(g, n, -1)
-    return torch.einsum("gd,gnd->gn", z_image, z_spec)
 
 
 def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict) -> Path:

@@ -17,27 +17,16 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from models.contrastive import ContrastiveModel, build_contrastive, nt_xent, retrieval_metrics
-from utils.config import UserError, cli
+from models.contrastive import ContrastiveModel, nt_xent, retrieval_metrics
+from utils.config import cli
 from utils.plotting import plot_retrieval
-from utils.training import attach_training, autocast, launch, maybe_compile, run_training, start_run, unwrap
+from utils.builders import CONTRASTIVE_PARAMS, build_contrastive_model
+from utils.runtime import autocast, maybe_compile, unwrap
+from utils.training import attach_training, launch, run_training, start_run
 
-PARAMS = Path(__file__).resolve().with_name("params_contrastive.yml")
+PARAMS = CONTRASTIVE_PARAMS
 logger = logging.getLogger("train_contrastive")
 KIND = "contrastive"
-
-
-def build_model(config: dict, in_channels: int) -> ContrastiveModel:
-    m = config["model"]
-    model = build_contrastive(in_channels, m["image_depth"], m["image_width"], m["spectrum_width"],
-                              tuple(m["spectrum_mults"]), m["latent_dim"])
-    if m["image_weights"]:
-        try:
-            skipped = model.image_encoder.load_weights(m["image_weights"])
-        except (OSError, RuntimeError, ValueError) as err:
-            raise UserError(f"model.image_weights '{m['image_weights']}' cannot be loaded: {err}") from None
-        logger.info("image encoder weights from %s (not loaded: %s)", m["image_weights"], ", ".join(skipped) or "none")
-    return model
 
 
 @torch.no_grad()
@@ -91,7 +80,7 @@ def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iterati
 def run(local_rank: int, config: dict) -> None:
     start = start_run(config, config["val"]["max_objects"], KIND)
     run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
-    model = build_model(config, train_set.n_channels)
+    model = build_contrastive_model(config, train_set.n_channels)
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; %.1fM image + %.1fM spectrum parameters",
                 run_dir, len(train_set), len(val_set), train_set.n_pixels,
                 sum(p.numel() for p in model.image_encoder.parameters()) / 1e6,

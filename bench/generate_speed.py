@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import PARAMS, build_models, find_models, load_trained, score  # noqa: E402
+from utils.builders import GENERATIVE_PARAMS as PARAMS  # noqa: E402
+from utils.generation import build_models, find_models, load_trained, sample_for_images, score  # noqa: E402
 from models.samplers import SAMPLERS  # noqa: E402
-from train_generative import sample_for_images  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402

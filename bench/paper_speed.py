@@ -36,13 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.unet import Attention, TransformerBlock  # noqa: E402
-from train_generative import PARAMS, build_model  # noqa: E402
+from utils.builders import GENERATIVE_PARAMS, build_generative_model  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import keep_freed_memory  # noqa: E402
 
@@ -85,8 +84,8 @@ class ResearchWay:
 
 
 def paper_model(device: torch.device) -> torch.nn.Module:
-    config = load_config(PARAMS, [])
-    return build_model(config, LENGTH, 3).to(device)
+    config = load_config(GENERATIVE_PARAMS, [])
+    return build_generative_model(config, LENGTH, 3).to(device)
 
 
 def polyak_loop(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate import build_denoiser, load_trained  # noqa: E402
-from train_generative import build_diffusion, mean_spectrum, validation_errors  # noqa: E402
+from utils.builders import build_diffusion  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
+from utils.generation import build_denoiser, load_trained, mean_spectrum, validation_errors  # noqa: E402
 from utils.training import load_survey, subset  # noqa: E402
 
 

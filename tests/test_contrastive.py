@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from conftest import ROOT, only_run, run_script, tiny_contrastive_args
 from models.contrastive import build_contrastive, nt_xent, retrieval_metrics, true_ranks
 from models.encoders import ResNet, SpectrumEncoder
-from utils.config import load_config
 
 
 def naive_nt_xent(zi, zs, t):

@@ -156,10 +156,11 @@ def test_unet_output_shape(mode, length):
 
 def _paper_unet(conditioning: str = "x-attention") -> ConditionalUNet1D:
     """The denoiser of params_generative.yml's defaults (the paper configuration)."""
-    from train_generative import PARAMS, build_model
+    from utils.builders import GENERATIVE_PARAMS, build_generative_model
     from utils.config import load_config
 
-    return build_model(load_config(PARAMS, [f"model.conditioning={conditioning}"]), 3598, 3).eval()
+    config = load_config(GENERATIVE_PARAMS, [f"model.conditioning={conditioning}"])
+    return build_generative_model(config, 3598, 3).eval()
 
 
 def _shapes(net: ConditionalUNet1D, modules, images) -> list[tuple[int, ...]]:
@@ -342,7 +343,7 @@ def test_generative_script_and_resume(tiny_mock, tmp_path):
 
 
 def test_classifier_free_guidance_option():
-    from train_generative import sample_for_images
+    from utils.generation import sample_for_images
 
     torch.manual_seed(0)
     net = ConditionalUNet1D(32, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8, cond_drop=0.5)

@@ -72,7 +72,10 @@ def gen_args(tiny_mock, runs, out, *extra):
 
 @pytest.mark.slow
 def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_path):
-    result = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path, "sampling.per_galaxy_fits=true"))
+    checkpoint = tmp_path.parent / f"{tmp_path.name}-copied.pt"  # away from its run folder and config.yml:
+    checkpoint.write_bytes(next((trained_runs[1] / "checkpoints").glob("latest_*.pt")).read_bytes())
+    result = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path, "sampling.per_galaxy_fits=true",
+                                                f"sampling.generative_run={checkpoint}"))  # the file alone suffices
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MSE of the top-ranked sample" in result.stdout
     out = only_run(tmp_path)
@@ -107,6 +110,9 @@ def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs,
     empty = run_script("generate.py", [f"data.root={tiny_mock}", "data.source=folder",
                                        f"run.out_dir={tmp_path / 'none'}"])
     assert empty.returncode == 1 and "no finished diffusion model run" in empty.stderr
+    swapped = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + [
+        f"sampling.contrastive_run={trained_runs[1]}"])  # the diffusion run given as the contrastive one
+    assert swapped.returncode == 1 and "is a generative checkpoint, expected a contrastive one" in swapped.stderr
     mismatch = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
     assert mismatch.returncode == 1 and "data.downsample differs" in mismatch.stderr
     assert not list(tmp_path.glob("*/spectra.fits"))
@@ -121,7 +127,7 @@ def test_research_loop_matches_batched_ddpm(prediction):
     from bench.generate_speed import research_loop
     from models.diffusion import GaussianDiffusion, cosine_betas
     from models.unet import ConditionalUNet1D
-    from train_generative import sample_for_images
+    from utils.generation import sample_for_images
 
     torch.manual_seed(0)
     model = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8).eval()

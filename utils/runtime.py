@@ -1,4 +1,4 @@
-"""Process-wide settings that make CPU training and sampling faster.
+"""Runtime settings: precision, compilation, wrapped modules, and the CPU allocator.
 
 PyTorch on a CPU allocates a fresh buffer for nearly every activation. glibc serves blocks above
 its mmap threshold (128 KB to 32 MB) with new memory maps and unmaps them on free, so every
@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,3 +49,19 @@ def keep_freed_memory() -> bool:
     if ok:
         logger.debug("glibc keeps freed memory for reuse (mallopt)")
     return ok
+
+
+def autocast(config: dict, device: torch.device):
+    """bf16 autocast context when ``run.precision`` is bf16 (CPU and CUDA), else a no-op."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=config["run"]["precision"] == "bf16")
+
+
+def maybe_compile(model: torch.nn.Module, config: dict) -> torch.nn.Module:
+    return torch.compile(model) if config["run"]["compile"] else model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -144,25 +144,6 @@ def subset(dataset: SpectraDataset, n: int, seed: int = 0) -> SpectraDataset:
 
 
 # --------------------------------------------------------------------------------------------
-# precision and devices
-# --------------------------------------------------------------------------------------------
-def autocast(config: dict, device: torch.device):
-    """bf16 autocast context when ``run.precision`` is bf16 (CPU and CUDA), else a no-op."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=config["run"]["precision"] == "bf16")
-
-
-def maybe_compile(model: torch.nn.Module, config: dict) -> torch.nn.Module:
-    return torch.compile(model) if config["run"]["compile"] else model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP / DataParallel / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
 class TrainClock:

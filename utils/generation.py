@@ -1,0 +1,204 @@
+"""Sampling, model loading and scoring shared by training validation, generate.py and bench/.
+
+Samples for a batch of galaxies are drawn in one batch with the image context computed once;
+trained models are found by their run folders or checkpoint files (whose ``run_info`` carries
+their configuration) and built through :mod:`utils.builders`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.diffusion import GaussianDiffusion
+from models.samplers import get_sampler
+from models.unet import ConditionalUNet1D
+from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
+from utils.checkpoints import (METRICS_FILE, WEIGHTS_KEY, CheckpointError, best_checkpoint, checkpoint_kind,
+                               find_checkpoint, read_checkpoint)
+from utils.config import UserError
+from utils.dataset import SpectraDataset, open_survey
+from utils.runtime import autocast
+from utils.training import subset
+
+logger = logging.getLogger(__name__)
+
+CONTRASTIVE_RUNS = Path("runs/contrastive")
+#: data settings that a trained model fixes and the data must share
+DATA_KEYS = ("image", "preprocessing", "downsample")
+
+
+@torch.no_grad()
+def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
+                      sampler: str, steps: int, config: dict, generator: torch.Generator | None = None,
+                      eta: float = 0.0, guidance: float = 1.0) -> torch.Tensor:
+    """``n_samples`` spectra per image, ``(G, N, L)``: the image context is computed once per
+    galaxy and all G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
+    guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0."""
+    model.eval()
+    device = images.device
+    with autocast(config, device):
+        context = model.encode(images)
+    if context is not None:
+        context = context.repeat_interleave(n_samples, dim=0)
+    g = images.shape[0]
+    shape = (g * n_samples, 1, model.length)
+    noise = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+
+    def denoiser(x, t, ctx):
+        with autocast(config, device):
+            if guidance == 1.0 or ctx is None:
+                return model(x, t, ctx)
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, model.unconditional(ctx)]))
+            cond, null = both.float().chunk(2)
+            return null + guidance * (cond - null)
+
+    x0 = get_sampler(sampler)(denoiser, noise, diffusion, context, generator=generator, steps=steps, eta=eta,
+                              clip=clip_value(config))
+    return x0.float().reshape(g, n_samples, -1)
+
+
+def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
+    """Mean preprocessed spectrum ``(L,)`` of up to ``n`` training objects (the naive predictor)."""
+    rows = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)
+    return np.mean([dataset[int(i)]["spectrum"][0].numpy() for i in rows], axis=0)
+
+
+def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, config: dict,
+                      device: torch.device, baseline: np.ndarray, progress: bool = False):
+    """Per-galaxy MSE of the mean of ``val.n_samples`` samples and of the mean training spectrum
+    ``baseline``, drawn with the ``val`` sampler; also returns the first batch (index, truth,
+    samples) for a figure. Seeded by ``run.seed``, so repeated calls give the same numbers."""
+    v = config["val"]
+    generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
+    mse, base, first = [], [], None
+    batch_size = max(1, 512 // v["n_samples"])
+    for batch in tqdm(val_set.iter_batches(batch_size), total=-(-len(val_set) // batch_size), disable=not progress,
+                      desc="validation", unit="batch"):
+        truth = batch["spectrum"][:, 0].numpy()
+        samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
+                                    v["steps"], config, generator, guidance=v["guidance"]).cpu().numpy()
+        mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
+        base.extend(((baseline[None] - truth) ** 2).mean(1))
+        if first is None:
+            first = (batch["index"].numpy(), truth, samples)
+    return np.asarray(mse), np.asarray(base), first
+
+
+def newest_finished_run(folder: Path, what: str) -> Path:
+    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
+    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
+                        f"or name a run folder or checkpoint in the config")
+    return runs[-1]
+
+
+def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path]:
+    """``(run config, weights, checkpoint path)`` of a trained model of ``kind``, from a run folder
+    (its best checkpoint, else its latest), a checkpoint file alone, or the newest finished run
+    in ``default_dir``. The configuration is the one saved in the checkpoint."""
+    run = Path(path) if path else newest_finished_run(default_dir, what)
+    checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
+    state = read_checkpoint(checkpoint, f"{what} checkpoint")
+    config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
+    return config, state[WEIGHTS_KEY[kind]], checkpoint
+
+
+def check_compatible(config: dict, gen_cfg: dict, con_cfg: dict, gen_path: Path, con_path: Path) -> None:
+    """Both models must have been trained on data prepared like the data we generate for."""
+    for key in DATA_KEYS:
+        values = {"this run": config["data"][key], f"diffusion model ({gen_path})": gen_cfg["data"][key],
+                  f"contrastive network ({con_path})": con_cfg["data"][key]}
+        if len(set(map(str, values.values()))) > 1:
+            shown = "; ".join(f"{k}: {v!r}" for k, v in values.items())
+            raise UserError(f"data.{key} differs between the models and the data ({shown}): the spectrum length, "
+                            f"bands and preprocessing must match")
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -> None:
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} checkpoint '{path}' does not fit the model built from its own configuration: "
+                              f"{str(err).splitlines()[0]}") from None
+
+
+@dataclass
+class TrainedPair:
+    """The two trained networks generate.py needs, with where they came from."""
+
+    gen_cfg: dict
+    con_cfg: dict
+    gen_path: Path
+    con_path: Path
+    gen_weights: dict
+    con_weights: dict
+    denoiser: torch.nn.Module | None = None
+    contrastive: torch.nn.Module | None = None
+    diffusion: GaussianDiffusion | None = None
+
+
+def find_models(config: dict) -> TrainedPair:
+    """Locate both trained models (config paths or newest finished runs) and check that they fit
+    the configured data."""
+    s = config["sampling"]
+    gen_cfg, gen_w, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]), "diffusion model",
+                                            "generative")
+    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
+                                            "contrastive")
+    check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
+    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
+
+
+def build_denoiser(config: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,
+                   device: torch.device) -> torch.nn.Module:
+    """The trained diffusion model from its run config and weights, on ``device``, in eval mode."""
+    model = build_generative_model(config, n_pixels, n_channels)
+    load_weights(model, weights, path, "diffusion model")
+    return model.to(device).eval()
+
+
+def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torch.device) -> TrainedPair:
+    """Build both networks from their own run configs, load the weights, move them to ``device``."""
+    pair.denoiser = build_denoiser(pair.gen_cfg, pair.gen_weights, pair.gen_path, n_pixels, n_channels, device)
+    pair.contrastive = build_contrastive_model({**pair.con_cfg, "model": {**pair.con_cfg["model"], "image_weights": None}},
+                                               n_channels)
+    load_weights(pair.contrastive, pair.con_weights, pair.con_path, "contrastive network")
+    pair.contrastive.to(device).eval()
+    pair.diffusion = build_diffusion(pair.gen_cfg)
+    return pair
+
+
+def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
+    """The galaxies to generate for and whether their true spectra are known."""
+    s, d = config["sampling"], config["data"]
+    if s["catalog"]:
+        images = open_survey(s["catalog"], check_values=False)
+        images.meta["image_stats"] = survey.meta["image_stats"]  # normalise like the training images
+        if len(images.loglam) != len(survey.loglam) or not np.allclose(images.loglam, survey.loglam):
+            raise UserError(f"sampling.catalog '{s['catalog']}' has a different wavelength grid from data.root")
+        known = bool(np.isfinite(np.asarray(images.flux)).all())
+        dataset = SpectraDataset(images, None, d["image"], d["preprocessing"], d["downsample"], train=False,
+                                 spectra=known)
+        return subset(dataset, s["max_objects"], seed=0), known
+    dataset = SpectraDataset(survey, s["split"], d["image"], d["preprocessing"], d["downsample"], train=False)
+    if len(dataset) == 0:
+        raise UserError(f"split '{s['split']}' of '{survey.root}' is empty")
+    return subset(dataset, s["max_objects"], seed=0), True
+
+
+@torch.no_grad()
+def score(contrastive, images: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(G, N)`` of each galaxy's image to each of its N samples (batched)."""
+    g, n, length = samples.shape
+    z_image = contrastive.embed_images(images)  # (G, D), once per galaxy
+    z_spec = contrastive.embed_spectra(samples.reshape(g * n, 1, length)).reshape(g, n, -1)
+    return torch.einsum("gd,gnd->gn", z_image, z_spec)
+
+
