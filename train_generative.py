@@ -15,7 +15,7 @@ from typing import Sequence
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.handlers import EMAHandler
 
 from models.diffusion import GaussianDiffusion
@@ -24,7 +24,7 @@ from utils.config import cli
 from utils.generation import mean_spectrum, validation_errors
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
-from utils.training import attach_training, launch, run_training, start_run
+from utils.training import attach_ema, attach_training, launch, run_training, start_run
 
 PARAMS = GENERATIVE_PARAMS
 logger = logging.getLogger("train_generative")
@@ -70,7 +70,6 @@ def run(local_rank: int, config: dict) -> None:
                 config["diffusion"]["schedule"], diffusion.prediction)
     model = idist.auto_model(model)
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"], fused=True))
-    ema = EMAHandler(unwrap(model), momentum=1.0 - config["train"]["ema_decay"])
     forward = maybe_compile(model, config)
 
     def step(engine: Engine, batch: dict) -> float:
@@ -85,7 +84,7 @@ def run(local_rank: int, config: dict) -> None:
         return loss.item()
 
     trainer = Engine(step)
-    ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+    ema = attach_ema(trainer, unwrap(model), config["train"]["ema_decay"])
     baseline = mean_spectrum(train_set)
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},

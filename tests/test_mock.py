@@ -74,3 +74,13 @@ def test_deterministic_by_seed(tmp_path):
     assert np.array_equal(a.flux, b.flux) and np.array_equal(a.images["gri"], b.images["gri"])
     assert np.array_equal(np.asarray(a.catalog["objid"]), np.asarray(b.catalog["objid"]))
     assert not np.array_equal(a.flux, c.flux)
+
+
+def test_mock_figures_are_written(tiny_mock, tmp_path):
+    from PIL import Image
+
+    from utils.mock import mock_figures
+
+    paths = mock_figures(tiny_mock, tmp_path, n_show=3)
+    assert [p.name for p in paths] == ["mock_galaxies.png", "mock_color_redshift.png"]
+    assert all(Image.open(p).size[0] > 500 for p in paths)

@@ -28,7 +28,7 @@ from astropy.visualization import make_lupton_rgb
 from PIL import Image
 from tqdm import tqdm
 
-from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split
+from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
 from utils.spectra import neurips_loglam
 
 logger = logging.getLogger(__name__)
@@ -365,6 +365,63 @@ def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool 
     return generate_mock(root, n_objects, seed, ugriz=ugriz)
 
 
+def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
+    """The README's mock figures: a galaxy grid and a colour-redshift diagram against the real catalog."""
+    from utils.plotting import WAVE_LABEL, save, show_image
+    import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
+
+    survey = open_survey(root, check_values=False)
+    wave = survey.wave
+    rng = np.random.default_rng(seed)
+    z = np.asarray(survey.catalog["z"])
+    # one galaxy from each redshift slice, so the grid shows the range
+    edges = np.quantile(z, np.linspace(0, 1, n_show + 1))
+    rows = [int(rng.choice(np.flatnonzero((z >= lo) & (z <= hi)))) for lo, hi in zip(edges[:-1], edges[1:])]
+    fig, axes = plt.subplots(n_show, 2, figsize=(11, 1.9 * n_show), gridspec_kw={"width_ratios": [1, 5]})
+    for ax_img, ax_spec, row in zip(axes[:, 0], axes[:, 1], rows):
+        show_image(ax_img, survey.images["gri"][row])
+        ax_spec.plot(wave, survey.flux[row], lw=0.5, color="0.3")
+        ax_spec.set_xlim(wave[0], wave[-1])
+        lo, hi = np.percentile(survey.flux[row], [0.5, 99.8])
+        ax_spec.set_ylim(lo - 0.1 * (hi - lo), hi + 0.2 * (hi - lo))
+        cat = survey.catalog[row]
+        ax_spec.text(0.01, 0.85, f"z = {cat['z']:.3f}   r = {cat['mag_r']:.2f}   B/T(r) = {cat['bulge_frac_r']:.2f}"
+                     if "bulge_frac_r" in survey.catalog.colnames else f"z = {cat['z']:.3f}",
+                     transform=ax_spec.transAxes, fontsize=8)
+        ax_spec.set_ylabel(r"$f_\lambda$", fontsize=8)
+    axes[-1, 1].set_xlabel(WAVE_LABEL)
+    fig.suptitle("Mock SDSS galaxies: gri image (64 x 64, 0.396\"/px) and spectrum (1e-17 erg/s/cm2/A)")
+    paths = [save(fig, Path(out_dir) / "mock_galaxies.png")]
+
+    # colour-redshift: real catalog photometry vs colours synthesised from the noiseless mock spectra
+    import astropy.units as u
+    import speclite.filters
+
+    real = load_real_catalog()
+    real_mag = -2.5 * np.log10(np.asarray(real["maggies"]))
+    gal = sample_galaxies(len(survey), int(survey.meta.get("seed", 0)))
+    pick = rng.choice(len(gal), size=min(1500, len(gal)), replace=False)
+    grid = np.arange(3.52, 4.02, 1e-4)
+    spec = TemplateSpectra().observed(gal.z[pick], gal.coeffs[pick], grid)
+    filters = speclite.filters.load_filters("sdss2010-g", "sdss2010-r", "sdss2010-i")
+    m = filters.get_ab_magnitudes(spec * 1e-17 * u.erg / u.s / u.cm ** 2 / u.AA, 10 ** grid * u.AA)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, (a, b), (ia, ib) in zip(axes, (("g", "r"), ("r", "i")), ((1, 2), (2, 3))):
+        ax.scatter(real["z"], real_mag[:, ia] - real_mag[:, ib], s=2, alpha=0.3, color="tab:blue",
+                   label=f"real SDSS (kcorrect sample, N={len(real)})")
+        ax.scatter(gal.z[pick], m[f"sdss2010-{a}"] - m[f"sdss2010-{b}"], s=2, alpha=0.4, color="tab:red",
+                   label=f"mock spectra, synthetic photometry (N={len(pick)})")
+        ax.set_xlabel("redshift")
+        ax.set_ylabel(f"{a} - {b} [AB mag]")
+        ax.set_ylim(*((0, 1.6) if a == "g" else (0, 0.8)))
+    axes[0].legend(loc="lower right", fontsize=8, markerscale=4)
+    fig.suptitle("Colour-redshift: mock survey against the real SDSS galaxies it is built from")
+    paths.append(save(fig, Path(out_dir) / "mock_color_redshift.png"))
+    return paths
+
+
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="data/mock", help="output folder (default data/mock)")
@@ -376,8 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.root, "catalog.fits").exists():
         generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz)
     if args.figures:
-        from utils.plotting import plot_mock_figures
-        plot_mock_figures(args.root, args.figures)
+        mock_figures(args.root, args.figures)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Figures: mock survey overview, training progress grids, ranked generated spectra.
+"""Figures: training progress grids, retrieval, ranked generated spectra, and the drawing
+primitives other modules use (the mock survey's own figures live in utils.mock). Depends on
+nothing of this project.
 
 Every function writes one PNG and returns its path; matplotlib runs headless (Agg).
 """
@@ -32,67 +34,13 @@ def show_image(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def _save(fig, path: str | Path) -> Path:
+def save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (creating its folder), close it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def plot_mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
-    """The README's mock figures: a galaxy grid and a colour-redshift diagram against the real catalog."""
-    from utils.dataset import open_survey
-    from utils.mock import TemplateSpectra, load_real_catalog, sample_galaxies
-
-    survey = open_survey(root, check_values=False)
-    wave = survey.wave
-    rng = np.random.default_rng(seed)
-    z = np.asarray(survey.catalog["z"])
-    # one galaxy from each redshift slice, so the grid shows the range
-    edges = np.quantile(z, np.linspace(0, 1, n_show + 1))
-    rows = [int(rng.choice(np.flatnonzero((z >= lo) & (z <= hi)))) for lo, hi in zip(edges[:-1], edges[1:])]
-    fig, axes = plt.subplots(n_show, 2, figsize=(11, 1.9 * n_show), gridspec_kw={"width_ratios": [1, 5]})
-    for ax_img, ax_spec, row in zip(axes[:, 0], axes[:, 1], rows):
-        show_image(ax_img, survey.images["gri"][row])
-        ax_spec.plot(wave, survey.flux[row], lw=0.5, color="0.3")
-        ax_spec.set_xlim(wave[0], wave[-1])
-        lo, hi = np.percentile(survey.flux[row], [0.5, 99.8])
-        ax_spec.set_ylim(lo - 0.1 * (hi - lo), hi + 0.2 * (hi - lo))
-        cat = survey.catalog[row]
-        ax_spec.text(0.01, 0.85, f"z = {cat['z']:.3f}   r = {cat['mag_r']:.2f}   B/T(r) = {cat['bulge_frac_r']:.2f}"
-                     if "bulge_frac_r" in survey.catalog.colnames else f"z = {cat['z']:.3f}",
-                     transform=ax_spec.transAxes, fontsize=8)
-        ax_spec.set_ylabel(r"$f_\lambda$", fontsize=8)
-    axes[-1, 1].set_xlabel(WAVE_LABEL)
-    fig.suptitle("Mock SDSS galaxies: gri image (64 x 64, 0.396\"/px) and spectrum (1e-17 erg/s/cm2/A)")
-    paths = [_save(fig, Path(out_dir) / "mock_galaxies.png")]
-
-    # colour-redshift: real catalog photometry vs colours synthesised from the noiseless mock spectra
-    import astropy.units as u
-    import speclite.filters
-
-    real = load_real_catalog()
-    real_mag = -2.5 * np.log10(np.asarray(real["maggies"]))
-    gal = sample_galaxies(len(survey), int(survey.meta.get("seed", 0)))
-    pick = rng.choice(len(gal), size=min(1500, len(gal)), replace=False)
-    grid = np.arange(3.52, 4.02, 1e-4)
-    spec = TemplateSpectra().observed(gal.z[pick], gal.coeffs[pick], grid)
-    filters = speclite.filters.load_filters("sdss2010-g", "sdss2010-r", "sdss2010-i")
-    m = filters.get_ab_magnitudes(spec * 1e-17 * u.erg / u.s / u.cm ** 2 / u.AA, 10 ** grid * u.AA)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, (a, b), (ia, ib) in zip(axes, (("g", "r"), ("r", "i")), ((1, 2), (2, 3))):
-        ax.scatter(real["z"], real_mag[:, ia] - real_mag[:, ib], s=2, alpha=0.3, color="tab:blue",
-                   label=f"real SDSS (kcorrect sample, N={len(real)})")
-        ax.scatter(gal.z[pick], m[f"sdss2010-{a}"] - m[f"sdss2010-{b}"], s=2, alpha=0.4, color="tab:red",
-                   label=f"mock spectra, synthetic photometry (N={len(pick)})")
-        ax.set_xlabel("redshift")
-        ax.set_ylabel(f"{a} - {b} [AB mag]")
-        ax.set_ylim(*((0, 1.6) if a == "g" else (0, 0.8)))
-    axes[0].legend(loc="lower right", fontsize=8, markerscale=4)
-    fig.suptitle("Colour-redshift: mock survey against the real SDSS galaxies it is built from")
-    paths.append(_save(fig, Path(out_dir) / "mock_color_redshift.png"))
-    return paths
 
 
 def plot_spectra_grid(path: str | Path, wave: np.ndarray, images: Sequence[np.ndarray], truth: np.ndarray,
@@ -114,7 +62,7 @@ def plot_spectra_grid(path: str | Path, wave: np.ndarray, images: Sequence[np.nd
     axes[-1, 1].set_xlabel(WAVE_LABEL)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_retrieval(path: str | Path, wave: np.ndarray, query: np.ndarray, query_image: np.ndarray,
@@ -144,7 +92,7 @@ def plot_retrieval(path: str | Path, wave: np.ndarray, query: np.ndarray, query_
     ax.set_ylabel("normalised flux")
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "Most similar validation images and spectra to one spectrum")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np.ndarray | None, mean: np.ndarray,
@@ -172,4 +120,4 @@ def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np
             ax.set_xticklabels([])
     ax.set_xlabel(WAVE_LABEL)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)

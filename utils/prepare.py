@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
-from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
 from utils.config import UserError
 from utils.dataset import BANDS, PARTIAL_MARKER, DatasetWriter, assign_split
-from utils.sdss import cutout_path, jpeg_path, spectrum_path
+from utils.sdss_files import cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 from utils.spectra import APJ_SMOOTH_SIGMA, APJ_WAVE_STEP, LOGLAM_STEP, apj_wave, neurips_loglam
 
 logger = logging.getLogger(__name__)
@@ -118,17 +117,6 @@ def _find_spectrum(folder: Path, row) -> Path | None:
     return None
 
 
-def _read_jpeg(path: Path) -> np.ndarray | str:
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as err:
-        return f"image {path.name} cannot be decoded ({type(err).__name__})"
-    if arr.shape != (64, 64, 3):
-        return f"image {path.name} has shape {arr.shape}, expected (64, 64, 3)"
-    return arr
-
-
 def prepare(catalog_path: str | Path, spectra_dir: str | Path, images_dir: str | Path | None, out: str | Path,
             grid: str = "neurips", ugriz_dir: str | Path | None = None, chunk: int = CHUNK) -> Path:
     """Build a dataset folder from a catalog, spectrum files and image cutouts (see module doc)."""
@@ -187,7 +175,7 @@ def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str
             dropped.append((objid, result))
             continue
         if images_dir:
-            image = _read_jpeg(jpeg_path(Path(images_dir), objid)) if jpeg_path(Path(images_dir), objid).exists() \
+            image = read_cutout_jpeg(jpeg_path(Path(images_dir), objid)) if jpeg_path(Path(images_dir), objid).exists() \
                 else "gri image missing"
             if isinstance(image, str):
                 dropped.append((objid, image))

@@ -31,6 +31,8 @@ import urllib3
 from astropy.table import Table, vstack
 
 from utils.config import UserError
+from utils.prepare import prepare
+from utils.sdss_files import CUTOUT_SIZE, cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,6 @@ SPEC_COLUMNS = ("specObjID", "plate", "mjd", "fiberID", "run2d", "instrument", "
 PHOTO_COLUMNS = ("objID", "cModelMag_u", "cModelMag_g", "cModelMag_r", "cModelMag_i", "cModelMag_z", "petroRad_r",
                  "run", "rerun", "camcol", "field")
 PAGE_SIZE = 25000
-CUTOUT_SIZE = 64
 JPEG_SCALE = 0.4  # arcsec per pixel of the SkyServer colour cutouts
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -162,15 +163,9 @@ def valid_spectrum(path: Path) -> str | None:
 
 
 def valid_jpeg(path: Path) -> str | None:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as err:
-        return f"not a decodable JPEG ({type(err).__name__})"
-    if arr.shape != (CUTOUT_SIZE, CUTOUT_SIZE, 3):
-        return f"image has shape {arr.shape}, expected ({CUTOUT_SIZE}, {CUTOUT_SIZE}, 3)"
-    return None
+    """None for a decodable 64 x 64 colour JPEG, else the reason."""
+    image = read_cutout_jpeg(path)
+    return image if isinstance(image, str) else None
 
 
 def valid_frame(path: Path) -> str | None:
@@ -380,18 +375,6 @@ def write_failures(path: Path, failures: dict[str, str]) -> None:
 # --------------------------------------------------------------------------------------------
 # spectra and images
 # --------------------------------------------------------------------------------------------
-def spectrum_path(folder: Path, specobjid: int) -> Path:
-    return Path(folder) / f"{int(specobjid)}.fits"
-
-
-def jpeg_path(folder: Path, specobjid: int) -> Path:
-    return Path(folder) / f"{int(specobjid)}.jpg"
-
-
-def cutout_path(folder: Path, specobjid: int) -> Path:
-    return Path(folder) / f"{int(specobjid)}.npy"
-
-
 def download_spectra(catalog: Table, out: Path, downloader: Downloader, release: int = 17, base: str = SAS_URL) -> Report:
     tasks = [Task(str(int(r["specObjID"])), spec_url(r, release, base), spectrum_path(out, r["specObjID"]), valid_spectrum)
              for r in catalog]
@@ -501,7 +484,6 @@ def main(argv: list[str] | None = None) -> None:
         download_jpegs(catalog, root / "images", _downloader(args), args.release, args.skyserver_url)
         if args.ugriz:
             download_ugriz(catalog, root / "ugriz", _downloader(args), args.release, args.sas_url)
-        from utils.prepare import prepare
         prepare(root / "catalog.fits", root / "spectra", root / "images", root / "dataset",
                 ugriz_dir=root / "ugriz" if args.ugriz else None)
         return

@@ -19,7 +19,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, LRScheduler, ProgressBar
+from ignite.handlers import Checkpoint, EMAHandler, LRScheduler, ProgressBar
 from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
@@ -177,6 +177,14 @@ class TrainClock:
     def load_state_dict(self, state: dict) -> None:
         self.train_seconds = float(state["train_seconds"])
         self.val_seconds = float(state["val_seconds"])
+
+
+def attach_ema(trainer: Engine, model: torch.nn.Module, decay: float) -> EMAHandler:
+    """Polyak average of ``model``'s weights, updated after every iteration:
+    ema <- decay * ema + (1 - decay) * weights (Ignite's EMAHandler with momentum 1 - decay)."""
+    ema = EMAHandler(model, momentum=1.0 - decay)
+    ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+    return ema
 
 
 def attach_lr_decay(trainer: Engine, optimizer: torch.optim.Optimizer, decay: float, epoch_length: int) -> LRScheduler:

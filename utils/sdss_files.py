@@ -1,0 +1,36 @@
+"""Where downloaded SDSS files live and how a cutout JPEG is checked: shared by the downloader
+(utils.sdss) and the preparation (utils.prepare), which import this module and not each other's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+#: SkyServer colour cutouts: pixels on a side
+CUTOUT_SIZE = 64
+
+
+def spectrum_path(folder: Path, specobjid: int) -> Path:
+    return Path(folder) / f"{int(specobjid)}.fits"
+
+
+def jpeg_path(folder: Path, specobjid: int) -> Path:
+    return Path(folder) / f"{int(specobjid)}.jpg"
+
+
+def cutout_path(folder: Path, specobjid: int) -> Path:
+    return Path(folder) / f"{int(specobjid)}.npy"
+
+
+def read_cutout_jpeg(path: Path) -> np.ndarray | str:
+    """The ``(64, 64, 3)`` uint8 image of a cutout JPEG, or the reason it is unusable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as err:  # any decoding failure is a reason, not a crash
+        return f"image {Path(path).name} is not a decodable JPEG ({type(err).__name__})"
+    if arr.shape != (CUTOUT_SIZE, CUTOUT_SIZE, 3):
+        return f"image {Path(path).name} has shape {arr.shape}, expected ({CUTOUT_SIZE}, {CUTOUT_SIZE}, 3)"
+    return arr
