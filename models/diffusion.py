@@ -23,6 +23,8 @@ COSINE_S = 0.008
 MAX_BETA = 0.999
 #: what the network predicts
 PREDICTIONS = ("eps", "v")
+#: noise schedules (make_betas)
+SCHEDULES = ("cosine", "linear")
 
 #: a denoiser: (x_t (B, C, L), t (B,) long, context) -> predicted noise or velocity (B, C, L)
 Denoiser = Callable[..., torch.Tensor]

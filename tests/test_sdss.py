@@ -323,7 +323,7 @@ def test_prepare_accepts_a_plate_mjd_fiber_catalog(tmp_path):
 
 def test_prepare_checks_the_catalog_first_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
     from utils import prepare as prep
-    from utils.config import UserError
+    from utils.errors import UserError
 
     cat, _ = _mirror(tmp_path)
     cat.remove_columns(["cModelMag_r", "z"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from models.contrastive import ContrastiveModel, build_contrastive
 from models.diffusion import GaussianDiffusion
 from models.unet import ConditionalUNet1D
-from utils.config import ConfigError, UserError
+from utils.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
-from utils.config import UserError
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

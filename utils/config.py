@@ -18,23 +18,42 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from utils.errors import ConfigError, UserError
+
 logger = logging.getLogger(__name__)
 
-#: Keys whose values come from a closed set, by dotted path.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("mock", "folder"),
-    "data.image": ("gri", "ugriz"),
-    "data.preprocessing": ("scale", "log"),
-    "model.image_depth": (18, 34, 50),
-    "model.conditioning": ("x-attention", "concat", "none"),
-    "diffusion.schedule": ("cosine", "linear"),
-    "diffusion.prediction": ("eps", "v"),
-    "sampling.sampler": ("ddpm", "ddim", "dpmpp2m"),
-    "val.sampler": ("ddpm", "ddim", "dpmpp2m"),
-    "run.precision": ("fp32", "bf16"),
-    "run.backend": ("none", "gloo", "nccl"),
-    "sampling.split": ("train", "val", "test"),
-}
+#: closed sets of values that belong to no module: where the data come from, the precision,
+#: the process-group backend
+DATA_SOURCES = ("mock", "folder")
+PRECISIONS = ("fp32", "bf16")
+BACKENDS = ("none", "gloo", "nccl")
+
+
+def choices() -> dict[str, tuple]:
+    """Keys whose values come from a closed set, by dotted path, each set read from the module
+    that implements it (imported on first use: reading a config does not need torch)."""
+    from models.diffusion import PREDICTIONS, SCHEDULES
+    from models.encoders import RESNET_LAYOUTS
+    from models.samplers import SAMPLERS
+    from models.unet import CONDITIONINGS
+    from utils.dataset import IMAGE_FILES, SPLITS
+    from utils.spectra import PREPROCESSINGS
+
+    return {
+        "data.source": DATA_SOURCES,
+        "data.image": tuple(IMAGE_FILES),
+        "data.preprocessing": PREPROCESSINGS,
+        "model.image_depth": tuple(RESNET_LAYOUTS),
+        "model.conditioning": CONDITIONINGS,
+        "diffusion.schedule": SCHEDULES,
+        "diffusion.prediction": PREDICTIONS,
+        "sampling.sampler": tuple(SAMPLERS),
+        "val.sampler": tuple(SAMPLERS),
+        "run.precision": PRECISIONS,
+        "run.backend": BACKENDS,
+        "sampling.split": SPLITS,
+    }
+
 
 #: Numeric ranges by dotted path: (low, high, what), bounds inclusive, None for open; a list
 #: value is checked item by item. Keys absent from a params file are ignored.
@@ -59,18 +78,6 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "val.guidance": NON_NEGATIVE,
     "sampling.guidance": NON_NEGATIVE,
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: reported as one line, never with a traceback."""
-
-    exit_code = 1
-
-
-class ConfigError(UserError):
-    """A bad configuration key or value (exit code 2)."""
-
-    exit_code = 2
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -183,9 +190,9 @@ def apply_overrides(config: dict, overrides: dict[str, Any], defaults: dict, sou
 
 
 def check_choice(path: str, value: Any) -> None:
-    choices = CHOICES.get(path)
-    if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{path}': got {value!r}, expected one of {', '.join(map(repr, choices))}")
+    allowed = choices().get(path)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"config key '{path}': got {value!r}, expected one of {', '.join(map(repr, allowed))}")
 
 
 def check_range(path: str, value: Any) -> None:
@@ -302,7 +309,8 @@ def describe(defaults: dict, presets: dict, path: str | Path) -> str:
     lines = [f"usage: python {Path(sys.argv[0]).name} [--preset NAME] [--config FILE] [section.key=value ...]",
              f"defaults from {path}:"]
     for key, value in _flatten(defaults).items():
-        extra = f"   (one of {', '.join(map(str, CHOICES[key]))})" if key in CHOICES else ""
+        allowed = choices().get(key)
+        extra = f"   (one of {', '.join(map(str, allowed))})" if allowed else ""
         lines.append(f"  {key} = {value!r}{extra}")
     lines.append(f"presets: {', '.join(sorted(presets)) or '(none)'}")
     return "\n".join(lines)

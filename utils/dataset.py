@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from astropy.table import Table
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.spectra import deprocess, preprocess, rebin
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from models.unet import ConditionalUNet1D
 from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
 from utils.checkpoints import (METRICS_FILE, WEIGHTS_KEY, CheckpointError, best_checkpoint, checkpoint_kind,
                                find_checkpoint, read_checkpoint)
-from utils.config import UserError
+from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
 from utils.runtime import autocast
 from utils.training import subset

@@ -25,8 +25,8 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
-from utils.config import UserError
-from utils.dataset import BANDS, PARTIAL_MARKER, DatasetWriter, assign_split
+from utils.errors import UserError
+from utils.dataset import BANDS, IMAGE_SHAPES, PARTIAL_MARKER, DatasetWriter, assign_split
 from utils.sdss_files import cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 from utils.spectra import APJ_SMOOTH_SIGMA, APJ_WAVE_STEP, LOGLAM_STEP, apj_wave, neurips_loglam
 
@@ -157,8 +157,8 @@ def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str
     flux = mm(staging / "flux.npy", "w+", np.float32, (n, len(loglam)))
     ivar = mm(staging / "ivar.npy", "w+", np.float32, (n, len(loglam)))
     mask = mm(staging / "mask.npy", "w+", np.uint8, (n, len(loglam)))
-    gri = mm(staging / "gri.npy", "w+", np.uint8, (n, 64, 64, 3)) if images_dir else None
-    five = mm(staging / "ugriz.npy", "w+", np.float32, (n, 5, 64, 64)) if ugriz_dir else None
+    gri = mm(staging / "gri.npy", "w+", np.uint8, (n, *IMAGE_SHAPES["gri"])) if images_dir else None
+    five = mm(staging / "ugriz.npy", "w+", np.float32, (n, *IMAGE_SHAPES["ugriz"])) if ugriz_dir else None
     keep = np.zeros(n, dtype=bool)
     dropped: list[tuple[int, str]] = []
     for i, row in enumerate(tqdm(catalog, desc="prepare", unit="obj")):
@@ -184,7 +184,7 @@ def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str
         if ugriz_dir:
             cpath = cutout_path(Path(ugriz_dir), objid)
             cut = np.load(cpath) if cpath.exists() else None
-            if cut is None or cut.shape != (5, 64, 64) or not np.all(np.isfinite(cut)):
+            if cut is None or cut.shape != IMAGE_SHAPES["ugriz"] or not np.all(np.isfinite(cut)):
                 dropped.append((objid, "ugriz cutout missing or malformed"))
                 continue
             five[i] = cut

@@ -30,9 +30,10 @@ import requests
 import urllib3
 from astropy.table import Table, vstack
 
-from utils.config import UserError
+from utils.dataset import IMAGE_SIZE
+from utils.errors import UserError
 from utils.prepare import prepare
-from utils.sdss_files import CUTOUT_SIZE, cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
+from utils.sdss_files import cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def spec_url(row, release: int = 17, base: str = SAS_URL) -> str:
 def jpeg_url(ra: float, dec: float, release: int = 17, base: str = SKYSERVER_URL) -> str:
     """SkyServer colour cutout: 64 x 64 at 0.4"/pixel centred on (ra, dec)."""
     return (f"{base}/dr{release}/SkyServerWS/ImgCutout/getjpeg?ra={ra:.6f}&dec={dec:.6f}&scale={JPEG_SCALE}"
-            f"&width={CUTOUT_SIZE}&height={CUTOUT_SIZE}")
+            f"&width={IMAGE_SIZE}&height={IMAGE_SIZE}")
 
 
 def frame_url(run: int, rerun: int, camcol: int, field_: int, band: str, release: int = 17, base: str = SAS_URL) -> str:
@@ -422,7 +423,7 @@ def download_ugriz(catalog: Table, out: Path, downloader: Downloader, release: i
                 continue
             position = SkyCoord(float(r["ra"]), float(r["dec"]), unit="deg")
             try:
-                stack = np.stack([Cutout2D(data, position, CUTOUT_SIZE, wcs=wcs, mode="partial", fill_value=0.0).data
+                stack = np.stack([Cutout2D(data, position, IMAGE_SIZE, wcs=wcs, mode="partial", fill_value=0.0).data
                                   for data, wcs in images])
             except Exception as err:  # outside the frame
                 failures[str(int(r["specObjID"]))] = f"cutout failed: {err}"

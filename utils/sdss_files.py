@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: SkyServer colour cutouts: pixels on a side
-CUTOUT_SIZE = 64
+from utils.dataset import IMAGE_SHAPES
 
 
 def spectrum_path(folder: Path, specobjid: int) -> Path:
@@ -31,6 +30,6 @@ def read_cutout_jpeg(path: Path) -> np.ndarray | str:
             arr = np.asarray(im.convert("RGB"))
     except Exception as err:  # any decoding failure is a reason, not a crash
         return f"image {Path(path).name} is not a decodable JPEG ({type(err).__name__})"
-    if arr.shape != (CUTOUT_SIZE, CUTOUT_SIZE, 3):
-        return f"image {Path(path).name} has shape {arr.shape}, expected ({CUTOUT_SIZE}, {CUTOUT_SIZE}, 3)"
+    if arr.shape != IMAGE_SHAPES["gri"]:
+        return f"image {Path(path).name} has shape {arr.shape}, expected {IMAGE_SHAPES['gri']}"
     return arr

@@ -28,7 +28,8 @@ from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, CONFIG_FILE, LATEST_
                                CheckpointError, NonFiniteError, RunInfo, SafeDiskSaver, adopt_saved, checkpoint_kind,
                                find_checkpoint, load_checkpoint, read_checkpoint, run_folder_of, sweep_stale_files,
                                write_json)
-from utils.config import UserError, load_config, save_config
+from utils.config import load_config, save_config
+from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
 from utils.mock import ensure_mock
 from utils.runtime import keep_freed_memory
