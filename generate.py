@@ -100,8 +100,10 @@ def run(config: dict) -> Path:
     seconds = time.perf_counter() - start
     samples, scores = np.concatenate(all_samples), np.concatenate(all_scores)
     truth_arr = np.concatenate(truth) if known else None
-    baseline = mean_spectrum(SpectraDataset(survey, "train", config["data"]["image"], config["data"]["preprocessing"],
-                                            config["data"]["downsample"])) if known else None
+    baseline = pair.mean_train_spectrum if known else None
+    if known and (baseline is None or np.shape(baseline) != (dataset.n_pixels,)):  # computed by the run; else now
+        baseline = mean_spectrum(SpectraDataset(survey, "train", config["data"]["image"],
+                                                config["data"]["preprocessing"], config["data"]["downsample"]))
     results = evaluate(samples, scores, truth_arr, s["top_k"], baseline)
     if known:
         par = np.concatenate(params)

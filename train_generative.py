@@ -21,7 +21,8 @@ from ignite.handlers import EMAHandler
 from models.diffusion import GaussianDiffusion
 from utils.builders import GENERATIVE_PARAMS, build_diffusion, build_generative_model
 from utils.config import cli
-from utils.generation import mean_spectrum, validation_errors
+from utils.checkpoints import MEAN_SPECTRUM_KEY
+from utils.generation import run_mean_spectrum, validation_errors
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
@@ -85,12 +86,12 @@ def run(local_rank: int, config: dict) -> None:
 
     trainer = Engine(step)
     ema = attach_ema(trainer, unwrap(model), config["train"]["ema_decay"])
-    baseline = mean_spectrum(train_set)
+    baseline = run_mean_spectrum(run_dir, train_set)
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},
                     validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
                     best_key="mse_mean", resume_from=start.resume, epoch_length=len(start.loader),
-                    loader=start.loader)
+                    loader=start.loader, run_extras={MEAN_SPECTRUM_KEY: baseline})
     run_training(trainer, start.loader, config)
 
 

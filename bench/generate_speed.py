@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen_cfg, _, _ = load_trained(args.generative, Path("runs/generative"), "diffusion model", "generative")
+    gen_cfg, _, _, _ = load_trained(args.generative, Path("runs/generative"), "diffusion model", "generative")
     config = load_config(PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
                                   if k in ("root", "image", "preprocessing", "downsample", "source")] +
                          ([f"sampling.generative_run={args.generative}"] if args.generative else []) +

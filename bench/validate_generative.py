@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.builders import build_diffusion  # noqa: E402
+from utils.checkpoints import MEAN_SPECTRUM_KEY  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.generation import build_denoiser, load_trained, mean_spectrum, validation_errors  # noqa: E402
 from utils.training import load_survey, subset  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
 
-    config, weights, path = load_trained(args.run, Path("runs/generative"), "diffusion model", "generative")
+    config, weights, path, info = load_trained(args.run, Path("runs/generative"), "diffusion model", "generative")
     v = config["val"]
     v.update({k: val for k, val in (("sampler", args.sampler), ("steps", args.steps), ("n_samples", args.n))
               if val is not None})
@@ -56,8 +57,9 @@ def main() -> None:
                  seed=config["run"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_denoiser(config, weights, path, val.n_pixels, val.n_channels, device)
-    mse, base, _ = validation_errors(model, build_diffusion(config), val, config, device, mean_spectrum(train),
-                                     progress=True)
+    baseline = info.get(MEAN_SPECTRUM_KEY)
+    baseline = mean_spectrum(train) if baseline is None else baseline
+    mse, base, _ = validation_errors(model, build_diffusion(config), val, config, device, baseline, progress=True)
     ratio = float(mse.mean() / base.mean())
     half = len(mse) // 2
     result = {"checkpoint": str(path), "galaxies": len(mse), "sampler": v["sampler"], "steps": v["steps"],

@@ -333,11 +333,16 @@ def test_generative_script_and_resume(tiny_mock, tmp_path):
     assert {"model", "ema_model", "optimizer", "lr_scheduler", "trainer", "clock"} <= set(ckpt)
     assert any(not torch.equal(ckpt["model"][k], ckpt["ema_model"][k]) for k in ckpt["model"]
                if ckpt["model"][k].is_floating_point())
+    stored = np.load(run / "mean_train_spectrum.npy")  # the naive baseline, computed once for the run
+    assert stored.shape == (3598 // 16,) and np.array_equal(ckpt["run_info"]["mean_train_spectrum"], stored)
+    assert ckpt["run_info"]["kind"] == "generative" and ckpt["run_info"]["config"]["train"]["max_iters"] == 4
+    stamp = (run / "mean_train_spectrum.npy").stat().st_mtime_ns
     resumed = run_script("train_generative.py", tiny_generative_args(tiny_mock, out) + ["train.max_iters=7",
                                                                                           f"run.resume={run}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at iteration 4 " in (run / "log.txt").read_text()
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 7
+    assert (run / "mean_train_spectrum.npy").stat().st_mtime_ns == stamp  # read back, not recomputed
 
 
 def test_classifier_free_guidance_option():

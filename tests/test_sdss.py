@@ -58,8 +58,10 @@ class FaultyServer:
     request: 503, 429, 'truncate', 'stall', 'redirect-loop', 'gzip' (a correct gzip-encoded
     response), 'bad-gzip' (declared gzip, undecodable); 404 for unknown paths."""
 
-    def __init__(self, files: dict[str, bytes], faults: dict[str, list] | None = None) -> None:
+    def __init__(self, files: dict[str, bytes], faults: dict[str, list] | None = None,
+                 die_after: int | None = None) -> None:
         self.files = files
+        self.die_after = die_after  # after this many requests the server hangs (answers nothing)
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.requests: list[str] = []
         self.lock = threading.Lock()
@@ -73,6 +75,10 @@ class FaultyServer:
                 with outer.lock:
                     outer.requests.append(self.path)
                     fault = outer.faults.get(self.path, []).pop(0) if outer.faults.get(self.path) else None
+                    dead = outer.die_after is not None and len(outer.requests) > outer.die_after
+                if dead:
+                    time.sleep(1.0)
+                    return
                 body = outer.files.get(self.path)
                 if body is None:
                     self.send_response(404)
@@ -425,3 +431,16 @@ def test_silent_server_stops_the_run_in_bounded_time(tmp_path):
         elapsed = time.perf_counter() - start
     assert elapsed < 10 and valid_spectrum(tmp_path / "kept.fits") is None
     assert "Timeout" in (tmp_path / "failures.csv").read_text()
+
+
+def test_server_dying_midway_stops_the_run_and_keeps_what_was_fetched(tmp_path):
+    files = {f"/spec/{i}.fits": spec_bytes(*good_spectrum(i)) for i in range(40)}
+    with FaultyServer(files, die_after=6) as server:
+        tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / f"{i}.fits", valid_spectrum) for i in range(40)]
+        start = time.perf_counter()
+        with pytest.raises(NetworkUnreachable, match="stopped answering"):
+            fast_downloader(workers=2, timeout=0.2, retries=1).run(tasks, tmp_path / "failures.csv")
+        elapsed = time.perf_counter() - start
+    kept = [p for p in tmp_path.glob("*.fits") if valid_spectrum(p) is None]
+    assert len(kept) == 6 and elapsed < 15 and not list(tmp_path.glob(".*.part"))
+    assert len(server.requests) < 40  # it stopped asking

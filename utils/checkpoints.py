@@ -31,6 +31,9 @@ BEST_PREFIX = "best"
 INDEX_FILE = "index.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yml"
+#: the mean preprocessed training spectrum (L,), the naive predictor every evaluation compares with
+MEAN_SPECTRUM_FILE = "mean_train_spectrum.npy"
+MEAN_SPECTRUM_KEY = "mean_train_spectrum"
 #: the checkpoint entry that says which trainer wrote it, with its configuration
 RUN_INFO_KEY = "run_info"
 #: what each kind of run saves as its sampling weights
@@ -46,16 +49,17 @@ class NonFiniteError(UserError):
 
 
 class RunInfo:
-    """The trainer's kind and resolved configuration, saved in every checkpoint.
+    """The trainer's kind, its resolved configuration and facts computed once for the run (e.g.
+    the mean training spectrum), saved in every checkpoint.
 
     Loading it checks the kind: a contrastive checkpoint cannot resume a diffusion run.
     """
 
-    def __init__(self, kind: str, config: dict) -> None:
-        self.kind, self.config = kind, config
+    def __init__(self, kind: str, config: dict, extras: dict | None = None) -> None:
+        self.kind, self.config, self.extras = kind, config, dict(extras or {})
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "config": self.config}
+        return {"kind": self.kind, "config": self.config, **self.extras}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("kind") != self.kind:

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -18,8 +19,8 @@ from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
 from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
-from utils.checkpoints import (METRICS_FILE, WEIGHTS_KEY, CheckpointError, best_checkpoint, checkpoint_kind,
-                               find_checkpoint, read_checkpoint)
+from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, METRICS_FILE, RUN_INFO_KEY, WEIGHTS_KEY,
+                               CheckpointError, best_checkpoint, checkpoint_kind, find_checkpoint, read_checkpoint)
 from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
 from utils.runtime import autocast
@@ -62,6 +63,20 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
     return x0.float().reshape(g, n_samples, -1)
 
 
+def run_mean_spectrum(run_dir: Path, train_set) -> np.ndarray:
+    """The run's mean training spectrum ``(L,)``: computed at the run's first start and kept in
+    ``run_dir`` (a resumed run reads it back; checkpoints carry it for generate.py)."""
+    path = Path(run_dir) / MEAN_SPECTRUM_FILE
+    if path.is_file():
+        stored = np.load(path)
+        if stored.shape == (train_set.n_pixels,):
+            return stored
+    mean = mean_spectrum(train_set)
+    if idist.get_rank() == 0:
+        np.save(path, mean)
+    return mean
+
+
 def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
     """Mean preprocessed spectrum ``(L,)`` of up to ``n`` training objects (the naive predictor)."""
     rows = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)
@@ -98,15 +113,16 @@ def newest_finished_run(folder: Path, what: str) -> Path:
     return runs[-1]
 
 
-def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path]:
-    """``(run config, weights, checkpoint path)`` of a trained model of ``kind``, from a run folder
-    (its best checkpoint, else its latest), a checkpoint file alone, or the newest finished run
-    in ``default_dir``. The configuration is the one saved in the checkpoint."""
+def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path, dict]:
+    """``(run config, weights, checkpoint path, run info)`` of a trained model of ``kind``, from a
+    run folder (its best checkpoint, else its latest), a checkpoint file alone, or the newest
+    finished run in ``default_dir``. The configuration is the one saved in the checkpoint; the
+    run info also holds what the run computed once (``mean_train_spectrum`` for diffusion runs)."""
     run = Path(path) if path else newest_finished_run(default_dir, what)
     checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
     state = read_checkpoint(checkpoint, f"{what} checkpoint")
     config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
-    return config, state[WEIGHTS_KEY[kind]], checkpoint
+    return config, state[WEIGHTS_KEY[kind]], checkpoint, state[RUN_INFO_KEY]
 
 
 def check_compatible(config: dict, gen_cfg: dict, con_cfg: dict, gen_path: Path, con_path: Path) -> None:
@@ -139,6 +155,7 @@ class TrainedPair:
     con_path: Path
     gen_weights: dict
     con_weights: dict
+    mean_train_spectrum: np.ndarray | None = None  # (L,), as the diffusion run computed it
     denoiser: torch.nn.Module | None = None
     contrastive: torch.nn.Module | None = None
     diffusion: GaussianDiffusion | None = None
@@ -148,12 +165,13 @@ def find_models(config: dict) -> TrainedPair:
     """Locate both trained models (config paths or newest finished runs) and check that they fit
     the configured data."""
     s = config["sampling"]
-    gen_cfg, gen_w, gen_path = load_trained(s["generative_run"], Path(config["run"]["out_dir"]), "diffusion model",
-                                            "generative")
-    con_cfg, con_w, con_path = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
-                                            "contrastive")
+    gen_cfg, gen_w, gen_path, gen_info = load_trained(s["generative_run"], Path(config["run"]["out_dir"]),
+                                                      "diffusion model", "generative")
+    con_cfg, con_w, con_path, _ = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
+                                               "contrastive")
     check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
-    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w)
+    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w,
+                       mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY))
 
 
 def build_denoiser(config: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,

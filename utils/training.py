@@ -284,20 +284,21 @@ def create_validation(trainer: Engine, *, validate: Callable[[Engine], dict[str,
 
 def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, optimizer: torch.optim.Optimizer,
                     to_save: dict[str, Any], validate: Callable[[Engine], dict[str, float]], best_key: str,
-                    resume_from: Path | None, epoch_length: int, loader=None) -> TrainClock:
+                    resume_from: Path | None, epoch_length: int, loader=None,
+                    run_extras: dict | None = None) -> TrainClock:
     """Attach the handlers every trainer needs, in this order on each iteration: time budget,
     non-finite loss stop, learning-rate decay at epoch ends, validation every ``val.every``
     iterations, the 'latest' checkpoint every ``run.checkpoint_every``; at the end validation (if
     not just done), a last checkpoint and ``metrics.json``. Resumes from ``resume_from`` (model,
     optimizer, scheduler, engine, clock, and the checkpoint handlers' files). ``kind`` ('contrastive'
-    or 'generative') and the configuration are saved in every checkpoint."""
+    or 'generative'), the configuration and ``run_extras`` are saved in every checkpoint."""
     clock = TrainClock()
     attach_budget(trainer, clock, config["train"]["max_minutes"])
     attach_non_finite_stop(trainer, run_dir / CHECKPOINT_DIR)
     scheduler = attach_lr_decay(trainer, optimizer, config["train"]["lr_decay"], epoch_length)
     attach_sampler_epochs(trainer, loader)
     to_save = {**to_save, "trainer": trainer, "lr_scheduler": scheduler, "clock": clock,
-               RUN_INFO_KEY: RunInfo(kind, config)}
+               RUN_INFO_KEY: RunInfo(kind, config, run_extras)}
     trainer.state.val_metrics = {}
     rank0 = idist.get_rank() == 0
     if rank0:
