@@ -102,8 +102,7 @@ def run(config: dict) -> Path:
     truth_arr = np.concatenate(truth) if known else None
     baseline = pair.mean_train_spectrum if known else None
     if known and (baseline is None or np.shape(baseline) != (dataset.n_pixels,)):  # computed by the run; else now
-        baseline = mean_spectrum(SpectraDataset(survey, "train", config["data"]["image"],
-                                                config["data"]["preprocessing"], config["data"]["downsample"]))
+        baseline = mean_spectrum(SpectraDataset.from_config(survey, "train", config["data"]))
     results = evaluate(samples, scores, truth_arr, s["top_k"], baseline)
     if known:
         par = np.concatenate(params)

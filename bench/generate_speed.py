@@ -105,7 +105,7 @@ def main() -> None:
     pair = find_models(config)
     survey = load_survey(config)
     d = config["data"]
-    data = subset(SpectraDataset(survey, "test", d["image"], d["preprocessing"], d["downsample"]), args.galaxies)
+    data = subset(SpectraDataset.from_config(survey, "test", d), args.galaxies)
     pair = build_models(pair, data.n_pixels, data.n_channels, device)
     gen_cfg, gen_path = pair.gen_cfg, pair.gen_path
     model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion

@@ -52,8 +52,8 @@ def main() -> None:
               if val is not None})
     d = config["data"]
     survey = load_survey(config)
-    train = SpectraDataset(survey, "train", d["image"], d["preprocessing"], d["downsample"])
-    val = subset(SpectraDataset(survey, "val", d["image"], d["preprocessing"], d["downsample"]), args.galaxies,
+    train = SpectraDataset.from_config(survey, "train", d)
+    val = subset(SpectraDataset.from_config(survey, "val", d), args.galaxies,
                  seed=config["run"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_denoiser(config, weights, path, val.n_pixels, val.n_channels, device)

@@ -94,15 +94,17 @@ def test_cli_exit_code_2_without_traceback():
 
 
 def test_allowed_values_come_from_the_implementing_modules(monkeypatch):
-    """A sampler added to models.samplers.SAMPLERS is a valid config value at once, and the
+    """A sampler added to models.samplers.SAMPLERS is a valid config value (read once per process), and the
     advertised conditionings are the UNet's own."""
     from models import samplers
     from models.unet import CONDITIONINGS
     from utils.config import choices
 
+    choices.cache_clear()  # read the modules anew after the change below
     monkeypatch.setitem(samplers.SAMPLERS, "mine", samplers.SAMPLERS["ddim"])
     assert load_config(GEN_PARAMS, ["sampling.sampler=mine"])["sampling"]["sampler"] == "mine"
     assert choices()["model.conditioning"] == CONDITIONINGS
     monkeypatch.delitem(samplers.SAMPLERS, "mine")
+    choices.cache_clear()
     with pytest.raises(ConfigError, match="expected one of 'ddpm', 'ddim', 'dpmpp2m'"):
         load_config(GEN_PARAMS, ["sampling.sampler=mine"])

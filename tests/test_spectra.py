@@ -61,3 +61,21 @@ def test_rebin_is_inverse_variance_weighted():
     ivar = np.array([[1.0, 3.0, 0.0, 2.0, 1.0]])
     f, iv, grid = rebin(flux, ivar, np.arange(5.0), 2)
     assert np.allclose(f, [[(1 + 9) / 4, 7.0]]) and np.allclose(iv, [[4.0, 2.0]]) and np.allclose(grid, [0.5, 2.5])
+
+
+@pytest.mark.parametrize("kind", ["scale", "log"])
+def test_spectral_grid_owns_downsampling_preprocessing_and_inversion(kind):
+    from utils.spectra import SpectralGrid, neurips_loglam, rebin
+
+    rng = np.random.default_rng(0)
+    flux, ivar = rng.uniform(1, 5, (3, 3598)), rng.uniform(0.5, 2, (3, 3598))
+    grid = SpectralGrid(neurips_loglam(), 16, kind)
+    f, iv = grid.rebin(flux, ivar)
+    assert grid.n_pixels == 224 == f.shape[-1] and np.allclose(grid.wave, 10 ** grid.loglam)
+    assert np.allclose(grid.loglam, rebin(flux, ivar, neurips_loglam(), 16)[2])
+    x, params = grid.preprocess(f)
+    assert np.allclose(grid.invert(x, params), f, rtol=1e-5)
+    with pytest.raises(ValueError, match="downsample"):
+        SpectralGrid(neurips_loglam(), 0, kind)
+    with pytest.raises(ValueError, match="preprocessing"):
+        SpectralGrid(neurips_loglam(), 1, "sqrt")

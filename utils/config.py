@@ -10,6 +10,7 @@ Precedence, lowest first: the defaults file, its ``presets.<name>`` block (``--p
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import sys
@@ -29,6 +30,7 @@ PRECISIONS = ("fp32", "bf16")
 BACKENDS = ("none", "gloo", "nccl")
 
 
+@functools.cache
 def choices() -> dict[str, tuple]:
     """Keys whose values come from a closed set, by dotted path, each set read from the module
     that implements it (imported on first use: reading a config does not need torch)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from astropy.table import Table
 
 from utils.errors import UserError
-from utils.spectra import deprocess, preprocess, rebin
+from utils.spectra import SpectralGrid
 
 logger = logging.getLogger(__name__)
 
@@ -368,28 +368,48 @@ class SpectraDataset(torch.utils.data.Dataset):
         if image not in survey.images:
             raise DataError(f"dataset folder '{survey.root}' has no {IMAGE_FILES[image]} "
                             f"(config data.image={image!r}; present: {', '.join(survey.images)})")
-        if downsample < 1:
-            raise ValueError("downsample must be >= 1")
         self.survey = survey
         self.rows = np.asarray(rows) if rows is not None else survey.rows(split)
         self.kind = image
-        self.preprocessing = preprocessing
-        self.downsample = downsample
+        self.grid = SpectralGrid(survey.loglam, downsample, preprocessing)
         self.spectra = spectra
         stats = survey.meta.get("image_stats", {}).get(image)
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
-        _, _, self.loglam = rebin(survey.flux[:1], survey.ivar[:1], survey.loglam, downsample)
+
+    @classmethod
+    def from_config(cls, survey: Survey, split: str | None, data: dict, train: bool = False, **kwargs
+                    ) -> "SpectraDataset":
+        """The dataset a configuration's ``data`` section describes (image bands, downsampling,
+        preprocessing): the one way trainers, generate.py and the benchmarks build one."""
+        return cls(survey, split, data["image"], data["preprocessing"], data["downsample"], train=train, **kwargs)
+
+    def like(self, rows: np.ndarray, train: bool = False) -> "SpectraDataset":
+        """The same grid, bands and preprocessing on other ``rows``."""
+        return SpectraDataset(self.survey, None, self.kind, self.preprocessing, self.downsample, train=train,
+                              rows=rows, spectra=self.spectra)
+
+    @property
+    def preprocessing(self) -> str:
+        return self.grid.preprocessing
+
+    @property
+    def downsample(self) -> int:
+        return self.grid.downsample
+
+    @property
+    def loglam(self) -> np.ndarray:
+        return self.grid.loglam
 
     @property
     def wave(self) -> np.ndarray:
         """``(L',)`` wavelength in A of the (possibly rebinned) grid."""
-        return 10.0 ** self.loglam
+        return self.grid.wave
 
     @property
     def n_pixels(self) -> int:
-        return len(self.loglam)
+        return self.grid.n_pixels
 
     @property
     def n_channels(self) -> int:
@@ -401,9 +421,7 @@ class SpectraDataset(torch.utils.data.Dataset):
     def flux(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Flux and ivar of item ``i`` on the (possibly rebinned) grid, flux units."""
         row = self.rows[i]
-        flux, ivar, _ = rebin(np.asarray(self.survey.flux[row]), np.asarray(self.survey.ivar[row]),
-                              self.survey.loglam, self.downsample)
-        return flux, ivar
+        return self.grid.rebin(np.asarray(self.survey.flux[row]), np.asarray(self.survey.ivar[row]))
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
@@ -414,13 +432,13 @@ class SpectraDataset(torch.utils.data.Dataset):
         flux, _ = self.flux(i)
         if not np.all(np.isfinite(flux)):
             raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {row} has non-finite flux")
-        x, params = preprocess(flux, self.wave, self.preprocessing)
+        x, params = self.grid.preprocess(flux)
         return {"image": image, "spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params),
                 "index": row}
 
     def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Preprocessed spectra ``(..., L')`` back to flux units."""
-        return deprocess(x, params, self.preprocessing)
+        return self.grid.invert(x, params)
 
     def iter_batches(self, batch_size: int) -> Iterator[dict]:
         """Deterministic batches in row order (for evaluation without a DataLoader)."""

@@ -202,10 +202,9 @@ def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
         if len(images.loglam) != len(survey.loglam) or not np.allclose(images.loglam, survey.loglam):
             raise UserError(f"sampling.catalog '{s['catalog']}' has a different wavelength grid from data.root")
         known = bool(np.isfinite(np.asarray(images.flux)).all())
-        dataset = SpectraDataset(images, None, d["image"], d["preprocessing"], d["downsample"], train=False,
-                                 spectra=known)
+        dataset = SpectraDataset.from_config(images, None, d, spectra=known)
         return subset(dataset, s["max_objects"], seed=0), known
-    dataset = SpectraDataset(survey, s["split"], d["image"], d["preprocessing"], d["downsample"], train=False)
+    dataset = SpectraDataset.from_config(survey, s["split"], d)
     if len(dataset) == 0:
         raise UserError(f"split '{s['split']}' of '{survey.root}' is empty")
     return subset(dataset, s["max_objects"], seed=0), True

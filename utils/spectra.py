@@ -121,3 +121,49 @@ def deprocess(x: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
     if kind == "log":
         return (np.exp(x) * params[..., 0:1]).astype(np.float32)
     raise ValueError(f"unknown preprocessing '{kind}': expected one of {PREPROCESSINGS}")
+
+
+class SpectralGrid:
+    """The spectra the networks see: a stored ``loglam`` grid combined in blocks of ``downsample``
+    pixels and normalised by ``preprocessing``, with the exact inversion. One object owns all of
+    it (the instrument of pmelchior/spender, in spirit); datasets, evaluation and exports ask it
+    instead of recomputing ``10 ** loglam``.
+
+    Parameters
+    ----------
+    stored_loglam : ``(L,)`` log10(A) of the stored pixels.
+    downsample : pixels per block (inverse-variance weighted, see :func:`rebin`); 1 keeps the grid.
+    preprocessing : one of :data:`PREPROCESSINGS`.
+    """
+
+    def __init__(self, stored_loglam: np.ndarray, downsample: int = 1, preprocessing: str = "scale") -> None:
+        if int(downsample) < 1:
+            raise ValueError(f"downsample must be >= 1, got {downsample}")
+        if preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"unknown preprocessing '{preprocessing}': expected one of {PREPROCESSINGS}")
+        self.stored_loglam = np.asarray(stored_loglam, dtype=np.float64)
+        self.downsample, self.preprocessing = int(downsample), preprocessing
+        n = len(self.stored_loglam) // self.downsample
+        if n < 1:
+            raise ValueError(f"downsample {downsample} leaves no pixel of a {len(self.stored_loglam)}-pixel grid")
+        #: ``(L',)`` log10(A) of the pixels after downsampling (the mean of each block)
+        self.loglam = self.stored_loglam[: n * self.downsample].reshape(n, self.downsample).mean(-1)
+        #: ``(L',)`` observed-frame vacuum wavelength in A
+        self.wave = 10.0 ** self.loglam
+
+    @property
+    def n_pixels(self) -> int:
+        return len(self.loglam)
+
+    def rebin(self, flux: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored ``(..., L)`` flux and ivar onto this grid, ``(..., L')`` each."""
+        flux, ivar, _ = rebin(flux, ivar, self.stored_loglam, self.downsample)
+        return flux, ivar
+
+    def preprocess(self, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flux ``(..., L')`` on this grid -> network input ``(..., L')`` and params ``(..., 2)``."""
+        return preprocess(flux, self.wave, self.preprocessing)
+
+    def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+        """Network-space spectra ``(..., L')`` back to flux, 1e-17 erg/s/cm^2/A."""
+        return deprocess(x, params, self.preprocessing)

@@ -114,10 +114,8 @@ def load_survey(config: dict):
 
 def datasets(config: dict, survey) -> tuple[SpectraDataset, SpectraDataset]:
     """Train (augmented) and validation (centre-cropped) datasets."""
-    d = config["data"]
-    kw = dict(image=d["image"], preprocessing=d["preprocessing"], downsample=d["downsample"])
-    train = SpectraDataset(survey, "train", train=True, **kw)
-    val = SpectraDataset(survey, "val", train=False, **kw)
+    train = SpectraDataset.from_config(survey, "train", config["data"], train=True)
+    val = SpectraDataset.from_config(survey, "val", config["data"])
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"dataset '{survey.root}' needs objects in both the train and val splits "
                         f"(has {len(train)} train, {len(val)} val)")
@@ -140,8 +138,7 @@ def subset(dataset: SpectraDataset, n: int, seed: int = 0) -> SpectraDataset:
         return dataset
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(dataset.rows, size=n, replace=False))
-    return SpectraDataset(dataset.survey, None, dataset.kind, dataset.preprocessing, dataset.downsample,
-                          train=False, rows=rows, spectra=dataset.spectra)
+    return dataset.like(rows)
 
 
 # --------------------------------------------------------------------------------------------
