@@ -105,15 +105,23 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
 
 @pytest.mark.slow
 def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs, tmp_path):
-    missing = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + [
+    from utils.builders import GENERATIVE_PARAMS
+    from utils.config import UserError, load_config
+    from utils.generation import find_models
+
+    # how the models are looked up (in-process: each script launch costs seconds of imports) ...
+    config = load_config(GENERATIVE_PARAMS, gen_args(tiny_mock, trained_runs, tmp_path) + [
         f"sampling.contrastive_run={tmp_path / 'nothing'}"])
-    assert missing.returncode == 1 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
-    empty = run_script("generate.py", [f"data.root={tiny_mock}", "data.source=folder",
-                                       f"run.out_dir={tmp_path / 'none'}"])
-    assert empty.returncode == 1 and "no finished diffusion model run" in empty.stderr
+    with pytest.raises(UserError, match="nothing' does not exist"):
+        find_models(config)
+    config = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", f"run.out_dir={tmp_path / 'none'}"])
+    with pytest.raises(UserError, match="no finished diffusion model run"):
+        find_models(config)
+    # ... and what the script makes of a refusal: exit code 1, one line, nothing written
     swapped = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + [
         f"sampling.contrastive_run={trained_runs[1]}"])  # the diffusion run given as the contrastive one
     assert swapped.returncode == 1 and "is a generative checkpoint, expected a contrastive one" in swapped.stderr
+    assert "Traceback" not in swapped.stderr
     mismatch = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
     assert mismatch.returncode == 1 and "data.downsample differs" in mismatch.stderr
     assert not list(tmp_path.glob("*/spectra.fits"))
