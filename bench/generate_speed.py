@@ -35,6 +35,7 @@ from utils.builders import GENERATIVE_PARAMS as PARAMS  # noqa: E402
 from utils.generation import build_models, find_models, load_trained, sample_for_images, score  # noqa: E402
 from models.samplers import SAMPLERS  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.runtime import default_device  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.training import load_survey, subset  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     gen_cfg, _, _, _ = load_trained(args.generative, Path("runs/generative"), "diffusion model", "generative")
     config = load_config(PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
                                   if k in ("root", "image", "preprocessing", "downsample", "source")] +

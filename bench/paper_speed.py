@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.unet import Attention, TransformerBlock  # noqa: E402
 from utils.builders import GENERATIVE_PARAMS, build_generative_model  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.runtime import keep_freed_memory  # noqa: E402
+from utils.runtime import default_device, keep_freed_memory  # noqa: E402
 
 LENGTH, TRAIN_BATCH, N_SAMPLES, TIMESTEPS = 3598, 16, 25, 250
 
@@ -228,7 +228,7 @@ def worker(spec: str, repeats: int, profile: bool) -> None:
     if allocator == "reuse" and not keep_freed_memory():
         print(json.dumps(None))
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     fn = WHATS[what][1]
     kwargs = {"profile": profile} if what == "train" and way == "ours" else {}
     row = fn(device, way, precision, repeats, bool(rest), **kwargs)

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,6 +25,7 @@ from utils.builders import build_diffusion  # noqa: E402
 from utils.checkpoints import MEAN_SPECTRUM_KEY  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.generation import build_denoiser, load_trained, mean_spectrum, validation_errors  # noqa: E402
+from utils.runtime import default_device  # noqa: E402
 from utils.training import load_survey, subset  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     train = SpectraDataset.from_config(survey, "train", d)
     val = subset(SpectraDataset.from_config(survey, "val", d), args.galaxies,
                  seed=config["run"]["seed"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = build_denoiser(config, weights, path, val.n_pixels, val.n_channels, device)
     baseline = info.get(MEAN_SPECTRUM_KEY)
     baseline = mean_spectrum(train) if baseline is None else baseline

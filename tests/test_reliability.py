@@ -11,9 +11,9 @@ from ignite.engine import Engine, Events
 
 from conftest import ROOT
 from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
-                               SafeDiskSaver, find_checkpoint, read_checkpoint, read_index)
+                               SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index)
 from utils.config import ConfigError, load_config
-from utils.training import attach_training, prepare_run, run_training
+from utils.training import attach_training, run_training
 
 CONTRASTIVE = ROOT / "params_contrastive.yml"
 EPOCH = 4  # iterations per epoch of the toy runs

@@ -1,4 +1,4 @@
-"""Run folders and checkpoints: how they are written, found and read.
+"""Run folders and checkpoints: how they are created, written, found and read (the one home).
 
 Every checkpoint is written atomically by :class:`SafeDiskSaver` (temporary file, then rename);
 a checkpoint it replaces is deleted only after the new one is complete, so at every instant at
@@ -15,12 +15,15 @@ import logging
 import math
 import os
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
+from utils.config import save_config
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -231,3 +234,63 @@ def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint '{path}' does not fit this configuration (different model "
                               f"settings?): {first}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# run folders
+# --------------------------------------------------------------------------------------------
+def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
+    file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder."""
+    checkpoint = find_checkpoint(resume)
+    checkpoint_kind(read_checkpoint(checkpoint, "run.resume checkpoint"), checkpoint, kind, "run.resume checkpoint")
+    run_dir = run_folder_of(checkpoint)
+    if checkpoint.parent.name != CHECKPOINT_DIR or not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"run.resume checkpoint '{checkpoint}' is not inside a run folder "
+                              f"(<run>/{CHECKPOINT_DIR}/ next to <run>/{CONFIG_FILE})")
+    return checkpoint, run_dir
+
+
+def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
+    """Create (or reuse, when resuming) the run folder; write the resolved config there.
+
+    Returns ``(run_dir, checkpoint_to_resume_or_None)``. A bad ``run.resume`` is rejected before
+    any file is written. Only rank 0 touches the disk; the path is broadcast to the other ranks.
+    """
+    resume = config["run"]["resume"]
+    checkpoint = None
+    if idist.get_rank() == 0:
+        if resume:
+            checkpoint, run_dir = resume_target(resume, kind)
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(config["run"]["out_dir"]) / stamp
+            n = 1
+            while run_dir.exists():
+                run_dir = Path(config["run"]["out_dir"]) / f"{stamp}-{n}"
+                n += 1
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        (run_dir / "figures").mkdir(exist_ok=True)
+        sweep_stale_files(run_dir / CHECKPOINT_DIR)
+        name = CONFIG_FILE if not (run_dir / CONFIG_FILE).exists() else f"config-resumed-{stamp_now()}.yml"
+        save_config(config, run_dir / name)
+        message = f"{run_dir}|{checkpoint or ''}"
+    else:
+        message = ""
+    if idist.get_world_size() > 1:
+        message = idist.broadcast(message, src=0, safe_mode=True)
+    run_str, ckpt_str = message.split("|")
+    return Path(run_str), (Path(ckpt_str) if ckpt_str else None)
+
+
+def stamp_now() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def newest_finished_run(folder: Path, what: str) -> Path:
+    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
+    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
+                        f"or name a run folder or checkpoint in the config")
+    return runs[-1]

@@ -94,3 +94,13 @@ def photometric_params(x: np.ndarray, wave: np.ndarray, mag_r: np.ndarray, mag_i
         lo, span = np.linalg.lstsq(design, target[g], rcond=None)[0]
         params[g] = (lo, lo + span)
     return params
+
+
+def format_table(metrics: dict, top_k: int, n: int) -> str:
+    """The console table of the mean metrics over ``n`` galaxies."""
+    width = max(len(v) for v in METRICS.values()) + 4
+    lines = [f"Evaluation over {n} galaxies (preprocessed units, lower is better)", "-" * (width + 12)]
+    for key, value in metrics.items():
+        label = METRICS[key].replace("top-k", f"top-{top_k}")
+        lines.append(f"{label:<{width}}{value:12.5f}")
+    return "\n".join(lines)

@@ -19,8 +19,8 @@ from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
 from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
-from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, METRICS_FILE, RUN_INFO_KEY, WEIGHTS_KEY,
-                               CheckpointError, best_checkpoint, checkpoint_kind, find_checkpoint, read_checkpoint)
+from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_KEY, WEIGHTS_KEY, CheckpointError,
+                               best_checkpoint, checkpoint_kind, find_checkpoint, newest_finished_run, read_checkpoint)
 from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
 from utils.runtime import autocast
@@ -102,15 +102,6 @@ def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, va
         if first is None:
             first = (batch["index"].numpy(), truth, samples)
     return np.asarray(mse), np.asarray(base), first
-
-
-def newest_finished_run(folder: Path, what: str) -> Path:
-    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
-    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
-                        f"or name a run folder or checkpoint in the config")
-    return runs[-1]
 
 
 def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path, dict]:

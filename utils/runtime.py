@@ -51,6 +51,12 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU (trainers use ignite.distributed's
+    per-process device instead)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def autocast(config: dict, device: torch.device):
     """bf16 autocast context when ``run.precision`` is bf16 (CPU and CUDA), else a no-op."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,

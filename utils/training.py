@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,11 +23,9 @@ from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
 
-from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, CONFIG_FILE, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY,
-                               CheckpointError, NonFiniteError, RunInfo, SafeDiskSaver, adopt_saved, checkpoint_kind,
-                               find_checkpoint, load_checkpoint, read_checkpoint, run_folder_of, sweep_stale_files,
-                               write_json)
-from utils.config import load_config, save_config
+from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY, NonFiniteError,
+                               RunInfo, SafeDiskSaver, adopt_saved, load_checkpoint, prepare_run, write_json)
+from utils.config import load_config
 from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
 from utils.mock import ensure_mock
@@ -40,54 +37,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # run folder and logging
 # --------------------------------------------------------------------------------------------
-def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
-    """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
-    file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder."""
-    checkpoint = find_checkpoint(resume)
-    checkpoint_kind(read_checkpoint(checkpoint, "run.resume checkpoint"), checkpoint, kind, "run.resume checkpoint")
-    run_dir = run_folder_of(checkpoint)
-    if checkpoint.parent.name != CHECKPOINT_DIR or not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"run.resume checkpoint '{checkpoint}' is not inside a run folder "
-                              f"(<run>/{CHECKPOINT_DIR}/ next to <run>/{CONFIG_FILE})")
-    return checkpoint, run_dir
-
-
-def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
-    """Create (or reuse, when resuming) the run folder; write the resolved config there.
-
-    Returns ``(run_dir, checkpoint_to_resume_or_None)``. A bad ``run.resume`` is rejected before
-    any file is written. Only rank 0 touches the disk; the path is broadcast to the other ranks.
-    """
-    resume = config["run"]["resume"]
-    checkpoint = None
-    if idist.get_rank() == 0:
-        if resume:
-            checkpoint, run_dir = resume_target(resume, kind)
-        else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_dir = Path(config["run"]["out_dir"]) / stamp
-            n = 1
-            while run_dir.exists():
-                run_dir = Path(config["run"]["out_dir"]) / f"{stamp}-{n}"
-                n += 1
-        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        (run_dir / "figures").mkdir(exist_ok=True)
-        sweep_stale_files(run_dir / CHECKPOINT_DIR)
-        name = CONFIG_FILE if not (run_dir / CONFIG_FILE).exists() else f"config-resumed-{stamp_now()}.yml"
-        save_config(config, run_dir / name)
-        message = f"{run_dir}|{checkpoint or ''}"
-    else:
-        message = ""
-    if idist.get_world_size() > 1:
-        message = idist.broadcast(message, src=0, safe_mode=True)
-    run_str, ckpt_str = message.split("|")
-    return Path(run_str), (Path(ckpt_str) if ckpt_str else None)
-
-
-def stamp_now() -> str:
-    return datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
 def setup_logging(run_dir: Path) -> None:
     """Log to the console (already set up by the entry script) and to ``run_dir/log.txt``."""
     if idist.get_rank() != 0:
