@@ -10,7 +10,6 @@ row per galaxy), metrics.json, config.yml, figures/.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from utils.builders import GENERATIVE_PARAMS
+from utils.checkpoints import METRICS_FILE, write_json
 from utils.config import cli, load_config, save_config
 from utils.dataset import SpectraDataset
 from utils.evaluation import METRICS, evaluate, format_table, photometric_params
@@ -93,8 +93,7 @@ def run(config: dict) -> Path:
     if known:
         summary["metrics"] = {k: float(np.mean(results[k])) for k in METRICS if k in results}
         print(format_table(summary["metrics"], s["top_k"], len(dataset)))
-    with open(out_dir / "metrics.json", "w") as handle:
-        json.dump(summary, handle, indent=2)
+    write_json(out_dir / METRICS_FILE, summary)
     draw_figures(out_dir / "figures", dataset, results, truth_arr, s["figures"], s["top_k"])
     logger.info("%d spectra in %.1f s (%.1f spectra/s); results in %s", len(dataset) * s["n_samples"], seconds,
                 summary["spectra_per_second"], out_dir)

@@ -53,9 +53,8 @@ def make_validate(model, val_set, config: dict, device: torch.device, run_dir: P
         losses = [nt_xent(zi[s:s + group], zs[s:s + group], temperature).item()
                   for s in range(0, len(zi) - 1, group) if len(zi[s:s + group]) > 1]
         metrics = {"loss": float(np.mean(losses)), **retrieval_metrics(zi, zs, group)}
-        if idist.get_rank() == 0:
-            save_figure(zi, zs, val_set, run_dir / "figures" / f"retrieval_{engine.state.iteration:07d}.png",
-                        engine.state.iteration)
+        save_figure(zi, zs, val_set, run_dir / "figures" / f"retrieval_{engine.state.iteration:07d}.png",
+                    engine.state.iteration)  # validation runs on rank 0 only (utils.training.create_validation)
         return metrics
 
     return validate
@@ -107,7 +106,7 @@ def run(local_rank: int, config: dict) -> None:
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "optimizer": optimizer},
                     validate=make_validate(model, val_set, config, device, run_dir), best_key="loss",
-                    resume_from=start.resume, epoch_length=len(start.loader), loader=start.loader)
+                    resume_from=start.resume, loader=start.loader)
     run_training(trainer, start.loader, config)
 
 

@@ -45,7 +45,7 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
         mse, base, first = validation_errors(unwrap(ema.ema_model), diffusion, val_set, config, device, baseline)
         metrics = {"mse_mean": float(np.mean(mse)), "mse_mean_train_spectrum": float(np.mean(base))}
         metrics["mse_ratio"] = metrics["mse_mean"] / metrics["mse_mean_train_spectrum"]
-        if idist.get_rank() == 0 and first is not None:
+        if first is not None:  # validation runs on rank 0 only (utils.training.create_validation)
             rows, truth, samples = (a[:FIGURE_GALAXIES] for a in first)
             samples = samples[:, :FIGURE_SAMPLES]
             images = [val_set.survey.images[val_set.kind][r] for r in rows]
@@ -90,8 +90,8 @@ def run(local_rank: int, config: dict) -> None:
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},
                     validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
-                    best_key="mse_mean", resume_from=start.resume, epoch_length=len(start.loader),
-                    loader=start.loader, run_extras={MEAN_SPECTRUM_KEY: baseline})
+                    best_key="mse_mean", resume_from=start.resume, loader=start.loader,
+                    run_extras={MEAN_SPECTRUM_KEY: baseline})
     run_training(trainer, start.loader, config)
 
 

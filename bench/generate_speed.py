@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.builders import GENERATIVE_PARAMS as PARAMS  # noqa: E402
+from utils.builders import GENERATIVE_PARAMS  # noqa: E402
+from utils.checkpoints import default_runs  # noqa: E402
 from utils.generation import build_models, find_models, load_trained, sample_for_images, score  # noqa: E402
 from models.samplers import SAMPLERS  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -97,8 +98,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = default_device()
-    gen_cfg, _, _, _ = load_trained(args.generative, Path("runs/generative"), "diffusion model", "generative")
-    config = load_config(PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
+    gen_cfg, _, _, _ = load_trained(args.generative, default_runs(GENERATIVE_PARAMS), "diffusion model", "generative")
+    config = load_config(GENERATIVE_PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
                                   if k in ("root", "image", "preprocessing", "downsample", "source")] +
                          ([f"sampling.generative_run={args.generative}"] if args.generative else []) +
                          ([f"sampling.contrastive_run={args.contrastive}"] if args.contrastive else []))

@@ -100,13 +100,13 @@ def time_training(device: torch.device, way: str, precision: str, repeats: int, 
     import copy
 
     from ignite.engine import Engine, Events
-    from ignite.handlers import EMAHandler
 
-    from models.diffusion import GaussianDiffusion
+    from utils.builders import build_diffusion
+    from utils.training import attach_ema
 
     torch.manual_seed(0)
     model = paper_model(device)
-    diffusion = GaussianDiffusion.from_config("cosine", TIMESTEPS)
+    diffusion = build_diffusion(load_config(GENERATIVE_PARAMS, []))
     opt = torch.optim.Adam(model.parameters(), 1e-4, fused=device.type == "cuda" or None)
     forward = torch.compile(model) if compile_ else model
     x0 = torch.rand(TRAIN_BATCH, 1, LENGTH, device=device) * 2 - 1
@@ -136,7 +136,7 @@ def time_training(device: torch.device, way: str, precision: str, repeats: int, 
                 step()
     else:
         trainer = Engine(step)
-        EMAHandler(model, momentum=0.01).attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+        attach_ema(trainer, model, 0.99)  # train_generative.py's Polyak average, paper decay
 
         @trainer.on(Events.ITERATION_COMPLETED)
         def _stop_clock(engine):  # attached after the EMA handler: the average is inside the time

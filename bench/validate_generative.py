@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.builders import build_diffusion  # noqa: E402
-from utils.checkpoints import MEAN_SPECTRUM_KEY  # noqa: E402
+from utils.builders import GENERATIVE_PARAMS, build_diffusion  # noqa: E402
+from utils.checkpoints import MEAN_SPECTRUM_KEY, default_runs  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.generation import build_denoiser, load_trained, mean_spectrum, validation_errors  # noqa: E402
 from utils.runtime import default_device  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
 
-    config, weights, path, info = load_trained(args.run, Path("runs/generative"), "diffusion model", "generative")
+    config, weights, path, info = load_trained(args.run, default_runs(GENERATIVE_PARAMS), "diffusion model", "generative")
     v = config["val"]
     v.update({k: val for k, val in (("sampler", args.sampler), ("steps", args.steps), ("n_samples", args.n))
               if val is not None})

@@ -50,7 +50,7 @@ def toy_run(run_dir: Path, overrides: list[str], *, resume: Path | None = None, 
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     attach_training(trainer, config=config, kind="contrastive", run_dir=run_dir, optimizer=opt,
                     to_save={"model": model, "optimizer": opt}, validate=validate, best_key="loss",
-                    resume_from=resume, epoch_length=EPOCH)
+                    resume_from=resume, loader=data)
     return trainer, model, opt, data, config
 
 

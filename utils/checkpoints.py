@@ -23,7 +23,7 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
-from utils.config import save_config
+from utils.config import load_defaults, save_config
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -198,10 +198,11 @@ def run_folder_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
 
 
-def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file."""
+def read_checkpoint(path: Path, what: str = "checkpoint", mmap: bool = False) -> dict:
+    """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file.
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the metadata is needed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # a truncated or foreign file
         raise CheckpointError(f"{what} '{path}' cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
@@ -243,7 +244,8 @@ def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
     """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
     file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder."""
     checkpoint = find_checkpoint(resume)
-    checkpoint_kind(read_checkpoint(checkpoint, "run.resume checkpoint"), checkpoint, kind, "run.resume checkpoint")
+    state = read_checkpoint(checkpoint, "run.resume checkpoint", mmap=True)  # the weights are loaded later, once
+    checkpoint_kind(state, checkpoint, kind, "run.resume checkpoint")
     run_dir = run_folder_of(checkpoint)
     if checkpoint.parent.name != CHECKPOINT_DIR or not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"run.resume checkpoint '{checkpoint}' is not inside a run folder "
@@ -263,7 +265,7 @@ def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
         if resume:
             checkpoint, run_dir = resume_target(resume, kind)
         else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            stamp = stamp_now()
             run_dir = Path(config["run"]["out_dir"]) / stamp
             n = 1
             while run_dir.exists():
@@ -285,6 +287,11 @@ def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
 
 def stamp_now() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def default_runs(params: Path) -> Path:
+    """Where a trainer puts its runs by default: ``run.out_dir`` of its params file."""
+    return Path(load_defaults(params)[0]["run"]["out_dir"])
 
 
 def newest_finished_run(folder: Path, what: str) -> Path:

@@ -217,12 +217,14 @@ def check_consistency(config: dict) -> None:
         raise ConfigError(f"config key 'sampling.top_k': got {s['top_k']}, expected at most sampling.n_samples "
                           f"({s['n_samples']})")
     m = config.get("model", {})
-    levels = len(m.get("mults", [])) - 1
-    if "attn_levels" in m and levels >= 1 and any(a > levels for a in m["attn_levels"]):
+    if "mults" not in m:
+        return
+    levels = len(m["mults"]) - 1  # the last multiplier is the bottleneck's (models.unet)
+    if levels < 1:
+        raise ConfigError(f"config key 'model.mults': got {m['mults']}, expected at least 2 entries")
+    if any(a > levels for a in m.get("attn_levels", [])):
         raise ConfigError(f"config key 'model.attn_levels': got {m['attn_levels']}, expected levels in 1..{levels} "
                           f"(model.mults {m['mults']} has {levels} levels; its last entry is the bottleneck's)")
-    if m.get("mults") is not None and "attn_levels" in m and levels < 1:
-        raise ConfigError(f"config key 'model.mults': got {m['mults']}, expected at least 2 entries")
 
 
 def _read_yaml(path: Path) -> dict:

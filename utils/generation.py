@@ -18,17 +18,18 @@ from tqdm import tqdm
 from models.diffusion import GaussianDiffusion
 from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
-from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
+from utils.builders import (CONTRASTIVE_PARAMS, build_contrastive_model, build_diffusion, build_generative_model,
+                            clip_value)
 from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_KEY, WEIGHTS_KEY, CheckpointError,
-                               best_checkpoint, checkpoint_kind, find_checkpoint, newest_finished_run, read_checkpoint)
-from utils.errors import UserError
+                               best_checkpoint, checkpoint_kind, default_runs, find_checkpoint, newest_finished_run,
+                               read_checkpoint)
 from utils.dataset import SpectraDataset, open_survey
+from utils.errors import UserError
 from utils.runtime import autocast
 from utils.training import subset
 
 logger = logging.getLogger(__name__)
 
-CONTRASTIVE_RUNS = Path("runs/contrastive")
 #: data settings that a trained model fixes and the data must share
 DATA_KEYS = ("image", "preprocessing", "downsample")
 
@@ -158,8 +159,8 @@ def find_models(config: dict) -> TrainedPair:
     s = config["sampling"]
     gen_cfg, gen_w, gen_path, gen_info = load_trained(s["generative_run"], Path(config["run"]["out_dir"]),
                                                       "diffusion model", "generative")
-    con_cfg, con_w, con_path, _ = load_trained(s["contrastive_run"], CONTRASTIVE_RUNS, "contrastive network",
-                                               "contrastive")
+    con_cfg, con_w, con_path, _ = load_trained(s["contrastive_run"], default_runs(CONTRASTIVE_PARAMS),
+                                               "contrastive network", "contrastive")
     check_compatible(config, gen_cfg, con_cfg, gen_path, con_path)
     return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w,
                        mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY))

@@ -218,6 +218,8 @@ class RateLimiter:
 
 #: suffix of a download in progress (``.<name>.<pid>.<thread>.part``)
 PART_SUFFIX = ".part"
+#: why a file was not attempted: the run stopped once the server was taken for unreachable
+STOPPED = "not attempted: the run stopped (server unreachable)"
 #: errors worth another attempt
 RETRY_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError, http.client.IncompleteRead)
@@ -302,7 +304,7 @@ class Downloader:
         reason = None
         for attempt in range(self.retries + 1):
             if self._stop.is_set():
-                return "not attempted: the run stopped (server unreachable)"
+                return STOPPED
             reason = self._attempt(task)
             if reason is None or not reason.startswith("retry:"):
                 return reason
@@ -311,7 +313,7 @@ class Downloader:
             if len(parts) > 2 and parts[-1].strip().isdigit():
                 delay = max(delay, float(parts[-1]))
             if attempt < self.retries and self._stop.wait(delay):
-                return "not attempted: the run stopped (server unreachable)"
+                return STOPPED
         return reason.removeprefix("retry:") + f" (after {self.retries + 1} attempts)"
 
     def run(self, tasks: Iterable[Task], failures_file: Path | None = None, desc: str = "download") -> Report:
@@ -340,7 +342,7 @@ class Downloader:
                 if reason is None:
                     report.fetched += 1
                     consecutive = 0
-                elif not reason.startswith("not attempted"):
+                elif reason != STOPPED:
                     report.failures[task.key] = f"{reason}: {task.url}"
                     consecutive = consecutive + 1 if any(e.__name__ in reason for e in UNREACHABLE_ERRORS) else 0
                 bar.update(1)

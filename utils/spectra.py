@@ -38,6 +38,13 @@ def apj_wave() -> np.ndarray:
     return np.arange(APJ_WAVE_MIN, APJ_WAVE_MAX + APJ_WAVE_STEP / 2, APJ_WAVE_STEP)
 
 
+def block_grid(loglam: np.ndarray, factor: int) -> np.ndarray:
+    """``(L // factor,)`` centres of blocks of ``factor`` pixels (the mean of each block's loglam);
+    a remainder at the red end is dropped."""
+    n = len(loglam) // factor
+    return np.asarray(loglam)[: n * factor].reshape(n, factor).mean(-1)
+
+
 def rebin(flux: np.ndarray, ivar: np.ndarray, loglam: np.ndarray, factor: int
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Combine blocks of ``factor`` adjacent pixels (inverse-variance weighted mean).
@@ -61,8 +68,7 @@ def rebin(flux: np.ndarray, ivar: np.ndarray, loglam: np.ndarray, factor: int
     w = ivar[..., : n * factor].reshape(shape).astype(np.float64)
     wsum = w.sum(-1)
     mean = np.where(wsum > 0, (f * w).sum(-1) / np.where(wsum > 0, wsum, 1.0), f.mean(-1))
-    grid = loglam[: n * factor].reshape(n, factor).mean(-1)
-    return mean.astype(flux.dtype), wsum.astype(ivar.dtype), grid
+    return mean.astype(flux.dtype), wsum.astype(ivar.dtype), block_grid(loglam, factor)
 
 
 def log_norm(flux: np.ndarray, wave: np.ndarray) -> np.ndarray:
@@ -143,11 +149,10 @@ class SpectralGrid:
             raise ValueError(f"unknown preprocessing '{preprocessing}': expected one of {PREPROCESSINGS}")
         self.stored_loglam = np.asarray(stored_loglam, dtype=np.float64)
         self.downsample, self.preprocessing = int(downsample), preprocessing
-        n = len(self.stored_loglam) // self.downsample
-        if n < 1:
+        if len(self.stored_loglam) < self.downsample:
             raise ValueError(f"downsample {downsample} leaves no pixel of a {len(self.stored_loglam)}-pixel grid")
         #: ``(L',)`` log10(A) of the pixels after downsampling (the mean of each block)
-        self.loglam = self.stored_loglam[: n * self.downsample].reshape(n, self.downsample).mean(-1)
+        self.loglam = block_grid(self.stored_loglam, self.downsample)
         #: ``(L',)`` observed-frame vacuum wavelength in A
         self.wave = 10.0 ** self.loglam
 

@@ -26,8 +26,8 @@ from torch.utils.data.distributed import DistributedSampler
 from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY, NonFiniteError,
                                RunInfo, SafeDiskSaver, adopt_saved, load_checkpoint, prepare_run, write_json)
 from utils.config import load_config
-from utils.errors import UserError
 from utils.dataset import SpectraDataset, open_survey
+from utils.errors import UserError
 from utils.mock import ensure_mock
 from utils.runtime import keep_freed_memory
 
@@ -134,7 +134,8 @@ def attach_ema(trainer: Engine, model: torch.nn.Module, decay: float) -> EMAHand
     return ema
 
 
-def attach_lr_decay(trainer: Engine, optimizer: torch.optim.Optimizer, decay: float, epoch_length: int) -> LRScheduler:
+def attach_lr_decay(trainer: Engine, optimizer: torch.optim.Optimizer, decay: float, epoch_length: int
+                    ) -> LRScheduler:
     """Learning rate x ``decay`` at the end of every epoch. Stepped on the epoch's last
     ITERATION_COMPLETED (before that iteration's checkpoint), so that a checkpoint taken at the end
     of an epoch already holds the decayed rate and a resume from it decays exactly like an
@@ -230,18 +231,18 @@ def create_validation(trainer: Engine, *, validate: Callable[[Engine], dict[str,
 
 def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, optimizer: torch.optim.Optimizer,
                     to_save: dict[str, Any], validate: Callable[[Engine], dict[str, float]], best_key: str,
-                    resume_from: Path | None, epoch_length: int, loader=None,
-                    run_extras: dict | None = None) -> TrainClock:
+                    resume_from: Path | None, loader, run_extras: dict | None = None) -> TrainClock:
     """Attach the handlers every trainer needs, in this order on each iteration: time budget,
     non-finite loss stop, learning-rate decay at epoch ends, validation every ``val.every``
     iterations, the 'latest' checkpoint every ``run.checkpoint_every``; at the end validation (if
     not just done), a last checkpoint and ``metrics.json``. Resumes from ``resume_from`` (model,
-    optimizer, scheduler, engine, clock, and the checkpoint handlers' files). ``kind`` ('contrastive'
-    or 'generative'), the configuration and ``run_extras`` are saved in every checkpoint."""
+    optimizer, scheduler, engine, clock, and the checkpoint handlers' files). ``loader`` sets the
+    epoch length (and its DistributedSampler is told each epoch). ``kind`` ('contrastive' or
+    'generative'), the configuration and ``run_extras`` are saved in every checkpoint."""
     clock = TrainClock()
     attach_budget(trainer, clock, config["train"]["max_minutes"])
     attach_non_finite_stop(trainer, run_dir / CHECKPOINT_DIR)
-    scheduler = attach_lr_decay(trainer, optimizer, config["train"]["lr_decay"], epoch_length)
+    scheduler = attach_lr_decay(trainer, optimizer, config["train"]["lr_decay"], len(loader))
     attach_sampler_epochs(trainer, loader)
     to_save = {**to_save, "trainer": trainer, "lr_scheduler": scheduler, "clock": clock,
                RUN_INFO_KEY: RunInfo(kind, config, run_extras)}
@@ -281,6 +282,7 @@ def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, 
                     trainer.state.iteration, trainer.state.epoch, optimizer.param_groups[0]["lr"])
     _attach_tensorboard(trainer, run_dir, optimizer)
     return clock
+
 
 def _attach_tensorboard(trainer: Engine, run_dir: Path, optimizer: torch.optim.Optimizer) -> None:
     """TensorBoard logging when a backend is installed; never required."""
