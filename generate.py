@@ -44,11 +44,12 @@ def run(config: dict) -> Path:
     gen_cfg, gen_path, con_path = pair.gen_cfg, pair.gen_path, pair.con_path
     generator_model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     cfg = {**gen_cfg, "run": {**gen_cfg["run"], "precision": config["run"]["precision"]}}
+    steps = diffusion.num_timesteps if s["sampler"] == "ddpm" else s["steps"]  # DDPM walks every step
     out_dir = Path(s["out_dir"]) / datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / "figures").mkdir(parents=True)
     save_config(config, out_dir / "config.yml")
     logger.info("diffusion model %s; contrastive network %s; %d galaxies x %d samples (%s, %s steps) -> %s",
-                gen_path, con_path, len(dataset), s["n_samples"], s["sampler"], s["steps"], out_dir)
+                gen_path, con_path, len(dataset), s["n_samples"], s["sampler"], steps, out_dir)
 
     generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
     all_samples, all_scores, truth, params = [], [], [], []
@@ -87,7 +88,7 @@ def run(config: dict) -> Path:
     if s["per_galaxy_fits"]:
         write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known)
 
-    summary = {"n_galaxies": len(dataset), "n_samples": s["n_samples"], "sampler": s["sampler"], "steps": s["steps"],
+    summary = {"n_galaxies": len(dataset), "n_samples": s["n_samples"], "sampler": s["sampler"], "steps": steps,
                "top_k": s["top_k"], "seconds": seconds, "spectra_per_second": len(dataset) * s["n_samples"] / seconds,
                "diffusion_checkpoint": str(gen_path), "contrastive_checkpoint": str(con_path)}
     if known:

@@ -1,7 +1,8 @@
 """Benchmark: the paper-size denoiser (SPEC 3) the research code's way against this project's way.
 
     python bench/paper_speed.py [--rounds 3] [--repeats 2] [--precisions fp32,bf16] [--what train,denoise]
-                                [--compile] [--profile] [--galaxies 0] [--out bench/paper_speed.json]
+                                [--compile] [--profile] [--galaxies 0] [--batch-galaxies 1]
+                                [--out bench/paper_speed.json]
 
 Both ways build the same published layout (23.66M-parameter denoiser + ResNet-18 condition
 encoder, 3,598 pixels) from params_generative.yml's defaults and differ only in how they run it:
@@ -21,7 +22,9 @@ so that the machine's drift (10% here) falls on all alike; medians and minima ar
 With ``--compile`` the project's way is also timed under ``torch.compile`` (compile time
 reported apart); ``--precisions`` adds bf16 autocast (useful on GPUs and CPUs with bf16 units).
 ``--galaxies G`` times the whole generation of G galaxies x 25 samples with the paper's sampler
-(batched DDPM, 250 steps) and the contrastive ranking, extrapolated from a few steps.
+(batched DDPM, 250 steps) and the contrastive ranking, extrapolated from a few steps;
+``--batch-galaxies B`` lets the project's way denoise B galaxies x 25 samples per forward pass
+(what fills a GPU; generate.py's ``sampling.batch_galaxies``), times still per galaxy.
 ``--profile`` prints torch.profiler's operator table for the project's training step.
 Results go to ``--out`` as JSON together with the machine's description.
 """
@@ -156,8 +159,10 @@ def time_training(device: torch.device, way: str, precision: str, repeats: int, 
 
 
 @torch.no_grad()
-def time_denoising(device: torch.device, way: str, precision: str, repeats: int, compile_: bool = False) -> dict:
-    """Median seconds for one denoising step of the 25 samples of one galaxy."""
+def time_denoising(device: torch.device, way: str, precision: str, repeats: int, compile_: bool = False,
+                   galaxies: int = 1) -> dict:
+    """Median seconds for one denoising step of the 25 samples of one galaxy; the project's way
+    batches ``galaxies`` galaxies into one forward pass and reports the time per galaxy."""
     torch.manual_seed(0)
     model = paper_model(device).eval()
     image = torch.randn(1, 3, 64, 64, device=device)
@@ -178,16 +183,16 @@ def time_denoising(device: torch.device, way: str, precision: str, repeats: int,
     else:
         forward = torch.compile(model) if compile_ else model
         with torch.autocast(**amp):
-            context = model.encode(image).repeat_interleave(N_SAMPLES, 0)
-        x = torch.randn(N_SAMPLES, 1, LENGTH, device=device)
-        t = torch.full((N_SAMPLES,), 100, device=device)
+            context = model.encode(image.repeat(galaxies, 1, 1, 1)).repeat_interleave(N_SAMPLES, 0)
+        x = torch.randn(galaxies * N_SAMPLES, 1, LENGTH, device=device)
+        t = torch.full((galaxies * N_SAMPLES,), 100, device=device)
         for _ in range(repeats + 1):
             sync(device)
             start = time.perf_counter()
             with torch.autocast(**amp):
                 forward(x, t, context)
             sync(device)
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start) / galaxies)
     return {"seconds": float(np.median(times[1:])), "first_seconds": times[0], "all": times}
 
 
@@ -219,10 +224,11 @@ def machine() -> str:
 WHATS = {"train": ("training step, batch 16", time_training, 3 * TRAIN_BATCH),
          "denoise": ("denoising step, 25 samples", time_denoising, N_SAMPLES)}
 #: (way, allocator): the research code as it ran, ours as the entry scripts run, and the two crossings
+#: (the allocator is glibc's host heap: on a GPU only the first two are measured)
 CONFIGS = [("research", "system"), ("ours", "reuse"), ("ours", "system"), ("research", "reuse")]
 
 
-def worker(spec: str, repeats: int, profile: bool) -> None:
+def worker(spec: str, repeats: int, profile: bool, galaxies: int = 1) -> None:
     """One measurement in this process: ``what:way:allocator:precision[:compile]``; prints JSON."""
     what, way, allocator, precision, *rest = spec.split(":")
     if allocator == "reuse" and not keep_freed_memory():
@@ -231,14 +237,17 @@ def worker(spec: str, repeats: int, profile: bool) -> None:
     device = default_device()
     fn = WHATS[what][1]
     kwargs = {"profile": profile} if what == "train" and way == "ours" else {}
+    if what == "denoise" and way == "ours":
+        kwargs["galaxies"] = galaxies
     row = fn(device, way, precision, repeats, bool(rest), **kwargs)
     print("RESULT " + json.dumps(row))
 
 
-def measure(spec: str, repeats: int) -> dict | None:
+def measure(spec: str, repeats: int, galaxies: int = 1) -> dict | None:
     import subprocess
 
-    out = subprocess.run([sys.executable, __file__, "--worker", spec, "--repeats", str(repeats)],
+    out = subprocess.run([sys.executable, __file__, "--worker", spec, "--repeats", str(repeats),
+                          "--batch-galaxies", str(galaxies)],
                          capture_output=True, text=True, check=True).stdout
     line = [x for x in out.splitlines() if x.startswith("RESULT ")]
     return json.loads(line[-1][7:]) if line else None
@@ -254,27 +263,31 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the operator table of our training step")
     parser.add_argument("--galaxies", type=int, default=0,
                         help="extrapolate the time to generate this many galaxies x 25 samples x 250 DDPM steps")
+    parser.add_argument("--batch-galaxies", type=int, default=1,
+                        help="galaxies per denoising forward pass of the project's way (x 25 samples; times per galaxy)")
     parser.add_argument("--out", default="bench/paper_speed.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.repeats, args.profile)
+        worker(args.worker, args.repeats, args.profile, args.batch_galaxies)
         return
     if args.profile:
         worker("train:ours:reuse:fp32", 1, True)
         return
     gflop = forward_gflop()
-    results = {"device": machine(), "torch": torch.__version__, "forward_gflop_batch1": gflop, "rows": []}
+    results = {"device": machine(), "torch": torch.__version__, "forward_gflop_batch1": gflop, "rows": [],
+               "batch_galaxies": args.batch_galaxies}
     print(f"{results['device']}, torch {torch.__version__}; forward pass {gflop:.2f} GFLOP at batch 1; "
           f"{args.rounds} rounds x {args.repeats} timed repetitions, each configuration in a fresh process")
+    configs = CONFIGS[:2] if torch.cuda.is_available() else CONFIGS
     specs = [f"{what}:{way}:{alloc}:{precision}" for precision in args.precisions.split(",")
-             for what in args.what.split(",") for way, alloc in CONFIGS]
+             for what in args.what.split(",") for way, alloc in configs]
     specs += [f"{what}:ours:reuse:{p}:compile" for p in args.precisions.split(",") for what in args.what.split(",")
               if args.compile]
     times: dict[str, list[float]] = {spec: [] for spec in specs}
     for _ in range(args.rounds):
         for spec in specs:
-            row = measure(spec, args.repeats)
+            row = measure(spec, args.repeats, args.batch_galaxies)
             if row is not None:
                 times[spec] += row["all"][1:]
                 if spec.endswith("compile"):
