@@ -24,9 +24,11 @@ from utils.builders import GENERATIVE_PARAMS
 from utils.checkpoints import METRICS_FILE, write_json
 from utils.config import cli, load_config, save_config
 from utils.dataset import SpectraDataset
+from utils.baselines import compute_baselines
 from utils.evaluation import METRICS, evaluate, format_table, photometric_params
 from utils.export import draw_figures, write_fits, write_per_galaxy
 from utils.generation import build_models, find_models, generation_set, mean_spectrum, sample_for_images, score
+from utils.report import evaluate_science, science_figures
 from utils.runtime import default_device, keep_freed_memory
 from utils.training import load_survey
 
@@ -84,9 +86,17 @@ def run(config: dict) -> Path:
     if known:
         flux["truth"] = dataset.invert(truth_arr, par)
         flux["ivar"] = ivar
-    write_fits(out_dir / "spectra.fits", dataset, results, flux, known, config)
+    science = None
+    if s["science"]:  # physical properties of samples, truth and baselines (utils.report)
+        baselines, photo_z = compute_baselines(survey, dataset, config["data"], contrastive, device, baseline, par,
+                                               s["knn"], s["baseline_train_max"]) if known else ({}, None)
+        science = evaluate_science(flux["ranked"], dataset.wave, flux.get("truth"), results["ranked"], truth_arr,
+                                   baselines, photo_z, dataset.survey.catalog[dataset.rows],
+                                   weights=np.median(ivar, 0) if known else None)
+    write_fits(out_dir / "spectra.fits", dataset, results, flux, known, config, steps,
+               science.columns if science else None)
     if s["per_galaxy_fits"]:
-        write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known)
+        write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known, science.columns if science else None)
 
     summary = {"n_galaxies": len(dataset), "n_samples": s["n_samples"], "sampler": s["sampler"], "steps": steps,
                "top_k": s["top_k"], "seconds": seconds, "spectra_per_second": len(dataset) * s["n_samples"] / seconds,
@@ -94,8 +104,13 @@ def run(config: dict) -> Path:
     if known:
         summary["metrics"] = {k: float(np.mean(results[k])) for k in METRICS if k in results}
         print(format_table(summary["metrics"], s["top_k"], len(dataset)))
+    if science and science.summary:
+        summary["science"] = science.summary
+        print(science.table)
     write_json(out_dir / METRICS_FILE, summary)
     draw_figures(out_dir / "figures", dataset, results, truth_arr, s["figures"], s["top_k"])
+    if science:
+        science_figures(out_dir / "figures", science)
     logger.info("%d spectra in %.1f s (%.1f spectra/s); results in %s", len(dataset) * s["n_samples"], seconds,
                 summary["spectra_per_second"], out_dir)
     return out_dir

@@ -11,6 +11,7 @@ from astropy.table import Table
 from conftest import only_run, run_script, tiny_contrastive_args, tiny_generative_args
 from utils.dataset import SpectraDataset, open_survey
 from utils.evaluation import evaluate, photometric_params, rank
+from utils.science import dn4000, measure
 from utils.spectra import preprocess
 
 
@@ -97,10 +98,38 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     assert {"mse_mean", "mse_contrastive", "mse_contrastive_mean", "mse_random_sample",
             "mse_mean_train_spectrum"} == set(metrics["metrics"])
     assert list((out / "figures").glob("galaxy_*.png"))
-    per = sorted((out / "galaxies").glob("spectrum-*.fits"))
+
+    # the science evaluation: properties per galaxy, generation beside the baselines on the same galaxies
+    science = metrics["science"]
+    assert set(science["predictors"]) == {"samples", "mean_of_n", "knn_embedding", "mean_train", "photo_z"}
+    assert science["n_galaxies"] == len(ds) and "z_sigma_nmad" in science["predictors"]["photo_z"]
+    assert all(len(v) == 2 for v in science["predictors"]["samples"].values())  # value and standard error
+    assert "Science evaluation over" in result.stdout and "kNN photo-z" in result.stdout
+    for name in ("z_gen", "z_gen_lo", "z_gen_hi", "dn4000_true", "ew_halpha_knn", "bpt_gen", "z_photo"):
+        assert name in table.colnames and len(table[name]) == len(ds), name
+    assert np.all(table["z_gen_lo"] <= table["z_gen"]) and np.all(table["z_gen"] <= table["z_gen_hi"])
+    # the same code on the true spectra (generate.py weights the redshift fit by the typical ivar: tiny z shifts)
+    assert np.allclose(table["dn4000_true"], dn4000(true_flux, ds.wave, measure(true_flux, ds.wave).z), rtol=1e-3)
+    for figure in ("science_z", "science_dn4000", "science_bpt", "science_coverage"):
+        assert (out / "figures" / f"{figure}.png").is_file(), figure
+
+    # one file per galaxy in the spec-lite layout, which specutils' SDSS reader recognises
+    from specutils import Spectrum
+
+    per = sorted((out / "galaxies").glob("spec-*.fits"))
     assert len(per) == len(ds)
-    one = Table.read(per[0])
-    assert one["wavelength"].unit == "Angstrom" and "sample_04" in one.colnames and one.meta["OBJID"] > 0
+    spectrum = Spectrum.read(per[0])  # format identified from the file
+    objid = int(per[0].stem.split("-")[1])
+    g = int(np.flatnonzero(table["objid"] == objid)[0])
+    assert np.allclose(spectrum.spectral_axis.to_value("Angstrom"), ds.wave, rtol=1e-6)
+    assert np.allclose(spectrum.flux.value, table["mean"][g], rtol=1e-5)
+    assert str(spectrum.flux.unit) == "1e-17 erg / (Angstrom s cm2)"
+    spread = table["samples"][g].astype(np.float64).var(0, ddof=1)
+    assert np.allclose(spectrum.uncertainty.array, 1 / spread, rtol=1e-3)
+    with fits.open(per[0]) as hdus:
+        assert hdus[0].header["FIBERID"] > 0 and hdus["SAMPLES"].data["flux"].shape == (4, len(wave))
+        assert hdus["SPECOBJ"].data["z"][0] == pytest.approx(table["z_gen"][g])
+        assert np.allclose(hdus["TRUTH"].data["flux"][0], true_flux[g], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.slow

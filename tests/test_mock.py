@@ -6,7 +6,8 @@ import numpy as np
 import speclite.filters
 
 from utils.dataset import open_survey
-from utils.mock import TemplateSpectra, generate_mock, sample_galaxies, sky_spectrum
+from utils.mock import generate_mock, sample_galaxies, sky_spectrum
+from utils.templates import TemplateSpectra
 from utils.spectra import neurips_loglam
 
 

@@ -67,7 +67,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
         "model.spectrum_width", "model.latent_dim", "model.mults", "model.attn_levels", "model.spectrum_mults",
         "diffusion.timesteps", "train.batch_size", "train.max_epochs", "val.every", "val.n_objects",
         "val.n_samples", "val.steps", "val.batch_size", "val.max_objects", "run.checkpoint_every",
-        "sampling.max_objects", "sampling.n_samples", "sampling.steps", "sampling.top_k", "sampling.batch_galaxies")},
+        "sampling.max_objects", "sampling.n_samples", "sampling.steps", "sampling.top_k", "sampling.batch_galaxies",
+        "sampling.knn", "sampling.baseline_train_max")},
     **{key: NON_NEGATIVE for key in (
         "data.mock_seed", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
         "run.seed", "sampling.eta", "sampling.figures")},

@@ -423,9 +423,13 @@ class SpectraDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         return self.grid.rebin(np.asarray(self.survey.flux[row]), np.asarray(self.survey.ivar[row]))
 
+    def image(self, i: int) -> torch.Tensor:
+        """The network input image ``(C, 64, 64)`` of item ``i``."""
+        return self.transform(image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind))
+
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
-        image = self.transform(image_tensor(self.survey.images[self.kind][row], self.kind))
+        image = self.image(i)
         if not self.spectra:
             return {"image": image, "spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64),
                     "index": row}

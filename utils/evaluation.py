@@ -2,6 +2,8 @@
 spectra without a measured counterpart on a flux scale from photometry."""
 from __future__ import annotations
 
+import warnings
+
 import astropy.units as u
 import numpy as np
 
@@ -104,3 +106,75 @@ def format_table(metrics: dict, top_k: int, n: int) -> str:
         label = METRICS[key].replace("top-k", f"top-{top_k}")
         lines.append(f"{label:<{width}}{value:12.5f}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics of physical properties (utils.science) against a truth
+# --------------------------------------------------------------------------------------------
+#: |dz| / (1 + z) above which a redshift counts as an outlier
+OUTLIER_DZ = 0.15
+#: central intervals whose coverage is reported
+COVERAGE_LEVELS = (0.68, 0.90)
+
+
+def nmad(x: np.ndarray) -> float:
+    """Normalised median absolute deviation, 1.4826 median|x - median(x)| (a robust sigma)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if len(x) else float("nan")
+
+
+def redshift_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """sigma_NMAD, bias (median) and outlier fraction of dz / (1 + z); a NaN prediction is an outlier."""
+    dz = (np.asarray(pred, float) - true) / (1 + np.asarray(true, float))
+    finite = np.isfinite(dz)
+    return {"sigma_nmad": nmad(dz), "bias": float(np.median(dz[finite])) if finite.any() else float("nan"),
+            "outliers": float(np.mean(~finite | (np.abs(np.nan_to_num(dz, nan=1.0)) > OUTLIER_DZ)))}
+
+
+def property_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Bias (median difference), scatter (NMAD of the difference) and Spearman rank correlation,
+    over the galaxies where both are finite."""
+    from scipy.stats import spearmanr
+
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    ok = np.isfinite(pred) & np.isfinite(true)
+    if ok.sum() < 3:
+        return {"bias": float("nan"), "scatter": float("nan"), "corr": float("nan")}
+    d = pred[ok] - true[ok]
+    corr = spearmanr(pred[ok], true[ok]).statistic if np.ptp(pred[ok]) > 0 and np.ptp(true[ok]) > 0 else np.nan
+    return {"bias": float(np.median(d)), "scatter": nmad(d), "corr": float(corr)}
+
+
+def inside_interval(samples: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
+    """Whether each truth lies inside the central ``level`` interval of its samples: ``samples``
+    ``(G, N, ...)``, ``truth`` ``(G, ...)``; returns ``(G, ...)`` floats, 1 inside, 0 outside,
+    NaN where the truth or every sample is not finite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+        lo, hi = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(truth)
+    return np.where(ok, (truth >= lo) & (truth <= hi), np.nan)
+
+
+def interval_coverage(samples: np.ndarray, truth: np.ndarray, level: float) -> float:
+    """Share of truths inside the central ``level`` interval of their samples (see
+    :func:`inside_interval`); non-finite entries are left out."""
+    return float(np.nanmean(inside_interval(samples, truth, level)))
+
+
+def crps(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Continuous ranked probability score of the ensemble ``samples`` ``(G, N, ...)`` for
+    ``truth`` ``(G, ...)``: E|X - y| - E|X - X'| / 2, exactly for the empirical distribution; for
+    one sample (a point prediction) it is the absolute error. Returns ``(G, ...)``."""
+    x = np.sort(np.asarray(samples, dtype=np.float64), axis=1)
+    n = x.shape[1]
+    spread_weights = (2 * np.arange(1, n + 1) - n - 1).reshape((1, n) + (1,) * (x.ndim - 2))
+    spread = 2 * (spread_weights * x).sum(1) / n ** 2  # E|X - X'|
+    return np.abs(x - truth[:, None]).mean(1) - spread / 2
+
+
+def confusion(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts ``(n_classes, n_classes)``: rows the true class, columns the predicted one."""
+    return np.bincount(np.asarray(true) * n_classes + np.asarray(pred), minlength=n_classes ** 2
+                       ).reshape(n_classes, n_classes)

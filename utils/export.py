@@ -13,12 +13,18 @@ from astropy.table import Table
 from utils.dataset import SpectraDataset
 from utils.evaluation import METRICS
 from utils.plotting import plot_ranked
+from utils.science import BPT_CLASSES
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 
-def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict) -> Path:
-    """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A)."""
+def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict,
+               steps: int, science: dict | None = None) -> Path:
+    """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A).
+
+    ``science`` adds the measured properties (utils.report: ``<property>_gen`` the median over the
+    samples with ``_gen_lo`` / ``_gen_hi`` its 16% / 84% quantiles, ``_true`` of the true
+    spectrum, ``_knn`` of the retrieval baseline, ``bpt_*`` class codes, ``z_photo``)."""
     cat = dataset.survey.catalog[dataset.rows]
     table = Table({"objid": np.asarray(cat["objid"]), "ra": np.asarray(cat["ra"]), "dec": np.asarray(cat["dec"]),
                    "z": np.asarray(cat["z"])})
@@ -35,8 +41,13 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
         for key in METRICS:
             if key in results:
                 table[key] = results[key].astype(np.float32)
+    for name, values in (science or {}).items():
+        table[name] = np.asarray(values, dtype=np.int16 if name.startswith("bpt_") and "frac" not in name
+                                         else np.float32)
+    if science:
+        table.meta["BPTCODES"] = ", ".join(f"{i} {name}" for i, name in enumerate(BPT_CLASSES))
     s = config["sampling"]
-    table.meta.update({"SAMPLER": s["sampler"], "STEPS": s["steps"], "NSAMPLE": s["n_samples"], "TOPK": s["top_k"],
+    table.meta.update({"SAMPLER": s["sampler"], "STEPS": steps, "NSAMPLE": s["n_samples"], "TOPK": s["top_k"],
                        "PREPROC": config["data"]["preprocessing"],
                        "COMMENT": "samples are sorted by contrastive score, best first; flux in 1e-17 erg/s/cm2/A"})
     hdus = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table),
@@ -47,21 +58,70 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
     return path
 
 
-def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bool) -> None:
-    """One FITS table per galaxy (wavelength, ranked samples, means, truth), in spectrum-<objid>.fits."""
+#: primary-header values that let SDSS readers (specutils' "SDSS-III/IV spec") recognise the files
+SPEC_LITE_HEADER = {"TELESCOP": ("SDSS 2.5-M", "the telescope whose spectra were imitated"),
+                    "VERS2D": ("v5_generated", "not an idlspec2d reduction: generated"),
+                    "BUNIT": ("1e-17 erg/cm^2/s/Ang", "flux unit")}
+
+
+def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bool,
+                     science: dict | None = None) -> list[Path]:
+    """One file per galaxy in the SDSS spec-lite layout, ``spec-<objid>.fits``.
+
+    HDU 1 (COADD) has spec-lite's columns in their order: flux (the mean of the N samples), loglam,
+    ivar (the inverse variance of the samples at each pixel: their spread, 0 where they agree
+    exactly), and_mask, or_mask, wdisp, sky (zeros), model (the mean of the top-k ranked samples).
+    HDU 2 (SPECOBJ) is one row: objid, plug_ra, plug_dec, z and z_err (the median and the half
+    16-84% width of the samples' fitted redshifts when measured, else the catalog's), class, the
+    catalog redshift and the measured properties. HDU 3 (SAMPLES) holds every sample, best-ranked
+    first, with its contrastive score; HDU 4 (TRUTH), where known, the true flux and ivar.
+    """
     folder.mkdir()
     cat = dataset.survey.catalog[dataset.rows]
+    loglam = dataset.loglam.astype(np.float32)
+    paths = []
     for g in range(len(dataset)):
-        cols = {"wavelength": dataset.wave, "mean": flux["mean"][g], "topk_mean": flux["topk_mean"][g]}
+        objid = int(cat["objid"][g])
+        samples = flux["ranked"][g]
+        var = samples.astype(np.float64).var(0, ddof=1) if len(samples) > 1 else np.zeros(samples.shape[1])
+        ivar = np.where(var > 0, 1.0 / np.where(var > 0, var, 1.0), 0.0)
+        zeros = np.zeros(len(loglam), dtype=np.float32)
+        coadd = Table({"flux": flux["mean"][g].astype(np.float32), "loglam": loglam,
+                       "ivar": ivar.astype(np.float32), "and_mask": zeros.astype(np.int32),
+                       "or_mask": zeros.astype(np.int32), "wdisp": zeros, "sky": zeros,
+                       "model": flux["topk_mean"][g].astype(np.float32)})
+        z_cat = float(cat["z"][g])
+        row = {"objid": [objid], "plug_ra": [float(cat["ra"][g])], "plug_dec": [float(cat["dec"][g])],
+               "class": ["GALAXY"], "z_catalog": [z_cat]}
+        if science:
+            row["z"] = [float(science["z_gen"][g])]
+            row["z_err"] = [float(science["z_gen_hi"][g] - science["z_gen_lo"][g]) / 2]
+            row.update({k: [v[g]] for k, v in science.items() if k not in ("z_gen",)})
+        else:
+            row.update(z=[z_cat], z_err=[np.nan])
+        header = fits.Header()
+        for key, (value, comment) in SPEC_LITE_HEADER.items():
+            header[key] = (value, comment)
+        header["PLATE"] = int(cat["plate"][g]) if "plate" in cat.colnames else 0
+        header["MJD"] = int(cat["mjd"][g]) if "mjd" in cat.colnames else 0
+        header["FIBERID"] = (int(cat["fiberID"][g]) if "fiberID" in cat.colnames else 1, "1 where unknown")
+        header.update({"OBJID": objid, "PLUG_RA": float(cat["ra"][g]), "PLUG_DEC": float(cat["dec"][g]),
+                       "GENERATD": (True, "spectrum generated from the image, not observed"),
+                       "NSAMPLE": len(samples)})
+        hdus = [fits.PrimaryHDU(header=header), fits.table_to_hdu(coadd), fits.table_to_hdu(Table(row)),
+                fits.table_to_hdu(Table({"flux": samples.astype(np.float32),
+                                         "score": results["ranked_scores"][g].astype(np.float32)}))]
+        names = ["COADD", "SPECOBJ", "SAMPLES"]
         if known:
-            cols.update(true_flux=flux["truth"][g], true_ivar=flux["ivar"][g])
-        for j in range(flux["ranked"].shape[1]):
-            cols[f"sample_{j + 1:02d}"] = flux["ranked"][g, j]
-        table = Table(cols)
-        table["wavelength"].unit = "Angstrom"
-        table.meta.update({"OBJID": int(cat["objid"][g]), "RA": float(cat["ra"][g]), "DEC": float(cat["dec"][g]),
-                           "Z": float(cat["z"][g]), "SCORES": " ".join(f"{v:.4f}" for v in results["ranked_scores"][g])})
-        table.write(folder / f"spectrum-{int(cat['objid'][g])}.fits")
+            hdus.append(fits.table_to_hdu(Table({"flux": flux["truth"][g].astype(np.float32)[None],
+                                                 "ivar": flux["ivar"][g].astype(np.float32)[None]})))
+            names.append("TRUTH")
+        for hdu, name in zip(hdus[1:], names):
+            hdu.name = name
+        path = folder / f"spec-{objid}.fits"
+        fits.HDUList(hdus).writeto(path)
+        paths.append(path)
+    return paths
 
 
 def draw_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None, n: int, top_k: int) -> None:

@@ -30,13 +30,12 @@ from tqdm import tqdm
 
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
 from utils.spectra import neurips_loglam
+from utils.templates import TemplateSpectra
 
 logger = logging.getLogger(__name__)
 
 Z_RANGE = (0.02, 0.3)
 KCORRECT_CATALOG = ("data", "test", "gst_tests_small.fits")
-#: 1e17: erg/s/cm^2/A to SDSS flux units.
-FLUX_UNIT = 1e17
 PIXEL_SCALE = 0.396  # arcsec per pixel (SDSS imaging)
 PSF_FWHM = 1.4  # arcsec
 OVERSAMPLE = 3  # sub-pixels per pixel side when rendering profiles
@@ -153,41 +152,6 @@ def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
 # --------------------------------------------------------------------------------------------
 # spectra
 # --------------------------------------------------------------------------------------------
-class TemplateSpectra:
-    """Observed-frame spectra from kcorrect template coefficients, rebinned flux-conservingly."""
-
-    def __init__(self) -> None:
-        templates = kcorrect_sdss().templates
-        self.wave = np.asarray(templates.restframe_wave, dtype=np.float64)  # (W,) rest frame A
-        self.flux = np.asarray(templates.restframe_flux, dtype=np.float64)  # (K, W) erg/s/cm^2/A
-        mid = 0.5 * (self.flux[:, 1:] + self.flux[:, :-1]) * np.diff(self.wave)
-        self.cumulative = np.concatenate([np.zeros((len(self.flux), 1)), np.cumsum(mid, 1)], 1)  # (K, W)
-
-    @property
-    def old_template(self) -> int:
-        """Index of the template with the strongest 4000 A break (the old stellar population)."""
-        fnu = self.flux * self.wave ** 2
-        red = fnu[:, (self.wave > 4000) & (self.wave < 4100)].mean(1)
-        blue = fnu[:, (self.wave > 3850) & (self.wave < 3950)].mean(1)
-        return int(np.argmax(red / blue))
-
-    def observed(self, z: np.ndarray, coeffs: np.ndarray, loglam: np.ndarray) -> np.ndarray:
-        """Noiseless spectra ``(N, L)`` in 1e-17 erg/s/cm^2/A on the pixel grid ``loglam`` ``(L,)``.
-
-        Each pixel holds the mean flux density of the redshifted SED over the pixel's extent
-        (edges halfway between pixel centres in loglam).
-        """
-        half = 0.5 * np.diff(loglam)
-        edges = 10.0 ** np.concatenate([[loglam[0] - half[0]], loglam[:-1] + half, [loglam[-1] + half[-1]]])
-        out = np.empty((len(z), len(loglam)))
-        for i, (zi, ci) in enumerate(zip(z, coeffs)):
-            rest = edges / (1.0 + zi)
-            integral = np.stack([np.interp(rest, self.wave, c) for c in self.cumulative])  # (K, L+1)
-            mean = np.diff(integral, axis=1) / np.diff(rest)  # rest-frame mean flux density
-            out[i] = ci @ mean / (1.0 + zi)
-        return out * FLUX_UNIT
-
-
 def sky_spectrum(wave: np.ndarray) -> np.ndarray:
     """Sky flux per pixel ``(L,)`` in 1e-17 erg/s/cm^2/A: a red-rising continuum plus lines."""
     sky = 4.0 + 8.0 * ((wave - 3800.0) / 5000.0).clip(0) ** 2

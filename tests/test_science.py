@@ -1,0 +1,185 @@
+"""The property measurements (utils.science) on synthetic spectra whose redshift, Dn4000 and lines
+are known, the statistics of utils.evaluation, and the baselines' alignment with the evaluated
+galaxies (utils.baselines)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls
+from scipy.special import ndtr
+
+from utils.evaluation import confusion, crps, interval_coverage, nmad, property_stats, redshift_stats
+from utils.science import (BPT_CLASSES, C_KMS, LINES, TIED, RedshiftFitter, bpt_class, dn4000, fit_lines, measure)
+from utils.spectra import block_grid, neurips_loglam
+from utils.templates import TemplateSpectra, pixel_edges
+
+
+def grid(downsample: int) -> np.ndarray:
+    return 10 ** block_grid(neurips_loglam(), downsample)
+
+
+def template_galaxies(wave, n, seed, noise=0.3):
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(0.02, 0.3, n)
+    clean = TemplateSpectra().observed(z, rng.uniform(0, 1, (n, 5)), np.log10(wave))
+    clean *= 10 / np.median(clean, 1, keepdims=True)
+    return z, clean + rng.normal(0, noise, clean.shape)
+
+
+@pytest.mark.parametrize("downsample", [1, 16])
+def test_template_fit_recovers_redshift(downsample):
+    wave = grid(downsample)
+    z, flux = template_galaxies(wave, 150, seed=downsample)
+    found, chi2 = RedshiftFitter(wave).fit(flux)
+    dz = (found - z) / (1 + z)
+    tolerance = 3e-4 if downsample == 1 else 2e-3  # a tenth of a pixel, a third of a 16-fold pixel
+    assert nmad(dz) < tolerance / 3 and np.max(np.abs(dz)) < tolerance
+    assert np.all(chi2 > 0)
+
+
+def test_nnls_by_subsets_equals_scipy_nnls():
+    wave = grid(16)
+    fitter = RedshiftFitter(wave, z_range=(0.05, 0.15))
+    rng = np.random.default_rng(5)
+    flux = rng.normal(1, 1, (6, len(wave))) + fitter.basis[7].T.sum(1) * rng.uniform(-2, 2, (6, 1))
+    chi2, f = fitter._fit_grid(flux)
+    for zi in (0, 7, len(fitter.z) - 1):
+        a = (fitter.basis[zi].astype(np.float64) * np.sqrt(fitter.weights)).T
+        for m in range(len(flux)):
+            _, residual = nnls(a, f[m] * np.sqrt(fitter.weights))
+            assert chi2[zi, m] == pytest.approx(residual ** 2, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("downsample", [1, 16])
+def test_dn4000_of_power_laws(downsample):
+    wave = grid(downsample)
+    z = np.array([0.05, 0.1, 0.2])
+    alpha = np.array([[-2.0], [0.0], [3.0]])  # F_nu ~ lambda_rest^alpha
+    fnu = (wave[None] / (1 + z[:, None])) ** alpha
+    flux = fnu / wave ** 2
+    expected = [((4100 ** (a + 1) - 4000 ** (a + 1)) / (3950 ** (a + 1) - 3850 ** (a + 1))) for a in alpha[:, 0]]
+    assert dn4000(flux, wave, z) == pytest.approx(expected, rel=5e-3 if downsample == 1 else 2e-2)
+    assert np.isnan(dn4000(flux[:1], wave, np.array([-0.05]))[0])  # the blue window leaves the grid
+
+
+def line_spectra(wave, z, fluxes, continuum=5.0, noise=0.05, seed=0):
+    """Power-law continuum plus pixel-integrated Gaussian lines (tied companions included)."""
+    rng = np.random.default_rng(seed)
+    edges = pixel_edges(np.log10(wave))
+    spec = continuum * (wave / 5000.0) ** -1.0 * np.ones((len(z), 1))
+
+    def add(rest, flux):
+        mu = rest * (1 + z)[:, None]
+        sig = mu * 120 / C_KMS
+        return flux[:, None] * (ndtr((edges[1:] - mu) / sig) - ndtr((edges[:-1] - mu) / sig)) / np.diff(edges)
+
+    for name, rest in LINES.items():
+        spec = spec + add(rest, fluxes[name])
+    for main, rest, ratio in TIED.values():
+        spec = spec + add(rest, fluxes[main] * ratio)
+    return spec + rng.normal(0, noise, spec.shape)
+
+
+@pytest.mark.parametrize("downsample,tolerance", [(1, 0.01), (16, 0.04)])
+def test_line_fluxes_and_equivalent_widths_are_recovered(downsample, tolerance):
+    """Median relative error within ``tolerance`` (16-pixel blocks blend H-alpha and [N II]), and
+    every error within 4.5 of the fit's own standard errors (so the errors are honest)."""
+    wave = grid(downsample)
+    rng = np.random.default_rng(2)
+    z = rng.uniform(0.02, 0.3, 40)
+    true = {name: rng.uniform(30, 200, len(z)) for name in LINES}
+    found, errors, ews = fit_lines(line_spectra(wave, z, true), wave, z)
+    for name in LINES:
+        assert np.median(np.abs(found[name] / true[name] - 1)) < tolerance, name
+        assert np.all(np.abs(found[name] - true[name]) < 4.5 * errors[name]), name
+        continuum = 5.0 * (LINES[name] * (1 + z) / 5000.0) ** -1.0
+        assert np.median(np.abs(ews[name] / (true[name] / continuum / (1 + z)) - 1)) < tolerance, name
+
+
+def test_equivalent_width_agrees_with_specutils():
+    """specutils' equivalent_width on a continuum-normalised isolated H-alpha line (no [N II])."""
+    import astropy.units as u
+    from specutils import SpectralRegion, Spectrum
+    from specutils.analysis import equivalent_width
+
+    wave, z = grid(1), np.array([0.1])
+    fluxes = {name: np.array([0.0]) for name in LINES} | {"halpha": np.array([150.0])}
+    spec = line_spectra(wave, z, fluxes, continuum=5.0, noise=0.0)
+    _, _, ours = fit_lines(spec, wave, z)
+    continuum = 5.0 * (wave / 5000.0) ** -1.0
+    normalised = Spectrum(flux=(spec[0] / continuum) * u.dimensionless_unscaled, spectral_axis=wave / (1 + z[0]) * u.AA)
+    theirs = equivalent_width(normalised, regions=SpectralRegion(6540 * u.AA, 6590 * u.AA))
+    assert ours["halpha"][0] == pytest.approx(-theirs.to_value(u.AA), rel=0.01)  # specutils: emission negative
+
+
+def test_bpt_classes_follow_the_demarcations():
+    #                      star-forming   composite    AGN        weak lines
+    log_nii_ha = np.array([-0.5, -0.2, 0.0, -0.5])
+    log_oiii_hb = np.array([-0.3, 0.0, 0.8, -0.3])
+    flux = {"halpha": np.full(4, 100.0), "hbeta": np.full(4, 30.0)}
+    flux["nii_6584"] = flux["halpha"] * 10 ** log_nii_ha
+    flux["oiii_5007"] = flux["hbeta"] * 10 ** log_oiii_hb
+    err = {k: v / 20 for k, v in flux.items()}
+    err["hbeta"] = err["hbeta"] * np.array([1, 1, 1, 10])  # S/N 2 for the last galaxy's H-beta
+    codes = bpt_class(flux, err)
+    assert [BPT_CLASSES[c] for c in codes] == ["star-forming", "composite", "AGN", "unclassified"]
+
+
+def test_measure_classifies_synthetic_star_formers_and_agn():
+    wave, z = grid(1), np.array([0.08, 0.12])
+    fluxes = {"halpha": np.array([300.0, 100.0]), "hbeta": np.array([100.0, 30.0]),
+              "nii_6584": np.array([300 * 10 ** -0.6, 100.0]), "oiii_5007": np.array([100 * 10 ** -0.4, 200.0])}
+    props = measure(line_spectra(wave, z, fluxes, noise=0.1), wave, z=z)
+    assert [BPT_CLASSES[c] for c in props.bpt] == ["star-forming", "AGN"]
+    assert np.all(props.table()["ew_halpha"] > 0)
+
+
+def test_statistics():
+    rng = np.random.default_rng(0)
+    assert nmad(rng.normal(0, 2, 20000)) == pytest.approx(2, rel=0.05)
+    true = rng.uniform(0.05, 0.3, 1000)
+    pred = true + 0.01 * (1 + true) * rng.standard_normal(1000)
+    pred[:30] = 0.9  # catastrophic
+    stats = redshift_stats(pred, true)
+    assert stats["sigma_nmad"] == pytest.approx(0.01, rel=0.1) and stats["outliers"] == pytest.approx(0.03)
+    assert redshift_stats(np.array([np.nan, 0.1]), np.array([0.1, 0.1]))["outliers"] == 0.5  # no value: outlier
+    s = property_stats(true * 2 + 1, true)
+    assert s["corr"] == pytest.approx(1) and s["bias"] == pytest.approx(np.median(true + 1))
+    # CRPS: a point forecast's is its absolute error; two equally likely values 0 and 1 score 0.25 at 0.5
+    assert crps(np.array([[2.0]]), np.array([0.5]))[0] == pytest.approx(1.5)
+    assert crps(np.array([[0.0, 1.0]]), np.array([0.5]))[0] == pytest.approx(0.25)
+    samples = rng.standard_normal((4000, 200))
+    truth = rng.standard_normal(4000)
+    assert interval_coverage(samples, truth, 0.68) == pytest.approx(0.68, abs=0.03)
+    assert interval_coverage(samples * 0.5, truth, 0.9) < 0.7  # too narrow shows as under-coverage
+    assert confusion(np.array([1, 1, 3]), np.array([1, 2, 3]), 4)[2, 1] == 1
+
+
+class ImageMeanEmbedding(torch.nn.Module):
+    """A stand-in contrastive network whose image embedding is the normalised image itself."""
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.flatten(1), dim=-1)
+
+
+def test_baselines_belong_to_the_evaluated_galaxies(tiny_mock):
+    """Evaluating training galaxies with k = 1: each one's nearest image is its own, so the
+    retrieval baseline must return its own spectrum and the photo-z its own redshift, row by row."""
+    from utils.baselines import compute_baselines
+    from utils.dataset import SpectraDataset, open_survey
+
+    survey = open_survey(tiny_mock)
+    data = {"image": "gri", "preprocessing": "scale", "downsample": 16}
+    train = SpectraDataset.from_config(survey, "train", data)
+    evaluated = train.like(train.rows[::-1][:7])  # a different order than the training set's
+    truth = np.stack([evaluated[i]["spectrum"][0].numpy() for i in range(len(evaluated))])
+    params = np.stack([evaluated[i]["params"].numpy() for i in range(len(evaluated))])
+    mean = np.linspace(-1, 1, evaluated.n_pixels)
+    spectra, photo_z = compute_baselines(survey, evaluated, data, ImageMeanEmbedding(), torch.device("cpu"), mean,
+                                         params, k=1, max_train=10_000)
+    flux, pre = spectra["knn_embedding"]
+    assert np.allclose(pre, truth, atol=1e-6)
+    assert np.allclose(flux, [evaluated.flux(i)[0] for i in range(len(evaluated))], rtol=1e-4, atol=1e-3)
+    assert np.allclose(photo_z, survey.catalog["z"][evaluated.rows])
+    assert np.allclose(spectra["mean_train"][1], mean[None]) and spectra["mean_train"][0].shape == truth.shape

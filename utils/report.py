@@ -1,0 +1,328 @@
+"""The science evaluation of one generate.py run (issue 13).
+
+Measures every property of utils.science on every generated sample, on the true spectra and on
+the baselines' spectra (utils.baselines), all in flux units on the dataset's grid and through the
+same code, then summarises generation and baselines side by side with bootstrap standard errors:
+redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000 and the
+equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
+samples' central 68% and 90% intervals per property and per pixel. Where the catalog carries the
+survey's own measurements (MPA-JHU columns of a real-SDSS dataset), the same statistics are also
+computed against those.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.evaluation import (COVERAGE_LEVELS, confusion, crps, inside_interval, interval_coverage,
+                              property_stats, redshift_stats)
+from utils.science import BPT_CLASSES, LINES, PROPERTIES, RedshiftFitter, kauffmann03, kewley01, measure
+
+logger = logging.getLogger(__name__)
+
+#: predictors in the order of the console table: key -> column heading
+PREDICTORS = {"samples": "generated", "mean_of_n": "mean of N", "knn_embedding": "kNN image",
+              "mean_train": "mean train", "photo_z": "kNN photo-z"}
+#: properties whose point predictions are compared (the line fluxes go to the FITS file only)
+COMPARED = ("dn4000", *(f"ew_{name}" for name in LINES))
+#: properties whose sample intervals are checked for coverage
+COVERED = ("z", "dn4000", "ew_halpha", "ew_oiii_5007")
+#: survey catalog columns (MPA-JHU, SpecObj) -> (property, conversion)
+SURVEY_COLUMNS = {
+    "d4000_n": ("dn4000", lambda v: v),
+    "h_alpha_eqw": ("ew_halpha", lambda v: -v),  # MPA-JHU equivalent widths are negative for emission
+    "h_beta_eqw": ("ew_hbeta", lambda v: -v),
+    "oiii_5007_eqw": ("ew_oiii_5007", lambda v: -v),
+    "nii_6584_eqw": ("ew_nii_6584", lambda v: -v),
+}
+#: MPA-JHU BPTCLASS -> our codes: -1 unclassifiable, 1 and 2 star-forming (2: low S/N),
+#: 3 composite, 4 AGN (non-LINER), 5 low-S/N LINER
+MPA_BPT = {-1: 0, 1: 1, 2: 1, 3: 2, 4: 3, 5: 3}
+
+
+@dataclass
+class ScienceReport:
+    """What :func:`evaluate_science` returns."""
+
+    columns: dict  # name -> (G,) or (G, k) array, for spectra.fits
+    summary: dict = field(default_factory=dict)  # for metrics.json
+    table: str = ""  # for the console
+    figure_data: dict = field(default_factory=dict)
+
+
+def _sample_intervals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, 16% and 84% quantiles over the samples (axis 1), NaN where no sample has a value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        lo, med, hi = np.nanquantile(values, [0.16, 0.5, 0.84], axis=1)
+    return med, lo, hi
+
+
+def _mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.stack([(codes == c).sum(1) for c in range(n_classes)], 1)
+    return counts.argmax(1), counts.max(1) / codes.shape[1]
+
+
+def _mean_se(values: np.ndarray) -> list[float]:
+    """Mean and its standard error over galaxies."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return [float(np.mean(values)) if len(values) else float("nan"), float("nan")]
+    return [float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))]
+
+
+def _stats_with_se(fn, pred: np.ndarray, true: np.ndarray, n_boot: int, seed: int = 0) -> dict[str, list[float]]:
+    """``fn(pred, true)``'s statistics, each as [value, bootstrap standard error over galaxies]."""
+    value = fn(pred, true)
+    rng = np.random.default_rng(seed)
+    draws = [fn(pred[idx], true[idx]) for idx in (rng.integers(0, len(pred), len(pred)) for _ in range(n_boot))]
+    out = {}
+    for key, v in value.items():
+        boot = np.asarray([d[key] for d in draws], dtype=np.float64)
+        out[key] = [v, float(np.nanstd(boot, ddof=1)) if np.isfinite(boot).sum() > 1 else float("nan")]
+    return out
+
+
+def compare(predictions: dict, truth: dict, n_boot: int = 200) -> tuple[dict, dict]:
+    """Statistics ``{predictor: {metric: [value, standard error]}}`` and BPT confusion matrices
+    ``{predictor: (4, 4) list}`` of point predictions against ``truth`` (dicts of property arrays)."""
+    stats, matrices = {}, {}
+    for name, pred in predictions.items():
+        out = {}
+        if "z" in pred and "z" in truth:
+            out.update({f"z_{k}": v for k, v in _stats_with_se(redshift_stats, pred["z"], truth["z"], n_boot).items()})
+        for prop in COMPARED:
+            if prop in pred and prop in truth:
+                out.update({f"{prop}_{k}": v for k, v in
+                            _stats_with_se(property_stats, pred[prop], truth[prop], n_boot).items()})
+        if "bpt" in pred and "bpt" in truth:
+            p, t = np.asarray(pred["bpt"]), np.asarray(truth["bpt"])
+            out["bpt_accuracy"] = _mean_se((p == t).astype(float))
+            matrices[name] = confusion(p, t, len(BPT_CLASSES)).tolist()
+        stats[name] = out
+    return stats, matrices
+
+
+def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | None = None,
+                     samples_pre: np.ndarray | None = None, truth_pre: np.ndarray | None = None,
+                     baselines: dict | None = None, photo_z: np.ndarray | None = None, catalog=None,
+                     weights: np.ndarray | None = None, n_boot: int = 200) -> ScienceReport:
+    """The science evaluation of G galaxies.
+
+    Parameters
+    ----------
+    samples : ``(G, N, L)`` generated spectra in flux units.
+    wave : ``(L,)`` observed wavelengths, Angstrom.
+    truth : ``(G, L)`` true spectra in flux units, or None (only the samples' properties are
+        measured and returned as columns).
+    samples_pre, truth_pre : the same in preprocessed units, for the per-pixel MSE, CRPS and coverage.
+    baselines : ``{name: ((G, L) flux, (G, L) preprocessed)}`` spectral baselines (keys of
+        :data:`PREDICTORS`), e.g. 'knn_embedding' and 'mean_train'.
+    photo_z : ``(G,)`` photometric redshifts (the 'photo_z' predictor), or None.
+    catalog : the galaxies' catalog rows: its 'z' is the redshift truth; MPA-JHU columns
+        (:data:`SURVEY_COLUMNS`, 'bptclass') give the survey-value comparison.
+    weights : ``(L,)`` pixel weights for the redshift fit (a typical inverse variance).
+    """
+    g, n, length = samples.shape
+    fitter = RedshiftFitter(wave, weights=weights)
+    sample_props = measure(samples.reshape(g * n, length), wave, fitter=fitter).table()
+    sample_props = {k: v.reshape(g, n) for k, v in sample_props.items()}
+    columns = {}
+    for prop in PROPERTIES:
+        med, lo, hi = _sample_intervals(sample_props[prop])
+        columns.update({f"{prop}_gen": med, f"{prop}_gen_lo": lo, f"{prop}_gen_hi": hi})
+    columns["bpt_gen"], columns["bpt_gen_frac"] = _mode(sample_props["bpt"], len(BPT_CLASSES))
+    report = ScienceReport(columns=columns)
+    if truth is None:
+        return report
+
+    true_props = measure(truth, wave, fitter=fitter).table()
+    truth_values = dict(true_props)
+    if catalog is not None and "z" in catalog.colnames:
+        truth_values["z"] = np.asarray(catalog["z"], dtype=np.float64)  # the survey's redshift is the truth
+    predictions = {"samples": {k: columns[f"{k}_gen"] for k in PROPERTIES} | {"bpt": columns["bpt_gen"]},
+                   "mean_of_n": measure(samples.mean(1), wave, fitter=fitter).table()}
+    spectra_pre = {"samples": samples_pre, "mean_of_n": None if samples_pre is None else samples_pre.mean(1)}
+    for name, (flux, pre) in (baselines or {}).items():
+        predictions[name] = measure(flux, wave, fitter=fitter).table()
+        spectra_pre[name] = pre
+    if photo_z is not None:
+        predictions["photo_z"] = {"z": np.asarray(photo_z, dtype=np.float64)}
+    for prop in PROPERTIES:
+        columns[f"{prop}_true"] = true_props[prop]
+        if "knn_embedding" in predictions:
+            columns[f"{prop}_knn"] = predictions["knn_embedding"][prop]
+    columns["bpt_true"] = true_props["bpt"]
+    if "knn_embedding" in predictions:
+        columns["bpt_knn"] = predictions["knn_embedding"]["bpt"]
+    if photo_z is not None:
+        columns["z_photo"] = predictions["photo_z"]["z"]
+
+    stats, matrices = compare(predictions, truth_values, n_boot)
+    if truth_pre is not None:
+        _pixel_stats(stats, spectra_pre, samples_pre, truth_pre, n_boot)
+    for prop in COVERED:
+        for level in COVERAGE_LEVELS:
+            inside = inside_interval(sample_props[prop], truth_values[prop], level)
+            stats["samples"][f"coverage{round(level * 100)}_{prop}"] = _mean_se(inside[np.isfinite(inside)])
+    summary = {"truth": "properties measured on the true spectra with the same code; redshift: the catalog's",
+               "n_galaxies": g, "n_samples": n, "predictors": stats, "bpt_classes": list(BPT_CLASSES),
+               "bpt_confusion (rows true, columns predicted)": matrices}
+    survey_truth = survey_values(catalog)
+    if survey_truth:
+        survey_stats, survey_matrices = compare({k: v for k, v in predictions.items() if k != "photo_z"},
+                                                survey_truth, n_boot)
+        summary["against_survey_values"] = {"columns": sorted(survey_truth), "predictors": survey_stats,
+                                            "bpt_confusion (rows true, columns predicted)": survey_matrices}
+    counts = np.bincount(np.asarray(true_props["bpt"]), minlength=len(BPT_CLASSES))
+    summary["bpt_true_counts"] = dict(zip(BPT_CLASSES, counts.tolist()))
+    summary["bpt_majority_rate"] = float(counts.max() / g)
+    report.summary = summary
+    report.table = (format_science_table(stats, g, n) + "\ntrue BPT classes: "
+                    + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
+                    + f" (majority-class rate {counts.max() / g:.2f})")
+    report.figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
+                          "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre}
+    return report
+
+
+def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray, n_boot: int) -> None:
+    """MSE (one sample for 'samples', else the prediction) and CRPS per pixel, and the samples'
+    per-pixel interval coverage, each with a bootstrap standard error over galaxies."""
+    mean_se = _mean_se
+    for name, pre in spectra_pre.items():
+        if pre is None:
+            continue
+        if name == "samples":
+            stats[name]["mse"] = mean_se(((pre - truth_pre[:, None]) ** 2).mean((1, 2)))
+            stats[name]["crps_pixels"] = mean_se(crps(pre, truth_pre).mean(-1))
+        else:
+            stats[name]["mse"] = mean_se(((pre - truth_pre) ** 2).mean(-1))
+            stats[name]["crps_pixels"] = mean_se(np.abs(pre - truth_pre).mean(-1))  # a point forecast's CRPS
+    for level in COVERAGE_LEVELS:
+        lo, hi = np.quantile(samples_pre, [(1 - level) / 2, (1 + level) / 2], axis=1)
+        inside = ((truth_pre >= lo) & (truth_pre <= hi)).mean(-1)
+        stats["samples"][f"coverage{round(level * 100)}_pixels"] = mean_se(inside)
+
+
+def survey_values(catalog) -> dict:
+    """The survey's own measurements in the catalog (MPA-JHU), converted to our conventions."""
+    if catalog is None:
+        return {}
+    out = {}
+    for column, (prop, convert) in SURVEY_COLUMNS.items():
+        if column in catalog.colnames:
+            values = np.ma.filled(np.ma.asarray(catalog[column], dtype=np.float64), np.nan)
+            out[prop] = np.where(values == -9999, np.nan, convert(values))  # MPA-JHU's missing-value flag
+    if "bptclass" in catalog.colnames:
+        codes = np.ma.filled(np.ma.asarray(catalog["bptclass"]), -1).astype(int)
+        out["bpt"] = np.array([MPA_BPT.get(int(c), 0) for c in codes])
+    if out and "z" in catalog.colnames:
+        out["z"] = np.asarray(catalog["z"], dtype=np.float64)
+    return out
+
+
+#: console rows: (metric key, label)
+TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per pixel (point: MAE)"),
+              ("z_sigma_nmad", "redshift sigma_NMAD"), ("z_bias", "redshift bias"),
+              ("z_outliers", "redshift outliers (>0.15)"), ("dn4000_bias", "Dn4000 bias"),
+              ("dn4000_scatter", "Dn4000 scatter (NMAD)"), ("dn4000_corr", "Dn4000 rank corr."),
+              ("ew_halpha_corr", "EW(Ha) rank corr."), ("ew_hbeta_corr", "EW(Hb) rank corr."),
+              ("ew_oiii_5007_corr", "EW([OIII]) rank corr."), ("ew_nii_6584_corr", "EW([NII]) rank corr."),
+              ("bpt_accuracy", "BPT class accuracy"),
+              *((f"coverage{round(lv * 100)}_{p}", f"{round(lv * 100)}% interval coverage: {p}")
+                for p in ("pixels", *COVERED) for lv in COVERAGE_LEVELS))
+
+
+def format_science_table(stats: dict, g: int, n: int) -> str:
+    """Generation and baselines side by side, value +- standard error, '-' where not applicable."""
+    names = [k for k in PREDICTORS if k in stats]
+    width, col = 34, 17
+    lines = [f"Science evaluation over {g} test galaxies ({n} samples each; 'generated' = median of the samples' "
+             f"values; +- bootstrap standard error)",
+             f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
+    for key, label in TABLE_ROWS:
+        if not any(key in stats[k] for k in names):
+            continue
+        cells = []
+        for k in names:
+            if key in stats[k] and np.isfinite(stats[k][key][0]):
+                value, se = stats[k][key]
+                cells.append(f"{value:.4f}+-{se:.4f}" if np.isfinite(se) else f"{value:.4f}")
+            else:
+                cells.append("-")
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
+    return "\n".join(lines)
+
+
+def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
+    """Generated against true redshift and Dn4000, a BPT diagram of true and generated line
+    ratios, and the samples' coverage against the nominal level."""
+    from utils.plotting import save
+    import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
+
+    d = report.figure_data
+    if not d:
+        return []
+    truth, preds, cols = d["truth"], d["predictions"], report.columns
+    paths = []
+    for prop, label in (("z", "redshift"), ("dn4000", "Dn4000")):
+        fig, ax = plt.subplots(figsize=(5.2, 5))
+        t = truth[prop]
+        err = np.abs(np.stack([cols[f"{prop}_gen"] - cols[f"{prop}_gen_lo"], cols[f"{prop}_gen_hi"] - cols[f"{prop}_gen"]]))
+        ax.errorbar(t, cols[f"{prop}_gen"], yerr=np.nan_to_num(err), fmt="o", ms=3, lw=0.6, alpha=0.7,
+                    label="generated: median, 16-84%")
+        if "knn_embedding" in preds:
+            ax.plot(t, preds["knn_embedding"][prop], "s", ms=3, alpha=0.6, label="kNN image embedding")
+        if prop == "z" and "photo_z" in preds:
+            ax.plot(t, preds["photo_z"]["z"], "^", ms=3, alpha=0.6, label="kNN photo-z")
+        finite = t[np.isfinite(t)]
+        if len(finite):
+            lim = [finite.min(), finite.max()]
+            ax.plot(lim, lim, "k--", lw=0.8)
+        ax.set_xlabel(f"true {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.legend(fontsize=8)
+        paths.append(save(fig, folder / f"science_{prop}.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
+    x = np.linspace(-1.6, 0.4, 200)
+    for ax, (title, flux) in zip(axes, (("true spectra", d["true_props"]),
+                                        ("generated (median line fluxes of the samples)",
+                                         {k: cols[k + "_gen"] for k in (f"flux_{n}" for n in LINES)}))):
+        with np.errstate(all="ignore"):
+            lx = np.log10(flux["flux_nii_6584"] / flux["flux_halpha"])
+            ly = np.log10(flux["flux_oiii_5007"] / flux["flux_hbeta"])
+        ax.plot(lx, ly, "o", ms=3, alpha=0.6)
+        ax.plot(x[x < 0.05], kauffmann03(x[x < 0.05]), "k-", lw=1, label="Kauffmann et al. 2003")
+        ax.plot(x[x < 0.47], kewley01(x[x < 0.47]), "k--", lw=1, label="Kewley et al. 2001")
+        ax.set_xlim(-1.6, 0.6)
+        ax.set_ylim(-1.3, 1.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(r"log [N II] 6584 / H$\alpha$")
+    axes[0].set_ylabel(r"log [O III] 5007 / H$\beta$")
+    axes[0].legend(fontsize=8, loc="lower left")
+    paths.append(save(fig, folder / "science_bpt.png"))
+
+    levels = np.linspace(0.1, 0.9, 9)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for prop in COVERED:
+        ax.plot(levels, [interval_coverage(d["sample_props"][prop], truth[prop], lv) for lv in levels], "o-",
+                ms=3, label=prop)
+    if d["samples_pre"] is not None:
+        cover = []
+        for lv in levels:
+            lo, hi = np.quantile(d["samples_pre"], [(1 - lv) / 2, (1 + lv) / 2], axis=1)
+            cover.append(float(((d["truth_pre"] >= lo) & (d["truth_pre"] <= hi)).mean()))
+        ax.plot(levels, cover, "k-", lw=2, label="pixels")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("nominal central-interval level")
+    ax.set_ylabel("share of truths inside")
+    ax.set_title("Calibration of the samples (above the diagonal: too wide)", fontsize=9)
+    ax.legend(fontsize=8)
+    paths.append(save(fig, folder / "science_coverage.png"))
+    return paths
