@@ -183,3 +183,24 @@ def test_baselines_belong_to_the_evaluated_galaxies(tiny_mock):
     assert np.allclose(flux, [evaluated.flux(i)[0] for i in range(len(evaluated))], rtol=1e-4, atol=1e-3)
     assert np.allclose(photo_z, survey.catalog["z"][evaluated.rows])
     assert np.allclose(spectra["mean_train"][1], mean[None]) and spectra["mean_train"][0].shape == truth.shape
+
+
+def test_report_compares_with_survey_values_in_their_conventions():
+    """MPA-JHU columns in a catalog: equivalent widths flip sign (theirs are negative for emission),
+    the missing-value flag -9999 becomes NaN, BPTCLASS maps onto our classes."""
+    from astropy.table import Table
+
+    from utils.report import SURVEY_COLUMNS, compare, survey_values
+    from utils.sdss_files import SURVEY_MEASUREMENTS
+
+    assert set(SURVEY_COLUMNS) | {"bptclass"} <= set(SURVEY_MEASUREMENTS)  # the query fetches what we compare
+    catalog = Table({"z": [0.1, 0.2, 0.3, 0.15], "h_alpha_eqw": [-20.0, -5.0, -9999.0, 1.0],
+                     "d4000_n": [1.2, 1.8, 1.5, 1.4], "bptclass": [1, 4, -1, 3]})
+    values = survey_values(catalog)
+    assert np.allclose(values["ew_halpha"], [20, 5, np.nan, -1], equal_nan=True)
+    assert [BPT_CLASSES[c] for c in values["bpt"]] == ["star-forming", "AGN", "unclassified", "composite"]
+    assert survey_values(Table({"z": [0.1]})) == {}  # a catalog without survey measurements
+    perfect = {"z": values["z"], "dn4000": values["dn4000"], "ew_halpha": values["ew_halpha"], "bpt": values["bpt"]}
+    stats, matrices = compare({"ours": perfect}, values, n_boot=20)
+    assert stats["ours"]["z_sigma_nmad"][0] == 0 and stats["ours"]["dn4000_corr"][0] == pytest.approx(1)
+    assert stats["ours"]["bpt_accuracy"][0] == 1 and np.trace(matrices["ours"]) == 4

@@ -211,8 +211,12 @@ class FakeSQL:
 def test_query_is_paged_by_specobjid(tmp_path):
     sql = build_query(100, 1234, z_min=0.05, z_max=0.15, mag_max=17.77)
     for part in ("TOP 100", "s.specObjID > 1234", "ORDER BY s.specObjID", "s.class = 'GALAXY'", "s.zWarning = 0",
-                 "s.z > 0.05", "s.z < 0.15", "p.cModelMag_r < 17.77", "p.petroRad_r", "s.run2d", "p.objID"):
+                 "s.z > 0.05", "s.z < 0.15", "p.cModelMag_r < 17.77", "p.petroRad_r", "s.run2d", "p.objID",
+                 "s.velDisp", "LEFT OUTER JOIN galSpecLine AS m0 ON m0.specObjID = s.specObjID", "m0.h_alpha_eqw",
+                 "m0.nii_6584_flux_err", "LEFT OUTER JOIN galSpecIndx AS m1", "m1.d4000_n",
+                 "LEFT OUTER JOIN galSpecExtra AS m2", "m2.bptclass"):
         assert part in sql
+    assert sql.index("LEFT OUTER JOIN") < sql.index("WHERE")
     fake = FakeSQL(250)
     table = query_catalog(230, tmp_path / "cat.fits", page_size=40, query_fn=fake)
     assert len(table) == 230 and fake.calls == 6
@@ -285,9 +289,22 @@ def test_prepare_writes_dataset_and_report(tmp_path):
             (tmp_path / "spectra" / name).write_bytes(spec_bytes(loglam, flux, ivar, boss=i % 2 == 0))
         if i != 6:
             (tmp_path / "images" / f"{objid}.jpg").write_bytes(jpeg_bytes(seed=i))
+    # the survey's own measurements as the SQL service returns them: NULL (masked) where MPA-JHU has none
+    cat["h_alpha_eqw"] = np.ma.masked_array(-rng.uniform(1, 50, n), mask=np.arange(n) == 3)
+    cat["bptclass"] = np.ma.masked_array(np.arange(n) % 5 + 1, mask=np.arange(n) == 3)
+    cat["d4000_n"] = rng.uniform(1, 2, n)
+    cat["velDisp"] = rng.uniform(50, 250, n)
+    cat.write(tmp_path / "catalog.fits", overwrite=True)
     out = prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds", chunk=2)
     survey = open_survey(out)
     assert sorted(np.asarray(survey.catalog["objid"]) - 5000) == [0, 3, 5, 7, 8]
+    kept = survey.catalog
+    order = np.asarray(kept["objid"]) - 5000
+    assert np.allclose(kept["d4000_n"], cat["d4000_n"][order]) and np.allclose(kept["velDisp"], cat["velDisp"][order])
+    null = order == 3
+    ew = np.ma.filled(np.ma.asarray(kept["h_alpha_eqw"], dtype=np.float64), np.nan)  # astropy masks NaN on reading
+    assert np.isnan(ew[null]).all() and (np.asarray(kept["bptclass"])[null] == -1).all()
+    assert np.allclose(ew[~null], cat["h_alpha_eqw"].data[order[~null]])
     assert survey.flux.shape == (5, 3598) and survey.mask is not None
     row3 = int(np.flatnonzero(np.asarray(survey.catalog["objid"]) == 5003)[0])
     assert survey.mask[row3].sum() >= 100 and np.all(np.isfinite(survey.flux[row3]))

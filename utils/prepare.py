@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.dataset import BANDS, IMAGE_SHAPES, PARTIAL_MARKER, DatasetWriter, assign_split
-from utils.sdss_files import cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
+from utils.sdss_files import SURVEY_MEASUREMENTS, cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 from utils.spectra import APJ_SMOOTH_SIGMA, APJ_WAVE_STEP, LOGLAM_STEP, apj_wave, neurips_loglam
 
 logger = logging.getLogger(__name__)
@@ -209,9 +209,13 @@ def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str
                    "dec": np.asarray(kept["dec"], dtype=np.float64), "z": np.asarray(kept["z"], dtype=np.float64),
                    **{f"mag_{b}": np.asarray(kept[f"cModelMag_{b}"], dtype=np.float32) for b in BANDS},
                    "split": assign_split(objid)})
-    for extra in ("plate", "mjd", "fiberID", "zErr", "petroRad_r"):
-        if extra in kept.colnames:
-            table[extra] = kept[extra]
+    for extra in ("plate", "mjd", "fiberID", "zErr", "petroRad_r", *SURVEY_MEASUREMENTS):
+        if extra in kept.colnames:  # the survey's measurements may be NULL (masked): stored as NaN, -1 for integers
+            column = np.ma.asarray(kept[extra])
+            if np.issubdtype(column.dtype, np.integer):
+                table[extra] = column.filled(-1)
+            else:
+                table[extra] = np.ma.asarray(column, dtype=np.float64).filled(np.nan)
     del flux, ivar, mask, gri, five
     writer.finish(table, extra_meta={"grid": grid, "dropped": len(dropped)})
     shutil.rmtree(staging)

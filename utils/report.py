@@ -185,6 +185,10 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
     report.table = (format_science_table(stats, g, n) + "\ntrue BPT classes: "
                     + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
                     + f" (majority-class rate {counts.max() / g:.2f})")
+    if "against_survey_values" in summary:
+        report.table += "\n\nAgainst the survey's own measurements (MPA-JHU; " + ", ".join(
+            sorted(survey_truth)) + "):\n" + format_science_table(summary["against_survey_values"]["predictors"], g, n
+                                                                   ).split("\n", 1)[1]
     report.figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
                           "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre}
     return report

@@ -33,14 +33,15 @@ from astropy.table import Table, vstack
 from utils.dataset import IMAGE_SIZE
 from utils.errors import UserError
 from utils.prepare import prepare
-from utils.sdss_files import cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
+from utils.sdss_files import MPA_JHU_COLUMNS, cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
 
 logger = logging.getLogger(__name__)
 
 SAS_URL = "https://data.sdss.org/sas"
 SKYSERVER_URL = "https://skyserver.sdss.org"
 #: columns of the catalog query (SPEC 1, plus the imaging frame of each object for ugriz cutouts)
-SPEC_COLUMNS = ("specObjID", "plate", "mjd", "fiberID", "run2d", "instrument", "ra", "dec", "z", "zErr")
+SPEC_COLUMNS = ("specObjID", "plate", "mjd", "fiberID", "run2d", "instrument", "ra", "dec", "z", "zErr", "velDisp",
+                "velDispErr")
 PHOTO_COLUMNS = ("objID", "cModelMag_u", "cModelMag_g", "cModelMag_r", "cModelMag_i", "cModelMag_z", "petroRad_r",
                  "run", "rerun", "camcol", "field")
 PAGE_SIZE = 25000
@@ -58,7 +59,10 @@ class NetworkUnreachable(UserError):
 def build_query(top: int, after: int, z_min: float | None = None, z_max: float | None = None,
                 mag_max: float | None = None) -> str:
     """SQL for one page of galaxies with specObjID > ``after``, ordered by specObjID."""
-    cols = ", ".join([f"s.{c}" for c in SPEC_COLUMNS] + [f"p.{c}" for c in PHOTO_COLUMNS])
+    aliases = {table: f"m{i}" for i, table in enumerate(MPA_JHU_COLUMNS)}
+    cols = ", ".join([f"s.{c}" for c in SPEC_COLUMNS] + [f"p.{c}" for c in PHOTO_COLUMNS]
+                     + [f"{aliases[t]}.{c}" for t, columns in MPA_JHU_COLUMNS.items() for c in columns])
+    joins = "".join(f" LEFT OUTER JOIN {t} AS {a} ON {a}.specObjID = s.specObjID" for t, a in aliases.items())
     where = ["s.class = 'GALAXY'", "s.zWarning = 0", f"s.specObjID > {int(after)}"]
     if z_min is not None:
         where.append(f"s.z > {z_min}")
@@ -66,7 +70,7 @@ def build_query(top: int, after: int, z_min: float | None = None, z_max: float |
         where.append(f"s.z < {z_max}")
     if mag_max is not None:
         where.append(f"p.cModelMag_r < {mag_max}")
-    return (f"SELECT TOP {int(top)} {cols} FROM SpecObj AS s JOIN PhotoObj AS p ON s.bestObjID = p.objID "
+    return (f"SELECT TOP {int(top)} {cols} FROM SpecObj AS s JOIN PhotoObj AS p ON s.bestObjID = p.objID{joins} "
             f"WHERE {' AND '.join(where)} ORDER BY s.specObjID")
 
 

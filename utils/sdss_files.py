@@ -1,4 +1,5 @@
-"""Where downloaded SDSS files live and how a cutout JPEG is checked: shared by the downloader
+"""Where downloaded SDSS files live, how a cutout JPEG is checked and which survey measurements a
+catalog carries: shared by the downloader
 (utils.sdss) and the preparation (utils.prepare), which import this module and not each other's."""
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def read_cutout_jpeg(path: Path) -> np.ndarray | str:
     if arr.shape != IMAGE_SHAPES["gri"]:
         return f"image {Path(path).name} has shape {arr.shape}, expected {IMAGE_SHAPES['gri']}"
     return arr
+
+
+#: the survey's own measurements (MPA-JHU DR8 value-added tables, joined on specObjID; NULL for
+#: spectra they do not cover, e.g. BOSS): line fluxes and equivalent widths (negative for
+#: emission), Dn4000 and the BPT class; with SpecObj's velocity dispersion they travel into the
+#: dataset's catalog (utils.prepare) for generate.py's comparison (utils.report)
+MPA_JHU_COLUMNS = {
+    "galSpecLine": tuple(f"{line}_{what}" for line in ("h_alpha", "h_beta", "oiii_5007", "nii_6584")
+                         for what in ("flux", "flux_err", "eqw", "eqw_err")),
+    "galSpecIndx": ("d4000_n", "d4000_n_err"),
+    "galSpecExtra": ("bptclass",),
+}
+SURVEY_MEASUREMENTS = ("velDisp", "velDispErr", *(c for cols in MPA_JHU_COLUMNS.values() for c in cols))
