@@ -245,7 +245,7 @@ TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per
 def format_science_table(stats: dict, g: int, n: int) -> str:
     """Generation and baselines side by side, value +- standard error, '-' where not applicable."""
     names = [k for k in PREDICTORS if k in stats]
-    width, col = 34, 17
+    width, col = 38, 17
     lines = [f"Science evaluation over {g} test galaxies ({n} samples each; 'generated' = median of the samples' "
              f"values; +- bootstrap standard error)",
              f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
@@ -295,21 +295,24 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
     x = np.linspace(-1.6, 0.4, 200)
+    generated = {k: cols[k + "_gen"] for k in (f"flux_{n}" for n in LINES)} | {"bpt": cols["bpt_gen"]}
     for ax, (title, flux) in zip(axes, (("true spectra", d["true_props"]),
-                                        ("generated (median line fluxes of the samples)",
-                                         {k: cols[k + "_gen"] for k in (f"flux_{n}" for n in LINES)}))):
+                                        ("generated (median line fluxes; class: the samples' mode)", generated))):
         with np.errstate(all="ignore"):
             lx = np.log10(flux["flux_nii_6584"] / flux["flux_halpha"])
             ly = np.log10(flux["flux_oiii_5007"] / flux["flux_hbeta"])
-        ax.plot(lx, ly, "o", ms=3, alpha=0.6)
+        for code, (name, colour) in enumerate(zip(BPT_CLASSES, ("0.7", "tab:blue", "tab:green", "tab:red"))):
+            pick = np.asarray(flux["bpt"]) == code
+            ax.plot(lx[pick], ly[pick], "o", ms=3 if code else 2, alpha=0.7, color=colour,
+                    label=f"{name} ({int(pick.sum())})" + (" [S/N < 3]" if code == 0 else ""))
         ax.plot(x[x < 0.05], kauffmann03(x[x < 0.05]), "k-", lw=1, label="Kauffmann et al. 2003")
         ax.plot(x[x < 0.47], kewley01(x[x < 0.47]), "k--", lw=1, label="Kewley et al. 2001")
         ax.set_xlim(-1.6, 0.6)
         ax.set_ylim(-1.3, 1.5)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(r"log [N II] 6584 / H$\alpha$")
+        ax.legend(fontsize=7, loc="lower left")
     axes[0].set_ylabel(r"log [O III] 5007 / H$\beta$")
-    axes[0].legend(fontsize=8, loc="lower left")
     paths.append(save(fig, folder / "science_bpt.png"))
 
     levels = np.linspace(0.1, 0.9, 9)
