@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import astropy.units as u
 import numpy as np
+import pytest
 import speclite.filters
+import torch
 
 from utils.dataset import open_survey
 from utils.mock import generate_mock, sample_galaxies, sky_spectrum
 from utils.templates import TemplateSpectra
+from utils.science import dn4000
 from utils.spectra import neurips_loglam
 
 
@@ -85,3 +88,103 @@ def test_mock_figures_are_written(tiny_mock, tmp_path):
     paths = mock_figures(tiny_mock, tmp_path, n_show=3)
     assert [p.name for p in paths] == ["mock_galaxies.png", "mock_color_redshift.png"]
     assert all(Image.open(p).size[0] > 500 for p in paths)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 14: fibre spectra, drawn emission lines and AGN, true properties
+# --------------------------------------------------------------------------------------------
+def test_total_light_still_matches_the_photometry():
+    """Bulge + disc without their lines (utils.mock_physics) on a g-to-i grid: the synthetic
+    g, r, i magnitudes of the total light match the catalog's (the fibre sees only part of it)."""
+    from utils.mock import bulge_fractions, galaxy_physics
+    from utils.mock_physics import FibreSpectra
+
+    gal = sample_galaxies(40, seed=3)
+    grid = np.arange(3.52, 4.02, 1e-4)
+    physics = FibreSpectra(grid)
+    sigma = galaxy_physics(gal, bulge_fractions(gal, physics.old), seed=3)["veldisp"]
+    bulge, disc = physics.components(gal.z, gal.coeffs, sigma)
+    filters = speclite.filters.load_filters("sdss2010-g", "sdss2010-r", "sdss2010-i")
+    m = filters.get_ab_magnitudes((bulge + disc) * 1e-17 * u.erg / u.s / u.cm ** 2 / u.AA, 10 ** grid * u.AA)
+    synth = np.stack([m[c] for c in m.colnames], 1)
+    assert np.all(np.median(np.abs(synth - gal.mags[:, 1:4]), 0) < 0.05)
+
+
+def test_fibre_sees_less_of_larger_galaxies(tiny_mock, tmp_path):
+    from utils.mock import aperture_weights
+
+    weights = aperture_weights(torch.zeros(1, 2), 3.0)[0]
+    assert float(weights.sum()) == pytest.approx(np.pi * (1.5 / 0.396) ** 2, rel=0.02)
+    cat = open_survey(tiny_mock).catalog
+    frac = np.asarray(cat["fibre_frac_r"])
+    assert np.all((frac > 0.02) & (frac < 1)) and np.all(cat["fibermag_r"] > cat["mag_r"])
+    size = np.asarray(cat["bulge_frac_r"] * cat["r_bulge_arcsec"] + (1 - cat["bulge_frac_r"]) * cat["r_disc_arcsec"])
+    assert np.corrcoef(np.log(size), frac)[0, 1] < -0.5
+    assert np.median(cat["fibre_frac_bulge"] - cat["fibre_frac_disc"]) > 0  # bulges are concentrated
+    boss = open_survey(generate_mock(tmp_path / "boss", 12, seed=3, fibre="boss", progress=False)).catalog
+    sdss = open_survey(generate_mock(tmp_path / "sdss", 12, seed=3, progress=False)).catalog
+    assert np.all(boss["fibre_frac_r"] < sdss["fibre_frac_r"])
+
+
+def test_spectra_carry_the_true_lines_and_dn4000(tiny_mock):
+    """The catalog's true properties are what the noisy spectra show, measured at the true z."""
+    from utils.mock import TRUE_COLUMNS
+    from utils.science import fit_lines
+
+    s = open_survey(tiny_mock)
+    cat = s.catalog
+    assert set(TRUE_COLUMNS) <= set(cat.colnames)
+    z = np.asarray(cat["z"], dtype=np.float64)
+    flux = np.asarray(s.flux, dtype=np.float64)
+    assert np.median(np.abs(dn4000(flux, s.wave, z) - cat["true_dn4000"])) < 0.03
+    found, errors, _ = fit_lines(flux, s.wave, z)
+    true = np.asarray(cat["true_flux_halpha"], dtype=np.float64)
+    strong = true > 10 * errors["halpha"]
+    assert strong.sum() >= 5 and np.median(np.abs(found["halpha"][strong] / true[strong] - 1)) < 0.15
+
+
+def test_line_physics():
+    """Scatter that no input predicts, Balmer decrements from dust, the star-forming sequence,
+    AGN above the Kewley line and more common in massive bulges, fixed doublet ratios."""
+    from utils.mock_physics import BALMER_DECREMENT, draw_lines
+    from utils.science import TIED, bpt_class, kauffmann03
+
+    n = 6000
+    rng = np.random.default_rng(0)
+    log_mass = rng.uniform(8.5, 11.5, n)
+    bulge_mass = log_mass - rng.uniform(0, 1.5, n)
+    same = np.full(n, 1000.0)
+    out = draw_lines(same, log_mass, bulge_mass, np.full(n, 10.0), np.ones(n), rng)
+    f = out["flux"]
+    sf = out["agn"] == 0
+    assert np.std(np.log10(f["halpha"][sf])) >= 0.3  # same inputs, at least 0.3 dex apart
+    decrement = f["halpha"] / f["hbeta"]
+    assert np.all(decrement[sf] >= BALMER_DECREMENT - 1e-9)
+    assert np.corrcoef(out["ebv"][sf], np.log(decrement[sf]))[0, 1] > 0.99
+    x, y = np.log10(f["nii_6584"] / f["halpha"]), np.log10(f["oiii_5007"] / f["hbeta"])
+    assert np.mean(y[sf] < kauffmann03(x[sf])) > 0.9
+    unsaturated = sf & (out["oh"] < 8.75)  # the N2 calibration saturates above
+    assert unsaturated.sum() > 100 and np.corrcoef(out["oh"][unsaturated], x[unsaturated])[0, 1] > 0.8
+    pure = draw_lines(np.zeros(n), log_mass, bulge_mass, np.full(n, 10.0), np.ones(n), np.random.default_rng(1))
+    active = pure["agn"] > 0
+    errors = {k: v / 100 + 1e-9 for k, v in pure["flux"].items()}
+    assert active.sum() > 200 and np.all(bpt_class(pure["flux"], errors)[active] == 3)  # above Kewley et al. 2001
+    massive, light = bulge_mass > 10.8, bulge_mass < 10.0
+    assert np.mean(out["agn"][massive] > 0) > 0.25 > 0.05 > np.mean(out["agn"][light] > 0)
+    assert {1, 2} <= set(out["agn"][massive].tolist())  # Seyferts and LINERs
+    for tied, (main, _, ratio) in TIED.items():
+        assert np.allclose(f[tied], f[main] * ratio)
+    assert np.all(pure["sigma_kms"]["halpha"][active] > out["sigma_kms"]["halpha"][sf].max())  # broader NLR lines
+
+
+def test_velocity_dispersion_broadens_only_beyond_the_template_resolution():
+    from utils.mock_physics import TEMPLATE_SIGMA_KMS, broadened
+
+    wave = np.linspace(5000, 6000, 20001)
+    line = np.exp(-0.5 * ((wave - 5500) / 0.5) ** 2)
+    assert np.allclose(broadened(wave, line, TEMPLATE_SIGMA_KMS), line)
+    wide = broadened(wave, line, 300.0)
+    assert np.trapezoid(wide, wave) == pytest.approx(np.trapezoid(line, wave), rel=1e-3)
+    width = np.sqrt(np.trapezoid(wide * (wave - 5500) ** 2, wave) / np.trapezoid(wide, wave))
+    expected = np.hypot(0.5, 5500 * np.sqrt(300.0 ** 2 - TEMPLATE_SIGMA_KMS ** 2) / 299792.458)
+    assert width == pytest.approx(expected, rel=0.03)

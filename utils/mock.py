@@ -29,8 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
+from utils.mock_physics import (FIBRE_DIAMETER, FJ_SCATTER, FJ_ZERO, MOCK_LINES, FibreSpectra, draw_lines,
+                                stellar_mass, true_bpt)
+from utils.science import LINES, dn4000
 from utils.spectra import neurips_loglam
-from utils.templates import TemplateSpectra
+from utils.templates import FLUX_UNIT, TemplateSpectra
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +239,30 @@ def angular_sizes(z: np.ndarray, mag_r: np.ndarray, rng: np.random.Generator) ->
     return sizes[0], sizes[1]
 
 
-def render_images(gal: MockGalaxies, bulge_fraction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """ugriz images ``(N, 5, 64, 64)`` float32 in nanomaggies per pixel, sky-subtracted, noisy."""
+def aperture_weights(offset: torch.Tensor, diameter: float, size: int = IMAGE_SIZE, sub: int = 4) -> torch.Tensor:
+    """``(B, size, size)`` share of each pixel inside a circle of ``diameter`` arcsec centred on
+    ``offset`` ``(B, 2)`` pixels from the stamp centre (``sub`` x ``sub`` points per pixel)."""
+    axis = (torch.arange(size * sub, dtype=torch.float32) + 0.5) / sub - size / 2
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    radius = diameter / 2 / PIXEL_SCALE
+    inside = ((xx[None] - offset[:, 0, None, None]) ** 2 + (yy[None] - offset[:, 1, None, None]) ** 2) <= radius ** 2
+    return F.avg_pool2d(inside[:, None].float(), sub)[:, 0]
+
+
+@dataclass
+class RenderedImages:
+    """ugriz images and what the spectrum needs to know about the same light profiles."""
+
+    images: np.ndarray  # (N, 5, 64, 64) float32 nanomaggies per pixel, sky-subtracted, noisy
+    r_disc: np.ndarray  # (N,) half-light semi-major axes, arcsec
+    r_bulge: np.ndarray
+    fibre_disc: np.ndarray  # (N,) share of the (PSF-convolved) disc light inside the fibre
+    fibre_bulge: np.ndarray
+
+
+def render_images(gal: MockGalaxies, bulge_fraction: np.ndarray, rng: np.random.Generator,
+                  fibre_diameter: float = 3.0) -> RenderedImages:
+    """Bulge + disc images of the galaxies and the fibre's share of each component's light."""
     n = len(gal)
     flux = gal.maggies * 1e9  # (N, 5) nanomaggies
     r_disc, r_bulge = angular_sizes(gal.z, gal.mags[:, 2], rng)
@@ -246,13 +271,17 @@ def render_images(gal: MockGalaxies, bulge_fraction: np.ndarray, rng: np.random.
     pa = rng.uniform(0, np.pi, n)
     offset = rng.uniform(-0.5, 0.5, (n, 2))
     t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    disc = sersic_stamps(t(r_disc), t(q_disc), t(pa), t(offset), 1.0).numpy()
-    bulge = sersic_stamps(t(r_bulge), t(q_bulge), t(pa), t(offset), 4.0).numpy()
+    disc = sersic_stamps(t(r_disc), t(q_disc), t(pa), t(offset), 1.0)
+    bulge = sersic_stamps(t(r_bulge), t(q_bulge), t(pa), t(offset), 4.0)
+    aperture = aperture_weights(t(offset), fibre_diameter)
+    fibre_disc, fibre_bulge = ((profile * aperture).sum((1, 2)).numpy().astype(np.float64) for profile in (disc, bulge))
+    disc, bulge = disc.numpy(), bulge.numpy()
     bt = bulge_fraction[:, :, None, None]
     model = flux[:, :, None, None] * (bt * bulge[:, None] + (1 - bt) * disc[:, None])  # (N, 5, H, W)
     sky = 10.0 ** (-0.4 * (SKY_MU - 22.5)) * PIXEL_SCALE ** 2  # nanomaggies per pixel
     var = (sky[None, :, None, None] + np.maximum(model, 0)) / ELECTRONS_PER_NMGY[None, :, None, None]
-    return (model + np.sqrt(var) * rng.standard_normal(model.shape)).astype(np.float32)
+    images = (model + np.sqrt(var) * rng.standard_normal(model.shape)).astype(np.float32)
+    return RenderedImages(images, r_disc * PIXEL_SCALE, r_bulge * PIXEL_SCALE, fibre_disc, fibre_bulge)
 
 
 def colour_image(ugriz: np.ndarray) -> np.ndarray:
@@ -270,53 +299,104 @@ def colour_image(ugriz: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
-def bulge_fractions(gal: MockGalaxies, spectra: TemplateSpectra) -> np.ndarray:
+def bulge_fractions(gal: MockGalaxies, old_template: int) -> np.ndarray:
     """``(N, 5)`` share of each band's flux from the old-star template (the bulge)."""
     amatrix = kcorrect_sdss().Amatrix(gal.z)  # (N, 5 bands, K templates)
     per_template = amatrix * gal.coeffs[:, None, :]
-    old = per_template[:, :, spectra.old_template]
+    old = per_template[:, :, old_template]
     return np.clip(old / per_template.sum(-1), 0.0, 1.0)
 
 
+def galaxy_physics(gal: MockGalaxies, bulge_fraction: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Stellar masses (Bell et al. 2003, from kcorrect's rest-frame absolute magnitudes), bulge
+    masses and bulge velocity dispersions (Faber-Jackson) of all galaxies."""
+    absmag = kcorrect_sdss().absmag(maggies=gal.maggies, ivar=np.ones_like(gal.maggies), redshift=gal.z,
+                                    coeffs=gal.coeffs)
+    bt_r = np.clip(bulge_fraction[:, 2], 1e-3, 1.0)
+    log_mass = stellar_mass(absmag[:, 2], absmag[:, 1] - absmag[:, 2])
+    mr_bulge = absmag[:, 2] - 2.5 * np.log10(bt_r)
+    rng = np.random.default_rng([seed, 3])
+    log_sigma = FJ_ZERO - 0.1 * (mr_bulge + 21.0) + FJ_SCATTER * rng.standard_normal(len(gal))
+    return {"log_mass": log_mass, "log_bulge_mass": log_mass + np.log10(bt_r), "veldisp": 10 ** log_sigma}
+
+
+#: the true properties written to catalog.fits (besides z): name -> description (README)
+TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{k}" for k in LINES), "true_bpt",
+                "agn", "veldisp", "log_mass", "ebv_gas", "oh_gas", "r_disc_arcsec", "r_bulge_arcsec",
+                "fibre_frac_disc", "fibre_frac_bulge", "fibre_frac_r")
+
+
 def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0, ugriz: bool = False,
-                  val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True) -> Path:
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True,
+                  fibre: str = "sdss") -> Path:
     """Generate the mock survey into ``root`` in the dataset format (see utils.dataset).
 
     Parameters
     ----------
     root : destination folder (must not exist).
     n_objects : number of galaxies; None keeps every real galaxy once (about 9,800).
-    seed : everything random (noise, sizes, shapes, resampling) derives from it.
+    seed : everything random (noise, sizes, shapes, lines, resampling) derives from it.
     ugriz : also store the 5-band float images (N x 80 kB on disk).
+    fibre : 'sdss' (3" diameter) or 'boss' (2").
     """
+    if fibre not in FIBRE_DIAMETER:
+        raise ValueError(f"unknown fibre '{fibre}': expected one of {tuple(FIBRE_DIAMETER)}")
     gal = sample_galaxies(n_objects, seed)
     n = len(gal)
     loglam = neurips_loglam()
     wave = 10.0 ** loglam
-    spectra = TemplateSpectra()
+    physics = FibreSpectra(loglam)
     split = assign_split(gal.objid, val_fraction, test_fraction)
     writer = DatasetWriter(root, n, loglam, images=("gri", "ugriz") if ugriz else ("gri",), source="mock")
-    bt_all = bulge_fractions(gal, spectra)
+    bt_all = bulge_fractions(gal, physics.old)
+    props = galaxy_physics(gal, bt_all, seed)
+    true = {name: np.zeros(n) for name in TRUE_COLUMNS}
+    fibre_bands = np.zeros((n, len(BANDS)))
     bar = tqdm(total=n, desc="mock survey", unit="gal", disable=not progress)
     for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
+        sl = slice(start, min(start + CHUNK, n))
         rng = np.random.default_rng([seed, 2, start // CHUNK])
-        part = MockGalaxies(*(getattr(gal, f)[start:stop] for f in MockGalaxies.__dataclass_fields__))
-        clean = spectra.observed(part.z, part.coeffs, loglam)
+        part = MockGalaxies(*(getattr(gal, f)[sl] for f in MockGalaxies.__dataclass_fields__))
+        rendered = render_images(part, bt_all[sl], rng, FIBRE_DIAMETER[fibre])
+        bulge, disc = physics.components(part.z, part.coeffs, props["veldisp"][sl])
+        continuum = rendered.fibre_bulge[:, None] * bulge + rendered.fibre_disc[:, None] * disc
+        disc_coeffs = part.coeffs.copy()
+        disc_coeffs[:, physics.old] = 0.0
+        lines = draw_lines(disc_coeffs @ physics.halpha_per_coeff * FLUX_UNIT, props["log_mass"][sl],
+                           props["log_bulge_mass"][sl], physics.continuum_at(continuum, part.z, MOCK_LINES["halpha"]),
+                           rendered.fibre_disc, rng)
+        clean = continuum + physics.render_lines(part.z, lines["flux"], lines["sigma_kms"])
         flux, ivar = add_spectral_noise(clean, wave, rng)
-        images = render_images(part, bt_all[start:stop], rng)
-        gri = np.stack([colour_image(im) for im in images])
-        arrays = {"gri": gri, "ugriz": images} if ugriz else {"gri": gri}
+        errors = physics.line_errors(part.z, lines["sigma_kms"], 1.0 / ivar.astype(np.float64))
+        true["true_dn4000"][sl] = dn4000(clean, wave, part.z)
+        for name in LINES:
+            true[f"true_flux_{name}"][sl] = lines["flux"][name]
+            cont = physics.continuum_at(continuum, part.z, MOCK_LINES[name])
+            true[f"true_ew_{name}"][sl] = lines["flux"][name] / np.maximum(cont, 1e-6) / (1 + part.z)
+        true["true_bpt"][sl] = true_bpt(lines["flux"], errors)
+        true["agn"][sl], true["ebv_gas"][sl], true["oh_gas"][sl] = lines["agn"], lines["ebv"], lines["oh"]
+        true["r_disc_arcsec"][sl], true["r_bulge_arcsec"][sl] = rendered.r_disc, rendered.r_bulge
+        true["fibre_frac_disc"][sl], true["fibre_frac_bulge"][sl] = rendered.fibre_disc, rendered.fibre_bulge
+        fibre_bands[sl] = bt_all[sl] * rendered.fibre_bulge[:, None] + (1 - bt_all[sl]) * rendered.fibre_disc[:, None]
+        gri = np.stack([colour_image(im) for im in rendered.images])
+        arrays = {"gri": gri, "ugriz": rendered.images} if ugriz else {"gri": gri}
         writer.write(start, flux, ivar, arrays)
-        bar.update(stop - start)
+        bar.update(sl.stop - start)
     bar.close()
+    true["veldisp"], true["log_mass"], true["fibre_frac_r"] = props["veldisp"], props["log_mass"], fibre_bands[:, 2]
     mags = gal.mags
     catalog = Table({"objid": gal.objid, "ra": gal.ra, "dec": gal.dec, "z": gal.z,
-                     **{f"mag_{b}": mags[:, i].astype(np.float32) for i, b in enumerate(BANDS)}, "split": split,
-                     "bulge_frac_r": bt_all[:, 2].astype(np.float32)})
+                     **{f"mag_{b}": mags[:, i].astype(np.float32) for i, b in enumerate(BANDS)},
+                     **{f"fibermag_{b}": (mags[:, i] - 2.5 * np.log10(fibre_bands[:, i])).astype(np.float32)
+                        for i, b in enumerate(BANDS)},
+                     "split": split, "bulge_frac_r": bt_all[:, 2].astype(np.float32)})
+    for name in TRUE_COLUMNS:
+        catalog[name] = true[name].astype(np.int16 if name in ("true_bpt", "agn") else np.float32)
     catalog.meta["SEED"] = seed
-    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects,
-                                               "generator": "utils.mock (kcorrect templates)"})
+    catalog.meta["FIBRE"] = FIBRE_DIAMETER[fibre]
+    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects, "fibre_arcsec": FIBRE_DIAMETER[fibre],
+                                               "generator": "utils.mock (kcorrect templates, fibre spectra, "
+                                                            "drawn emission lines)"})
 
 
 def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False) -> Path:

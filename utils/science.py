@@ -10,7 +10,8 @@ same code:
 - Dn4000 (Balogh et al. 1999): mean F_nu in 4000-4100 A over 3850-3950 A, rest frame;
 - fluxes and rest-frame equivalent widths of H-beta, [O III] 5007, H-alpha and [N II] 6584: a
   linear least-squares fit of a linear continuum plus pixel-integrated Gaussian lines at the
-  measured redshift ([O III] 4959 and [N II] 6548 tied to their partners);
+  measured redshift ([O III] 4959 and [N II] 6548 tied to their partners), of the best of
+  three line widths;
 - the BPT class (Baldwin, Phillips & Terlevich 1981 diagram, [N II]/H-alpha against
   [O III]/H-beta): star-forming below Kauffmann et al. (2003), AGN above Kewley et al. (2001),
   composite between, unclassified when a line's signal-to-noise is below :data:`BPT_MIN_SNR`.
@@ -35,8 +36,11 @@ LINES = {"hbeta": 4862.68, "oiii_5007": 5008.24, "halpha": 6564.61, "nii_6584": 
 TIED = {"oiii_4959": ("oiii_5007", 4960.30, 1 / 2.98), "nii_6548": ("nii_6584", 6549.86, 1 / 3.05)}
 #: fit windows (rest frame, Angstrom) and the lines fitted together in each
 COMPLEXES = (((4780.0, 5080.0), ("hbeta", "oiii_5007")), ((6450.0, 6680.0), ("halpha", "nii_6584")))
-#: Gaussian line width (intrinsic and instrumental together), km/s
-LINE_SIGMA_KMS = 120.0
+#: Gaussian line widths (intrinsic and instrumental together), km/s, tried for each complex; the
+#: width is then refined by a parabola in log sigma through the best one and its neighbours
+LINE_SIGMAS_KMS = tuple(40.0 * 1.4 ** np.arange(8))  # 40 to 422 km/s
+#: pixels wider than this (km/s) do not resolve the lines: their width is not fitted
+UNRESOLVED_PIXEL_KMS = 600.0
 #: Dn4000 windows (Balogh et al. 1999), rest frame, Angstrom
 DN4000_BLUE, DN4000_RED = (3850.0, 3950.0), (4000.0, 4100.0)
 BPT_CLASSES = ("unclassified", "star-forming", "composite", "AGN")
@@ -45,6 +49,14 @@ BPT_MIN_SNR = 3.0
 Z_RANGE = (0.0, 0.6)
 FIT_PIXELS = 600
 PROPERTIES = ("z", "dn4000", *(f"ew_{name}" for name in LINES), *(f"flux_{name}" for name in LINES))
+
+
+def line_profile(lo: np.ndarray, hi: np.ndarray, centre: np.ndarray, sigma_kms: np.ndarray | float) -> np.ndarray:
+    """Mean flux density over pixels [lo, hi) (Angstrom) of a unit-flux Gaussian line at
+    ``centre`` (Angstrom) with velocity dispersion ``sigma_kms``: the share of the line in the
+    pixel over the pixel's width. Broadcasts."""
+    sigma = centre * np.asarray(sigma_kms) / C_KMS
+    return (ndtr((hi - centre) / sigma) - ndtr((lo - centre) / sigma)) / (hi - lo)
 
 
 def kauffmann03(log_nii_ha: np.ndarray) -> np.ndarray:
@@ -193,25 +205,36 @@ def _dn4000(flux: np.ndarray, wave: np.ndarray, z: np.ndarray) -> np.ndarray:
         return red / blue  # equal widths: the ratio of the integrals is the ratio of the means
 
 
-def fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigma_kms: float = LINE_SIGMA_KMS
+def fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[float, ...] = LINE_SIGMAS_KMS
               ) -> tuple[dict, dict, dict]:
     """Line fluxes, their errors and rest-frame equivalent widths, each a dict of ``(M,)`` arrays
     keyed by the names in :data:`LINES`.
 
     Each complex of :data:`COMPLEXES` is fitted within its rest-frame window by least squares:
     a linear continuum plus one pixel-integrated Gaussian per line (tied lines share their
-    partner's amplitude at the fixed ratio). Errors come from the fit's residual scatter, the same
+    partner's amplitude at the fixed ratio), for each trial width in ``sigmas`` (the lines of a
+    complex share it), keeping the best fit. Errors come from the fit's residual scatter, the same
     for every spectrum whether measured or generated. Fluxes in 1e-17 erg/s/cm^2; EWs in Angstrom,
     positive for emission; NaN where the window leaves the grid or the continuum is not positive.
     """
     flux, wave = _check_grid(flux, wave)
-    return _fit_lines(flux, wave, z, sigma_kms)
+    return _fit_lines(flux, wave, z, sigmas)
 
 
-def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigma_kms: float = LINE_SIGMA_KMS
+def _parabola_min(grid: np.ndarray, values: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """Abscissa of the minimum of the parabola through ``values[:, i - 1 : i + 2]`` (rows of
+    ``values`` over the uniform ``grid``), kept within the bracketing grid points."""
+    rows = np.arange(len(values))
+    left, mid, right = values[rows, i - 1], values[rows, i], values[rows, i + 1]
+    curvature = left - 2 * mid + right
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(curvature > 0, 0.5 * (left - right) / curvature, 0.0)
+    return grid[i] + np.clip(np.nan_to_num(shift), -1, 1) * (grid[1] - grid[0])
+
+
+def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[float, ...] = LINE_SIGMAS_KMS
                ) -> tuple[dict, dict, dict]:
     edges = pixel_edges(np.log10(wave))
-    width = np.diff(edges)
     z = np.broadcast_to(np.asarray(z, dtype=np.float64), (len(flux),))
     rows = np.arange(len(flux))[:, None]
     fluxes, errors, ews = {}, {}, {}
@@ -225,23 +248,33 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigma_kms: flo
         y = np.where(inside, flux[rows, idx], 0.0)
         lam = wave[idx]
         centre = 0.5 * (lo + hi) * (1 + z)[:, None]
-        columns = [inside * 1.0, inside * (lam - centre) / (hi - lo) / (1 + z)[:, None]]
-        for name in names:
-            profile = np.zeros_like(lam)
-            for rest, ratio in [(LINES[name], 1.0)] + [(w, r) for _, (main, w, r) in TIED.items() if main == name]:
-                mu = rest * (1 + z)[:, None]
-                sig = mu * sigma_kms / C_KMS
-                share = ndtr((edges[idx + 1] - mu) / sig) - ndtr((edges[idx] - mu) / sig)
-                profile += ratio * share / width[idx]
-            columns.append(profile * inside)
-        design = np.stack(columns, -1)  # (M, n, P)
-        normal = np.einsum("mnp,mnq->mpq", design, design)
-        inverse = np.linalg.pinv(normal)
-        coeffs = np.einsum("mpq,mq->mp", inverse, np.einsum("mnp,mn->mp", design, y))
-        residual = y - np.einsum("mnp,mp->mn", design, coeffs)
-        dof = np.maximum(inside.sum(1) - design.shape[-1], 1)
-        var = (residual ** 2).sum(1) / dof
-        ok = (start > 0) & (stop < len(wave)) & (inside.sum(1) > design.shape[-1])
+        continuum_columns = [inside * 1.0, inside * (lam - centre) / (hi - lo) / (1 + z)[:, None]]
+        def fit(sigma_kms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            columns = list(continuum_columns)
+            for name in names:
+                profile = np.zeros_like(lam)
+                for rest, ratio in [(LINES[name], 1.0)] + [(w, r) for _, (main, w, r) in TIED.items() if main == name]:
+                    profile += ratio * line_profile(edges[idx], edges[idx + 1], rest * (1 + z)[:, None],
+                                                    sigma_kms[:, None])
+                columns.append(profile * inside)
+            design = np.stack(columns, -1)  # (M, n, P)
+            inverse = np.linalg.pinv(np.einsum("mnp,mnq->mpq", design, design))
+            coeffs = np.einsum("mpq,mq->mp", inverse, np.einsum("mnp,mn->mp", design, y))
+            return ((y - np.einsum("mnp,mp->mn", design, coeffs)) ** 2).sum(1), coeffs, inverse
+
+        # the lines' width, fitted: a grid in log sigma, a parabola through the best and its neighbours;
+        # lines much narrower than a pixel are boxes whatever their width: one mid-range width then
+        grid = np.log(np.asarray(sigmas, dtype=np.float64))
+        if C_KMS * np.median(np.diff(np.log(wave))) > UNRESOLVED_PIXEL_KMS:
+            grid = np.log([np.sqrt(sigmas[0] * sigmas[-1])])
+        rss = np.stack([fit(np.full(len(z), np.exp(g)))[0] for g in grid], 1)  # (M, S)
+        i = np.clip(rss.argmin(1), 1, len(grid) - 2) if len(grid) >= 3 else rss.argmin(1)
+        log_sigma = grid[i] if len(grid) < 3 else _parabola_min(grid, rss, i)
+        best = fit(np.exp(log_sigma))
+        rss, coeffs, inverse = best
+        n_params = len(continuum_columns) + len(names)
+        var = rss / np.maximum(inside.sum(1) - n_params, 1)
+        ok = (start > 0) & (stop < len(wave)) & (inside.sum(1) > n_params)
         for k, name in enumerate(names):
             line = coeffs[:, 2 + k]
             continuum = coeffs[:, 0] + coeffs[:, 1] * (LINES[name] - 0.5 * (lo + hi)) / (hi - lo)

@@ -38,8 +38,12 @@ class TemplateSpectra:
     """The templates redshifted onto an observed grid, rebinned flux-conservingly: each pixel holds
     the mean flux density of the redshifted SED over the pixel's extent."""
 
-    def __init__(self) -> None:
+    def __init__(self, flux: np.ndarray | None = None) -> None:
+        """``flux`` ``(K, W)`` replaces the templates' fluxes on their wavelengths (e.g. without
+        emission lines, or broadened); default kcorrect's."""
         self.wave, self.flux = nmf_templates()  # (W,), (K, W)
+        if flux is not None:
+            self.flux = np.atleast_2d(np.asarray(flux, dtype=np.float64))
         mid = 0.5 * (self.flux[:, 1:] + self.flux[:, :-1]) * np.diff(self.wave)
         self.cumulative = np.concatenate([np.zeros((len(self.flux), 1)), np.cumsum(mid, 1)], 1)  # (K, W)
 
