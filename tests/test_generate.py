@@ -11,7 +11,7 @@ from astropy.table import Table
 from conftest import only_run, run_script, tiny_contrastive_args, tiny_generative_args
 from utils.dataset import SpectraDataset, open_survey
 from utils.evaluation import evaluate, photometric_params, rank
-from utils.science import dn4000, measure
+from utils.science import BPT_CLASSES, dn4000, measure
 from utils.spectra import preprocess
 
 
@@ -101,7 +101,10 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
 
     # the science evaluation: properties per galaxy, generation beside the baselines on the same galaxies
     science = metrics["science"]
-    assert set(science["predictors"]) == {"samples", "mean_of_n", "knn_embedding", "mean_train", "photo_z"}
+    assert set(science["predictors"]) == {"samples", "mean_of_n", "knn_embedding", "mean_train", "photo_z", "observed"}
+    assert science["truth"].startswith("the catalog's true")  # the mock's intrinsic properties
+    assert science["bpt_true_counts"] == {name: int(np.sum(np.asarray(survey.catalog["true_bpt"])[ds.rows] == i))
+                                          for i, name in enumerate(BPT_CLASSES)}
     assert science["n_galaxies"] == len(ds) and "z_sigma_nmad" in science["predictors"]["photo_z"]
     assert all(len(v) == 2 for v in science["predictors"]["samples"].values())  # value and standard error
     assert "Science evaluation over" in result.stdout and "kNN photo-z" in result.stdout

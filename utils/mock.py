@@ -461,7 +461,52 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
     axes[0].legend(loc="lower right", fontsize=8, markerscale=4)
     fig.suptitle("Colour-redshift: mock survey against the real SDSS galaxies it is built from")
     paths.append(save(fig, Path(out_dir) / "mock_color_redshift.png"))
+    if "true_bpt" in survey.catalog.colnames:
+        paths.append(physics_figure(survey.catalog, Path(out_dir) / "mock_physics.png"))
     return paths
+
+
+def physics_figure(cat: Table, path: Path) -> Path:
+    """The README's realism check: BPT diagram and classes of the true lines, H-alpha equivalent
+    widths, Dn4000 and the fibre's share of the r-band light against size."""
+    from utils.plotting import save
+    from utils.science import BPT_CLASSES, kauffmann03, kewley01
+    import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
+
+    col = lambda name: np.asarray(cat[name], dtype=np.float64)  # noqa: E731
+    bpt = np.asarray(cat["true_bpt"])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    ax = axes[0, 0]
+    with np.errstate(all="ignore"):
+        x = np.log10(col("true_flux_nii_6584") / col("true_flux_halpha"))
+        y = np.log10(col("true_flux_oiii_5007") / col("true_flux_hbeta"))
+    for code, colour in zip(range(len(BPT_CLASSES)), ("0.75", "tab:blue", "tab:green", "tab:red")):
+        pick = bpt == code
+        ax.plot(x[pick], y[pick], ".", ms=2, color=colour, alpha=0.5,
+                label=f"{BPT_CLASSES[code]}: {pick.mean():.0%}" + (" (a line at S/N < 3)" if code == 0 else ""))
+    grid = np.linspace(-2, 0.4, 300)
+    ax.plot(grid[grid < 0.05], kauffmann03(grid[grid < 0.05]), "k-", lw=1)
+    ax.plot(grid[grid < 0.47], kewley01(grid[grid < 0.47]), "k--", lw=1)
+    ax.set(xlim=(-1.8, 0.7), ylim=(-1.5, 1.5), xlabel=r"log [N II] 6584 / H$\alpha$",
+           ylabel=r"log [O III] 5007 / H$\beta$", title="BPT diagram of the true fibre lines")
+    ax.legend(fontsize=7, markerscale=4, loc="lower left")
+    ax = axes[0, 1]
+    ew = col("true_ew_halpha")
+    ax.hist(np.log10(np.clip(ew, 0.01, None)), bins=60, color="tab:blue", alpha=0.8)
+    ax.set(xlabel=r"log EW(H$\alpha$) [$\mathrm{\AA}$], rest frame, emission positive", ylabel="galaxies",
+           title=f"H-alpha equivalent width (median {np.median(ew):.1f} A; {np.mean(ew > 3):.0%} above 3 A)")
+    ax = axes[1, 0]
+    ax.hist(col("true_dn4000"), bins=np.linspace(0.9, 2.3, 57), color="tab:orange", alpha=0.8)
+    ax.set(xlabel="Dn4000 (noise-free fibre spectrum)", ylabel="galaxies",
+           title=f"Dn4000 (share below 1.5: {np.mean(col('true_dn4000') < 1.5):.0%})")
+    ax = axes[1, 1]
+    bt = col("bulge_frac_r")
+    size = bt * col("r_bulge_arcsec") + (1 - bt) * col("r_disc_arcsec")
+    ax.scatter(size, col("fibre_frac_r"), s=2, alpha=0.3, c=bt, cmap="coolwarm")
+    ax.set(xscale="log", xlabel="light-weighted half-light radius [arcsec]", ylabel="fibre / total flux (r)",
+           title=f"fibre ({cat.meta.get('FIBRE', 3.0)}\" diameter) share of the light; colour: B/T")
+    fig.suptitle("Mock survey: the true properties in catalog.fits")
+    return save(fig, path)
 
 
 

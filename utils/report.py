@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 #: predictors in the order of the console table: key -> column heading
 PREDICTORS = {"samples": "generated", "mean_of_n": "mean of N", "knn_embedding": "kNN image",
-              "mean_train": "mean train", "photo_z": "kNN photo-z"}
+              "mean_train": "mean train", "photo_z": "kNN photo-z", "observed": "true spectrum"}
 #: properties whose point predictions are compared (the line fluxes go to the FITS file only)
 COMPARED = ("dn4000", *(f"ew_{name}" for name in LINES))
 #: properties whose sample intervals are checked for coverage
@@ -141,7 +141,8 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         return report
 
     true_props = measure(truth, wave, fitter=fitter).table()
-    truth_values = dict(true_props)
+    known = catalog_truth(catalog)  # a mock's intrinsic properties, where the catalog has them
+    truth_values = known or dict(true_props)
     if catalog is not None and "z" in catalog.colnames:
         truth_values["z"] = np.asarray(catalog["z"], dtype=np.float64)  # the survey's redshift is the truth
     predictions = {"samples": {k: columns[f"{k}_gen"] for k in PROPERTIES} | {"bpt": columns["bpt_gen"]},
@@ -152,6 +153,9 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         spectra_pre[name] = pre
     if photo_z is not None:
         predictions["photo_z"] = {"z": np.asarray(photo_z, dtype=np.float64)}
+    if known:  # the ceiling: the same code on the observed (noisy) true spectrum
+        predictions["observed"] = true_props
+        spectra_pre["observed"] = None
     for prop in PROPERTIES:
         columns[f"{prop}_true"] = true_props[prop]
         if "knn_embedding" in predictions:
@@ -169,7 +173,8 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         for level in COVERAGE_LEVELS:
             inside = inside_interval(sample_props[prop], truth_values[prop], level)
             stats["samples"][f"coverage{round(level * 100)}_{prop}"] = _mean_se(inside[np.isfinite(inside)])
-    summary = {"truth": "properties measured on the true spectra with the same code; redshift: the catalog's",
+    summary = {"truth": ("the catalog's true (intrinsic, noise-free) properties" if known else
+                         "properties measured on the true spectra with the same code") + "; redshift: the catalog's",
                "n_galaxies": g, "n_samples": n, "predictors": stats, "bpt_classes": list(BPT_CLASSES),
                "bpt_confusion (rows true, columns predicted)": matrices}
     survey_truth = survey_values(catalog)
@@ -178,11 +183,11 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
                                                 survey_truth, n_boot)
         summary["against_survey_values"] = {"columns": sorted(survey_truth), "predictors": survey_stats,
                                             "bpt_confusion (rows true, columns predicted)": survey_matrices}
-    counts = np.bincount(np.asarray(true_props["bpt"]), minlength=len(BPT_CLASSES))
+    counts = np.bincount(np.asarray(truth_values["bpt"]), minlength=len(BPT_CLASSES))
     summary["bpt_true_counts"] = dict(zip(BPT_CLASSES, counts.tolist()))
     summary["bpt_majority_rate"] = float(counts.max() / g)
     report.summary = summary
-    report.table = (format_science_table(stats, g, n) + "\ntrue BPT classes: "
+    report.table = (format_science_table(stats, g, n) + f"\ntruth: {summary['truth']}\ntrue BPT classes: "
                     + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
                     + f" (majority-class rate {counts.max() / g:.2f})")
     if "against_survey_values" in summary:
@@ -211,6 +216,18 @@ def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_
         lo, hi = np.quantile(samples_pre, [(1 - level) / 2, (1 + level) / 2], axis=1)
         inside = ((truth_pre >= lo) & (truth_pre <= hi)).mean(-1)
         stats["samples"][f"coverage{round(level * 100)}_pixels"] = mean_se(inside)
+
+
+def catalog_truth(catalog) -> dict:
+    """Intrinsic properties a mock catalog carries (``true_<property>``, ``true_bpt``; utils.mock),
+    by property name; empty for catalogs without them."""
+    if catalog is None:
+        return {}
+    out = {prop: np.asarray(catalog[f"true_{prop}"], dtype=np.float64) for prop in PROPERTIES
+           if f"true_{prop}" in catalog.colnames}
+    if out and "true_bpt" in catalog.colnames:
+        out["bpt"] = np.asarray(catalog["true_bpt"], dtype=int)
+    return out
 
 
 def survey_values(catalog) -> dict:
@@ -296,7 +313,9 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
     x = np.linspace(-1.6, 0.4, 200)
     generated = {k: cols[k + "_gen"] for k in (f"flux_{n}" for n in LINES)} | {"bpt": cols["bpt_gen"]}
-    for ax, (title, flux) in zip(axes, (("true spectra", d["true_props"]),
+    intrinsic = "flux_halpha" in truth
+    for ax, (title, flux) in zip(axes, (("truth (the catalog's intrinsic lines)" if intrinsic else "true spectra",
+                                         truth if intrinsic else d["true_props"]),
                                         ("generated (median line fluxes; class: the samples' mode)", generated))):
         with np.errstate(all="ignore"):
             lx = np.log10(flux["flux_nii_6584"] / flux["flux_halpha"])
