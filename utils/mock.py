@@ -2,10 +2,12 @@
 
 Objects are the 10,000 SDSS galaxies shipped with kcorrect (``data/test/gst_tests_small.fits``),
 cut to 0.02 < z < 0.3. For each one, kcorrect's NMF templates are fitted to its ugriz model
-fluxes at its redshift; the fitted coefficients give its observed-frame spectrum, which is
-rebinned onto the SDSS grid and given SDSS-like noise. Images are a de Vaucouleurs bulge plus an
-exponential disc whose band-by-band flux split follows the old-star template's share of the
-fit, sized by a size-luminosity relation, convolved with a 1.4" PSF, with sky and photon noise.
+fluxes at its redshift; the fit is split into a bulge (the old-star template) and a disc (the
+others). Images are a de Vaucouleurs bulge plus an exponential disc whose band-by-band flux split
+follows that decomposition, sized by a size-luminosity relation, convolved with a 1.4" PSF, with
+sky and photon noise. The spectrum is what a 3" (or 2") fibre sees of the same two profiles,
+plus emission lines and AGN drawn per galaxy (utils.mock_physics), rebinned onto the SDSS grid
+with SDSS-like noise; the catalog carries fibre magnitudes and every true property.
 
 Run ``python -m utils.mock --help``. Simplifications are listed in the README ("Mock survey").
 """
@@ -517,10 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="number of galaxies (default: every real one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ugriz", action="store_true", help="also store 5-band float images")
+    parser.add_argument("--fibre", choices=tuple(FIBRE_DIAMETER), default="sdss",
+                        help="fibre diameter of the spectra: sdss 3\" (default) or boss 2\"")
     parser.add_argument("--figures", default=None, help="write the mock figures into this folder")
     args = parser.parse_args(argv)
     if not Path(args.root, "catalog.fits").exists():
-        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz)
+        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz, fibre=args.fibre)
     if args.figures:
         mock_figures(args.root, args.figures)
 
