@@ -194,7 +194,10 @@ class FakeSQL:
     def __init__(self, n: int, fail_on_call: int | None = None) -> None:
         rng = np.random.default_rng(0)
         ids = np.sort(rng.choice(10 ** 12, size=n, replace=False)) + 10 ** 15
-        self.table = Table({"specObjID": ids, "z": rng.uniform(0.01, 0.3, n)})
+        self.table = Table({"specObjID": ids, "z": rng.uniform(0.01, 0.3, n),
+                            # MPA-JHU columns come NULL (masked) for spectra the tables do not cover
+                            "h_alpha_eqw": np.ma.masked_array(-rng.uniform(0, 50, n), mask=np.arange(n) % 7 == 0),
+                            "bptclass": np.ma.masked_array(rng.integers(1, 6, n), mask=np.arange(n) % 7 == 0)})
         self.calls = 0
         self.fail_on_call = fail_on_call
 
@@ -220,7 +223,11 @@ def test_query_is_paged_by_specobjid(tmp_path):
     fake = FakeSQL(250)
     table = query_catalog(230, tmp_path / "cat.fits", page_size=40, query_fn=fake)
     assert len(table) == 230 and fake.calls == 6
-    assert np.array_equal(Table.read(tmp_path / "cat.fits")["specObjID"], fake.table["specObjID"][:230])
+    saved = Table.read(tmp_path / "cat.fits")
+    assert np.array_equal(saved["specObjID"], fake.table["specObjID"][:230])
+    # the survey's own measurements survive paging and saving, NULLs included
+    assert np.array_equal(np.ma.getmaskarray(saved["h_alpha_eqw"]), np.arange(230) % 7 == 0)
+    assert np.allclose(np.ma.filled(saved["h_alpha_eqw"], 0), np.ma.filled(fake.table["h_alpha_eqw"][:230], 0))
 
 
 def test_interrupted_query_resumes(tmp_path):
