@@ -86,7 +86,7 @@ def test_mock_figures_are_written(tiny_mock, tmp_path):
     from utils.mock import mock_figures
 
     paths = mock_figures(tiny_mock, tmp_path, n_show=3)
-    assert [p.name for p in paths] == ["mock_galaxies.png", "mock_color_redshift.png"]
+    assert [p.name for p in paths] == ["mock_galaxies.png", "mock_color_redshift.png", "mock_physics.png"]
     assert all(Image.open(p).size[0] > 500 for p in paths)
 
 
@@ -110,7 +110,7 @@ def test_total_light_still_matches_the_photometry():
     assert np.all(np.median(np.abs(synth - gal.mags[:, 1:4]), 0) < 0.05)
 
 
-def test_fibre_sees_less_of_larger_galaxies(tiny_mock, tmp_path):
+def test_fibre_sees_less_of_larger_galaxies(tiny_mock):
     from utils.mock import aperture_weights
 
     weights = aperture_weights(torch.zeros(1, 2), 3.0)[0]
@@ -121,9 +121,14 @@ def test_fibre_sees_less_of_larger_galaxies(tiny_mock, tmp_path):
     size = np.asarray(cat["bulge_frac_r"] * cat["r_bulge_arcsec"] + (1 - cat["bulge_frac_r"]) * cat["r_disc_arcsec"])
     assert np.corrcoef(np.log(size), frac)[0, 1] < -0.5
     assert np.median(cat["fibre_frac_bulge"] - cat["fibre_frac_disc"]) > 0  # bulges are concentrated
-    boss = open_survey(generate_mock(tmp_path / "boss", 12, seed=3, fibre="boss", progress=False)).catalog
-    sdss = open_survey(generate_mock(tmp_path / "sdss", 12, seed=3, progress=False)).catalog
-    assert np.all(boss["fibre_frac_r"] < sdss["fibre_frac_r"])
+    # a BOSS fibre (2") sees less of the same galaxies than an SDSS fibre (3")
+    from utils.mock import bulge_fractions, render_images
+
+    gal = sample_galaxies(12, seed=3)
+    bt = bulge_fractions(gal, TemplateSpectra().old_template)
+    sdss, boss = (render_images(gal, bt, np.random.default_rng(0), d) for d in (3.0, 2.0))
+    assert np.all(boss.fibre_disc < sdss.fibre_disc) and np.all(boss.fibre_bulge < sdss.fibre_bulge)
+    assert np.array_equal(boss.images, sdss.images)
 
 
 def test_spectra_carry_the_true_lines_and_dn4000(tiny_mock):

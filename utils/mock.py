@@ -301,6 +301,12 @@ def colour_image(ugriz: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def neurips_fibre_spectra() -> FibreSpectra:
+    """The fibre-spectrum model on the NeurIPS grid (built once per process: a few seconds)."""
+    return FibreSpectra(neurips_loglam())
+
+
 def bulge_fractions(gal: MockGalaxies, old_template: int) -> np.ndarray:
     """``(N, 5)`` share of each band's flux from the old-star template (the bulge)."""
     amatrix = kcorrect_sdss().Amatrix(gal.z)  # (N, 5 bands, K templates)
@@ -347,7 +353,7 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
     n = len(gal)
     loglam = neurips_loglam()
     wave = 10.0 ** loglam
-    physics = FibreSpectra(loglam)
+    physics = neurips_fibre_spectra()
     split = assign_split(gal.objid, val_fraction, test_fraction)
     writer = DatasetWriter(root, n, loglam, images=("gri", "ugriz") if ugriz else ("gri",), source="mock")
     bt_all = bulge_fractions(gal, physics.old)
