@@ -205,3 +205,15 @@ def test_report_compares_with_survey_values_in_their_conventions():
     stats, matrices = compare({"ours": perfect}, values, n_boot=20)
     assert stats["ours"]["z_sigma_nmad"][0] == 0 and stats["ours"]["dn4000_corr"][0] == pytest.approx(1)
     assert stats["ours"]["bpt_accuracy"][0] == 1 and np.trace(matrices["ours"]) == 4
+
+
+@pytest.mark.parametrize("downsample", [1, 16])
+def test_lines_outside_the_grid_are_nan_not_errors(downsample):
+    """At z = 0.5 H-alpha lies beyond the red end: its fit window is empty (an all-zero design),
+    which must give NaN, not an exception; H-beta is still measured."""
+    wave = grid(downsample)
+    z = np.array([0.5, 0.1])
+    fluxes = {name: np.array([50.0, 50.0]) for name in LINES}
+    found, errors, ews = fit_lines(line_spectra(wave, z, fluxes), wave, z)
+    assert np.isnan(found["halpha"][0]) and np.isnan(errors["halpha"][0]) and np.isnan(ews["halpha"][0])
+    assert np.isfinite(found["hbeta"]).all() and np.isfinite(found["halpha"][1])

@@ -260,7 +260,7 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
             design = np.stack(columns, -1)  # (M, n, P)
             normal = np.einsum("mnp,mnq->mpq", design, design)
             # a tiny ridge keeps blended lines (16-pixel blocks) solvable; batched LU, not SVD
-            ridge = 1e-9 * np.trace(normal, axis1=1, axis2=2)[:, None, None] / normal.shape[-1]
+            ridge = np.maximum(1e-9 * np.trace(normal, axis1=1, axis2=2) / normal.shape[-1], 1e-30)[:, None, None]
             inverse = np.linalg.inv(normal + ridge * np.eye(normal.shape[-1]))
             coeffs = np.einsum("mpq,mq->mp", inverse, np.einsum("mnp,mn->mp", design, y))
             return ((y - np.einsum("mnp,mp->mn", design, coeffs)) ** 2).sum(1), coeffs, inverse
