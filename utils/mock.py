@@ -483,7 +483,8 @@ def physics_figure(cat: Table, path: Path) -> Path:
 
     col = lambda name: np.asarray(cat[name], dtype=np.float64)  # noqa: E731
     bpt = np.asarray(cat["true_bpt"])
-    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9.5))
+    fig.subplots_adjust(hspace=0.32)
     ax = axes[0, 0]
     with np.errstate(all="ignore"):
         x = np.log10(col("true_flux_nii_6584") / col("true_flux_halpha"))
