@@ -288,9 +288,9 @@ def test_tiny_model_overfits_a_few_spectra():
 
     before = eval_loss()
     opt = torch.optim.Adam(net.parameters(), 2e-3)
-    for _ in range(300):  # measured: loss / 12.8 at 300 steps, / 14 at 400
+    for _ in range(300):  # measured (seeded): loss / 11.8 at 300 steps of batch 16 (/ 12.8 with batch 32)
         net.train()
-        loss = d.training_loss(net, x0.repeat(8, 1, 1), images=images.repeat(8, 1, 1, 1))
+        loss = d.training_loss(net, x0.repeat(4, 1, 1), images=images.repeat(4, 1, 1, 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
