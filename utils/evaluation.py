@@ -129,7 +129,7 @@ def redshift_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     dz = (np.asarray(pred, float) - true) / (1 + np.asarray(true, float))
     finite = np.isfinite(dz)
     return {"sigma_nmad": nmad(dz), "bias": float(np.median(dz[finite])) if finite.any() else float("nan"),
-            "outliers": float(np.mean(~finite | (np.abs(np.nan_to_num(dz, nan=1.0)) > OUTLIER_DZ)))}
+            "outliers": float(np.mean(~finite | (np.abs(dz) > OUTLIER_DZ)))}
 
 
 def property_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

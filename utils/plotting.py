@@ -34,6 +34,25 @@ def show_image(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+#: colours of the BPT classes in their order (unclassified, star-forming, composite, AGN)
+BPT_COLOURS = ("0.7", "tab:blue", "tab:green", "tab:red")
+
+
+def plot_bpt(ax, log_nii_ha: np.ndarray, log_oiii_hb: np.ndarray, codes: np.ndarray, labels: Sequence[str],
+             demarcations: Sequence, **style) -> None:
+    """A BPT diagram on ``ax``: the points coloured by class code (``labels[code]`` in the legend)
+    and each demarcation ``(label, function, largest x, line style)`` drawn up to its largest x."""
+    codes = np.asarray(codes)
+    for code, (label, colour) in enumerate(zip(labels, BPT_COLOURS)):
+        pick = codes == code
+        ax.plot(log_nii_ha[pick], log_oiii_hb[pick], linestyle="none", color=colour, label=label, **style)
+    grid = np.linspace(-2.0, 0.5, 300)
+    for label, curve, x_max, line_style in demarcations:
+        ax.plot(grid[grid < x_max], curve(grid[grid < x_max]), color="k", linestyle=line_style, lw=1, label=label)
+    ax.set_xlabel(r"log [N II] 6584 / H$\alpha$")
+    ax.set_ylabel(r"log [O III] 5007 / H$\beta$")
+
+
 def save(fig, path: str | Path) -> Path:
     """Write ``fig`` as a PNG (creating its folder), close it, return the path."""
     path = Path(path)

@@ -11,7 +11,6 @@ computed against those.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,7 @@ import numpy as np
 
 from utils.evaluation import (COVERAGE_LEVELS, confusion, crps, inside_interval, interval_coverage,
                               property_stats, redshift_stats)
-from utils.science import BPT_CLASSES, LINES, PROPERTIES, RedshiftFitter, kauffmann03, kewley01, measure
-
-logger = logging.getLogger(__name__)
+from utils.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
 
 #: predictors in the order of the console table: key -> column heading
 PREDICTORS = {"samples": "generated", "mean_of_n": "mean of N", "knn_embedding": "kNN image",
@@ -168,7 +165,7 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
 
     stats, matrices = compare(predictions, truth_values, n_boot)
     if truth_pre is not None:
-        _pixel_stats(stats, spectra_pre, samples_pre, truth_pre, n_boot)
+        _pixel_stats(stats, spectra_pre, samples_pre, truth_pre)
     for prop in COVERED:
         for level in COVERAGE_LEVELS:
             inside = inside_interval(sample_props[prop], truth_values[prop], level)
@@ -191,31 +188,28 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
                     + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
                     + f" (majority-class rate {counts.max() / g:.2f})")
     if "against_survey_values" in summary:
-        report.table += "\n\nAgainst the survey's own measurements (MPA-JHU; " + ", ".join(
-            sorted(survey_truth)) + "):\n" + format_science_table(summary["against_survey_values"]["predictors"], g, n
-                                                                   ).split("\n", 1)[1]
+        report.table += "\n\n" + format_science_table(
+            survey_stats, g, n, f"Against the survey's own measurements (MPA-JHU; {', '.join(sorted(survey_truth))}):")
     report.figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
                           "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre}
     return report
 
 
-def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray, n_boot: int) -> None:
+def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray) -> None:
     """MSE (one sample for 'samples', else the prediction) and CRPS per pixel, and the samples'
-    per-pixel interval coverage, each with a bootstrap standard error over galaxies."""
-    mean_se = _mean_se
+    per-pixel interval coverage, each as the mean over galaxies with its standard error."""
     for name, pre in spectra_pre.items():
         if pre is None:
             continue
         if name == "samples":
-            stats[name]["mse"] = mean_se(((pre - truth_pre[:, None]) ** 2).mean((1, 2)))
-            stats[name]["crps_pixels"] = mean_se(crps(pre, truth_pre).mean(-1))
+            stats[name]["mse"] = _mean_se(((pre - truth_pre[:, None]) ** 2).mean((1, 2)))
+            stats[name]["crps_pixels"] = _mean_se(crps(pre, truth_pre).mean(-1))
         else:
-            stats[name]["mse"] = mean_se(((pre - truth_pre) ** 2).mean(-1))
-            stats[name]["crps_pixels"] = mean_se(np.abs(pre - truth_pre).mean(-1))  # a point forecast's CRPS
+            stats[name]["mse"] = _mean_se(((pre - truth_pre) ** 2).mean(-1))
+            stats[name]["crps_pixels"] = _mean_se(np.abs(pre - truth_pre).mean(-1))  # a point forecast's CRPS
     for level in COVERAGE_LEVELS:
-        lo, hi = np.quantile(samples_pre, [(1 - level) / 2, (1 + level) / 2], axis=1)
-        inside = ((truth_pre >= lo) & (truth_pre <= hi)).mean(-1)
-        stats["samples"][f"coverage{round(level * 100)}_pixels"] = mean_se(inside)
+        inside = inside_interval(samples_pre, truth_pre, level).mean(-1)
+        stats["samples"][f"coverage{round(level * 100)}_pixels"] = _mean_se(inside)
 
 
 def catalog_truth(catalog) -> dict:
@@ -259,13 +253,14 @@ TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per
                 for p in ("pixels", *COVERED) for lv in COVERAGE_LEVELS))
 
 
-def format_science_table(stats: dict, g: int, n: int) -> str:
-    """Generation and baselines side by side, value +- standard error, '-' where not applicable."""
+def format_science_table(stats: dict, g: int, n: int, title: str | None = None) -> str:
+    """Generation and baselines side by side, value +- standard error, '-' where not applicable,
+    under ``title`` (default: what the table is over)."""
     names = [k for k in PREDICTORS if k in stats]
     width, col = 38, 17
-    lines = [f"Science evaluation over {g} test galaxies ({n} samples each; 'generated' = median of the samples' "
-             f"values; +- bootstrap standard error)",
-             f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
+    title = title or (f"Science evaluation over {g} test galaxies ({n} samples each; 'generated' = median of the "
+                      f"samples' values; +- standard error)")
+    lines = [title, f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
     for key, label in TABLE_ROWS:
         if not any(key in stats[k] for k in names):
             continue
@@ -283,7 +278,7 @@ def format_science_table(stats: dict, g: int, n: int) -> str:
 def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
     """Generated against true redshift and Dn4000, a BPT diagram of true and generated line
     ratios, and the samples' coverage against the nominal level."""
-    from utils.plotting import save
+    from utils.plotting import plot_bpt, save
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 
     d = report.figure_data
@@ -311,27 +306,20 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
         paths.append(save(fig, folder / f"science_{prop}.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
-    x = np.linspace(-1.6, 0.4, 200)
-    generated = {k: cols[k + "_gen"] for k in (f"flux_{n}" for n in LINES)} | {"bpt": cols["bpt_gen"]}
     intrinsic = "flux_halpha" in truth
-    for ax, (title, flux) in zip(axes, (("truth (the catalog's intrinsic lines)" if intrinsic else "true spectra",
-                                         truth if intrinsic else d["true_props"]),
-                                        ("generated (median line fluxes; class: the samples' mode)", generated))):
-        with np.errstate(all="ignore"):
-            lx = np.log10(flux["flux_nii_6584"] / flux["flux_halpha"])
-            ly = np.log10(flux["flux_oiii_5007"] / flux["flux_hbeta"])
-        for code, (name, colour) in enumerate(zip(BPT_CLASSES, ("0.7", "tab:blue", "tab:green", "tab:red"))):
-            pick = np.asarray(flux["bpt"]) == code
-            ax.plot(lx[pick], ly[pick], "o", ms=3 if code else 2, alpha=0.7, color=colour,
-                    label=f"{name} ({int(pick.sum())})" + (" [S/N < 3]" if code == 0 else ""))
-        ax.plot(x[x < 0.05], kauffmann03(x[x < 0.05]), "k-", lw=1, label="Kauffmann et al. 2003")
-        ax.plot(x[x < 0.47], kewley01(x[x < 0.47]), "k--", lw=1, label="Kewley et al. 2001")
+    shown = truth if intrinsic else d["true_props"]
+    generated = {f"flux_{name}": cols[f"flux_{name}_gen"] for name in LINES}
+    panels = (("truth (the catalog's intrinsic lines)" if intrinsic else "true spectra", shown, shown["bpt"]),
+              ("generated (median line fluxes; class: the samples' mode)", generated, cols["bpt_gen"]))
+    for ax, (title, fluxes, codes) in zip(axes, panels):
+        x, y = bpt_ratios(fluxes, "flux_")
+        labels = [f"{name} ({int(np.sum(np.asarray(codes) == c))})" + (" [S/N < 3]" if c == 0 else "")
+                  for c, name in enumerate(BPT_CLASSES)]
+        plot_bpt(ax, x, y, codes, labels, BPT_DEMARCATIONS, marker="o", ms=3, alpha=0.7)
         ax.set_xlim(-1.6, 0.6)
         ax.set_ylim(-1.3, 1.5)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(r"log [N II] 6584 / H$\alpha$")
         ax.legend(fontsize=7, loc="lower left")
-    axes[0].set_ylabel(r"log [O III] 5007 / H$\beta$")
     paths.append(save(fig, folder / "science_bpt.png"))
 
     levels = np.linspace(0.1, 0.9, 9)
@@ -340,11 +328,8 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
         ax.plot(levels, [interval_coverage(d["sample_props"][prop], truth[prop], lv) for lv in levels], "o-",
                 ms=3, label=prop)
     if d["samples_pre"] is not None:
-        cover = []
-        for lv in levels:
-            lo, hi = np.quantile(d["samples_pre"], [(1 - lv) / 2, (1 + lv) / 2], axis=1)
-            cover.append(float(((d["truth_pre"] >= lo) & (d["truth_pre"] <= hi)).mean()))
-        ax.plot(levels, cover, "k-", lw=2, label="pixels")
+        ax.plot(levels, [interval_coverage(d["samples_pre"], d["truth_pre"], lv) for lv in levels], "k-", lw=2,
+                label="pixels")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("nominal central-interval level")
     ax.set_ylabel("share of truths inside")

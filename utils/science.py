@@ -10,8 +10,8 @@ same code:
 - Dn4000 (Balogh et al. 1999): mean F_nu in 4000-4100 A over 3850-3950 A, rest frame;
 - fluxes and rest-frame equivalent widths of H-beta, [O III] 5007, H-alpha and [N II] 6584: a
   linear least-squares fit of a linear continuum plus pixel-integrated Gaussian lines at the
-  measured redshift ([O III] 4959 and [N II] 6548 tied to their partners), of the best of
-  three line widths;
+  measured redshift ([O III] 4959 and [N II] 6548 tied to their partners), with the line width
+  fitted where the pixels resolve it;
 - the BPT class (Baldwin, Phillips & Terlevich 1981 diagram, [N II]/H-alpha against
   [O III]/H-beta): star-forming below Kauffmann et al. (2003), AGN above Kewley et al. (2001),
   composite between, unclassified when a line's signal-to-noise is below :data:`BPT_MIN_SNR`.
@@ -71,6 +71,19 @@ def kewley01(log_nii_ha: np.ndarray) -> np.ndarray:
         return 0.61 / (log_nii_ha - 0.47) + 1.19
 
 
+#: the demarcation lines of the BPT diagram: (label, function, largest log [N II]/H-alpha, line style)
+BPT_DEMARCATIONS = (("Kauffmann et al. 2003", kauffmann03, 0.05, "-"), ("Kewley et al. 2001", kewley01, 0.47, "--"))
+
+
+def bpt_ratios(flux, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """log [N II] 6584 / H-alpha and log [O III] 5007 / H-beta from the fluxes ``flux[prefix + line]``
+    (a dict or a table; e.g. prefix 'flux_' for :meth:`SpectrumProperties.table`, 'true_flux_' for
+    a mock catalog)."""
+    get = lambda name: np.asarray(flux[prefix + name], dtype=np.float64)  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.log10(get("nii_6584") / get("halpha")), np.log10(get("oiii_5007") / get("hbeta"))
+
+
 def bpt_class(flux: dict, err: dict, min_snr: float = BPT_MIN_SNR) -> np.ndarray:
     """BPT class codes ``(M,)`` (indices into :data:`BPT_CLASSES`) from line fluxes and errors."""
     names = ("hbeta", "oiii_5007", "halpha", "nii_6584")
@@ -78,9 +91,7 @@ def bpt_class(flux: dict, err: dict, min_snr: float = BPT_MIN_SNR) -> np.ndarray
     for name in names:
         with np.errstate(invalid="ignore", divide="ignore"):
             snr_ok &= np.asarray(flux[name] / err[name] >= min_snr)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = np.log10(flux["nii_6584"] / flux["halpha"])
-        y = np.log10(flux["oiii_5007"] / flux["hbeta"])
+    x, y = bpt_ratios(flux)
     star_forming = (x < 0.05) & (y < kauffmann03(x))
     agn = (x >= 0.47) | (y > kewley01(x))
     code = np.where(star_forming, 1, np.where(agn, 3, 2))
@@ -95,6 +106,18 @@ def _check_grid(flux: np.ndarray, wave: np.ndarray) -> tuple[np.ndarray, np.ndar
     if np.any(np.diff(wave) <= 0):
         raise ValueError("the wavelength grid must increase")
     return np.nan_to_num(flux, nan=0.0, posinf=0.0, neginf=0.0), wave
+
+
+def _parabola_shift(values: np.ndarray, i: np.ndarray, limit: float) -> np.ndarray:
+    """Offset, in grid steps and within +-``limit``, of the minimum of the parabola through
+    ``values[m, i - 1 : i + 2]`` for each row m of ``values`` (a uniform grid along axis 1);
+    0 where the three points do not curve upwards."""
+    rows = np.arange(len(values))
+    left, mid, right = values[rows, i - 1], values[rows, i], values[rows, i + 1]
+    curvature = left - 2 * mid + right
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(curvature > 0, 0.5 * (left - right) / curvature, 0.0)
+    return np.clip(np.nan_to_num(shift), -limit, limit)
 
 
 class RedshiftFitter:
@@ -156,19 +179,15 @@ class RedshiftFitter:
         flux = np.atleast_2d(np.asarray(flux))
         z, chi = np.empty(len(flux)), np.empty(len(flux))
         dof = max(1, len(self.loglam) - 5)
+        step = self.log1pz[1] - self.log1pz[0] if len(self.z) > 1 else 0.0
         for start in range(0, len(flux), chunk):
             chi2, _ = self._fit_grid(np.nan_to_num(np.asarray(flux[start:start + chunk], dtype=np.float64)))
             i = np.argmin(chi2, axis=0)
-            cols = np.arange(chi2.shape[1])
-            left, mid, right = (chi2[np.clip(i + d, 0, len(self.z) - 1), cols] for d in (-1, 0, 1))
-            curvature = left - 2 * mid + right
-            with np.errstate(invalid="ignore", divide="ignore"):
-                shift = np.where(curvature > 0, 0.5 * (left - right) / curvature, 0.0)
-            inside = (i > 0) & (i < len(self.z) - 1)
-            shift = np.where(inside, np.clip(shift, -0.5, 0.5), 0.0)
-            step = self.log1pz[1] - self.log1pz[0] if len(self.z) > 1 else 0.0
+            chi[start:start + chunk] = chi2[i, np.arange(chi2.shape[1])] / dof
+            inside = (i > 0) & (i < len(self.z) - 1)  # a minimum at the grid's edge is not refined
+            shift = (np.where(inside, _parabola_shift(chi2.T, np.clip(i, 1, len(self.z) - 2), 0.5), 0.0)
+                     if len(self.z) >= 3 else np.zeros(len(i)))
             z[start:start + chunk] = 10 ** (self.log1pz[i] + shift * step) - 1
-            chi[start:start + chunk] = mid / dof
         return z, chi
 
 
@@ -221,17 +240,6 @@ def fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[f
     return _fit_lines(flux, wave, z, sigmas)
 
 
-def _parabola_min(grid: np.ndarray, values: np.ndarray, i: np.ndarray) -> np.ndarray:
-    """Abscissa of the minimum of the parabola through ``values[:, i - 1 : i + 2]`` (rows of
-    ``values`` over the uniform ``grid``), kept within the bracketing grid points."""
-    rows = np.arange(len(values))
-    left, mid, right = values[rows, i - 1], values[rows, i], values[rows, i + 1]
-    curvature = left - 2 * mid + right
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shift = np.where(curvature > 0, 0.5 * (left - right) / curvature, 0.0)
-    return grid[i] + np.clip(np.nan_to_num(shift), -1, 1) * (grid[1] - grid[0])
-
-
 def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[float, ...] = LINE_SIGMAS_KMS
                ) -> tuple[dict, dict, dict]:
     edges = pixel_edges(np.log10(wave))
@@ -249,6 +257,7 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
         lam = wave[idx]
         centre = 0.5 * (lo + hi) * (1 + z)[:, None]
         continuum_columns = [inside * 1.0, inside * (lam - centre) / (hi - lo) / (1 + z)[:, None]]
+
         def fit(sigma_kms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             columns = list(continuum_columns)
             for name in names:
@@ -271,10 +280,12 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
         if C_KMS * np.median(np.diff(np.log(wave))) > UNRESOLVED_PIXEL_KMS:
             grid = np.log([np.sqrt(sigmas[0] * sigmas[-1])])
         rss = np.stack([fit(np.full(len(z), np.exp(g)))[0] for g in grid], 1)  # (M, S)
-        i = np.clip(rss.argmin(1), 1, len(grid) - 2) if len(grid) >= 3 else rss.argmin(1)
-        log_sigma = grid[i] if len(grid) < 3 else _parabola_min(grid, rss, i)
-        best = fit(np.exp(log_sigma))
-        rss, coeffs, inverse = best
+        if len(grid) >= 3:
+            i = np.clip(rss.argmin(1), 1, len(grid) - 2)
+            log_sigma = grid[i] + _parabola_shift(rss, i, 1.0) * (grid[1] - grid[0])
+        else:
+            log_sigma = grid[rss.argmin(1)]
+        rss, coeffs, inverse = fit(np.exp(log_sigma))
         n_params = len(continuum_columns) + len(names)
         var = rss / np.maximum(inside.sum(1) - n_params, 1)
         ok = (start > 0) & (stop < len(wave)) & (inside.sum(1) > n_params)
