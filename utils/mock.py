@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
 from utils.mock_physics import (FIBRE_DIAMETER, FJ_SCATTER, FJ_ZERO, MOCK_LINES, FibreSpectra, draw_lines,
-                                stellar_mass, true_bpt)
-from utils.science import LINES, dn4000
+                                stellar_mass)
+from utils.science import LINES, bpt_class, dn4000
 from utils.spectra import neurips_loglam
 from utils.templates import FLUX_UNIT, TemplateSpectra
 
@@ -370,18 +370,17 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
         continuum = rendered.fibre_bulge[:, None] * bulge + rendered.fibre_disc[:, None] * disc
         disc_coeffs = part.coeffs.copy()
         disc_coeffs[:, physics.old] = 0.0
+        line_continuum = {name: physics.continuum_at(continuum, part.z, MOCK_LINES[name]) for name in LINES}
         lines = draw_lines(disc_coeffs @ physics.halpha_per_coeff * FLUX_UNIT, props["log_mass"][sl],
-                           props["log_bulge_mass"][sl], physics.continuum_at(continuum, part.z, MOCK_LINES["halpha"]),
-                           rendered.fibre_disc, rng)
+                           props["log_bulge_mass"][sl], line_continuum["halpha"], rendered.fibre_disc, rng)
         clean = continuum + physics.render_lines(part.z, lines["flux"], lines["sigma_kms"])
         flux, ivar = add_spectral_noise(clean, wave, rng)
         errors = physics.line_errors(part.z, lines["sigma_kms"], 1.0 / ivar.astype(np.float64))
         true["true_dn4000"][sl] = dn4000(clean, wave, part.z)
         for name in LINES:
             true[f"true_flux_{name}"][sl] = lines["flux"][name]
-            cont = physics.continuum_at(continuum, part.z, MOCK_LINES[name])
-            true[f"true_ew_{name}"][sl] = lines["flux"][name] / np.maximum(cont, 1e-6) / (1 + part.z)
-        true["true_bpt"][sl] = true_bpt(lines["flux"], errors)
+            true[f"true_ew_{name}"][sl] = lines["flux"][name] / np.maximum(line_continuum[name], 1e-6) / (1 + part.z)
+        true["true_bpt"][sl] = bpt_class(lines["flux"], errors)  # unclassified where the noise hides a line
         true["agn"][sl], true["ebv_gas"][sl], true["oh_gas"][sl] = lines["agn"], lines["ebv"], lines["oh"]
         true["r_disc_arcsec"][sl], true["r_bulge_arcsec"][sl] = rendered.r_disc, rendered.r_bulge
         true["fibre_frac_disc"][sl], true["fibre_frac_bulge"][sl] = rendered.fibre_disc, rendered.fibre_bulge
@@ -418,7 +417,8 @@ def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool 
 
 
 def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
-    """The README's mock figures: a galaxy grid and a colour-redshift diagram against the real catalog."""
+    """The README's mock figures: a galaxy grid, a colour-redshift diagram against the real catalog
+    and, for a catalog with true properties, :func:`physics_figure`."""
     from utils.plotting import WAVE_LABEL, save, show_image
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 
@@ -445,7 +445,8 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
     fig.suptitle("Mock SDSS galaxies: gri image (64 x 64, 0.396\"/px) and spectrum (1e-17 erg/s/cm2/A)")
     paths = [save(fig, Path(out_dir) / "mock_galaxies.png")]
 
-    # colour-redshift: real catalog photometry vs colours synthesised from the noiseless mock spectra
+    # colour-redshift: real catalog photometry vs colours synthesised from the mock galaxies' total light
+    # (the template fit that anchors them; the fibre spectra hold only part of it)
     import astropy.units as u
     import speclite.filters
 
@@ -462,7 +463,7 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
         ax.scatter(real["z"], real_mag[:, ia] - real_mag[:, ib], s=2, alpha=0.3, color="tab:blue",
                    label=f"real SDSS (kcorrect sample, N={len(real)})")
         ax.scatter(gal.z[pick], m[f"sdss2010-{a}"] - m[f"sdss2010-{b}"], s=2, alpha=0.4, color="tab:red",
-                   label=f"mock spectra, synthetic photometry (N={len(pick)})")
+                   label=f"mock total light (template fit), synthetic photometry (N={len(pick)})")
         ax.set_xlabel("redshift")
         ax.set_ylabel(f"{a} - {b} [AB mag]")
         ax.set_ylim(*((0, 1.6) if a == "g" else (0, 0.8)))
@@ -477,8 +478,8 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
 def physics_figure(cat: Table, path: Path) -> Path:
     """The README's realism check: BPT diagram and classes of the true lines, H-alpha equivalent
     widths, Dn4000 and the fibre's share of the r-band light against size."""
-    from utils.plotting import save
-    from utils.science import BPT_CLASSES, kauffmann03, kewley01
+    from utils.plotting import plot_bpt, save
+    from utils.science import BPT_CLASSES, BPT_DEMARCATIONS, bpt_ratios
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 
     col = lambda name: np.asarray(cat[name], dtype=np.float64)  # noqa: E731
@@ -486,18 +487,10 @@ def physics_figure(cat: Table, path: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(11, 9.5))
     fig.subplots_adjust(hspace=0.32)
     ax = axes[0, 0]
-    with np.errstate(all="ignore"):
-        x = np.log10(col("true_flux_nii_6584") / col("true_flux_halpha"))
-        y = np.log10(col("true_flux_oiii_5007") / col("true_flux_hbeta"))
-    for code, colour in zip(range(len(BPT_CLASSES)), ("0.75", "tab:blue", "tab:green", "tab:red")):
-        pick = bpt == code
-        ax.plot(x[pick], y[pick], ".", ms=2, color=colour, alpha=0.5,
-                label=f"{BPT_CLASSES[code]}: {pick.mean():.0%}" + (" (a line at S/N < 3)" if code == 0 else ""))
-    grid = np.linspace(-2, 0.4, 300)
-    ax.plot(grid[grid < 0.05], kauffmann03(grid[grid < 0.05]), "k-", lw=1)
-    ax.plot(grid[grid < 0.47], kewley01(grid[grid < 0.47]), "k--", lw=1)
-    ax.set(xlim=(-1.8, 0.7), ylim=(-1.5, 1.5), xlabel=r"log [N II] 6584 / H$\alpha$",
-           ylabel=r"log [O III] 5007 / H$\beta$", title="BPT diagram of the true fibre lines")
+    labels = [f"{name}: {np.mean(bpt == code):.0%}" + (" (a line at S/N < 3)" if code == 0 else "")
+              for code, name in enumerate(BPT_CLASSES)]
+    plot_bpt(ax, *bpt_ratios(cat, "true_flux_"), bpt, labels, BPT_DEMARCATIONS, marker=".", ms=2, alpha=0.5)
+    ax.set(xlim=(-1.8, 0.7), ylim=(-1.5, 1.5), title="BPT diagram of the true fibre lines")
     ax.legend(fontsize=7, markerscale=4, loc="lower left")
     ax = axes[0, 1]
     ew = col("true_ew_halpha")
@@ -516,8 +509,6 @@ def physics_figure(cat: Table, path: Path) -> Path:
            title=f"fibre ({cat.meta.get('FIBRE', 3.0)}\" diameter) share of the light; colour: B/T")
     fig.suptitle("Mock survey: the true properties in catalog.fits")
     return save(fig, path)
-
-
 
 
 def main(argv: list[str] | None = None) -> None:

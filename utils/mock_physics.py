@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.science import C_KMS, LINES, TIED, bpt_class, kauffmann03, kewley01
+from utils.science import C_KMS, LINES, TIED, kauffmann03, kewley01
 
 #: every emission line the mock draws, vacuum Angstrom
 MOCK_LINES = {**LINES, "oiii_4959": TIED["oiii_4959"][1], "nii_6548": TIED["nii_6548"][1],
@@ -60,6 +60,10 @@ SIGMA_BINS = np.array([150.0, 175.0, 200.0, 230.0, 260.0, 300.0, 350.0])
 SF_SEQUENCE_OFFSET = 0.2
 SUN_MR = 4.65  # absolute AB magnitude of the Sun in r (Willmer 2018)
 FIBRE_DIAMETER = {"sdss": 3.0, "boss": 2.0}  # arcsec
+#: the lines drawn directly (the tied ones follow their partners): (source total, share of it)
+DRAWN_LINES = {"halpha": ("halpha", 1.0), "hbeta": ("hbeta", 1.0), "nii_6584": ("nii_6584", 1.0),
+               "oiii_5007": ("oiii_5007", 1.0), "oii_3726": ("oii", 1 / 2.3), "oii_3729": ("oii", 1.3 / 2.3),
+               "sii_6717": ("sii", 1.4 / 2.4), "sii_6731": ("sii", 1 / 2.4)}
 
 
 def ccm_k(wave: np.ndarray | float, r_v: float = 3.1) -> np.ndarray:
@@ -143,8 +147,8 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
         which sets the AGN lines' strength through their equivalent width.
     disc_fibre : ``(N,)`` share of the disc's light inside the fibre.
 
-    Returns a dict: ``flux`` {line: (N,)} fibre fluxes, ``sigma_kms`` {line: (N,)}, ``agn`` (N,)
-    0 none / 1 Seyfert / 2 LINER, ``ebv`` (N,), ``oh`` (N,).
+    Returns a dict: ``flux`` {line: (N,)} fibre fluxes of :data:`MOCK_LINES`, ``sigma_kms`` (N,)
+    the lines' width, ``agn`` (N,) 0 none / 1 Seyfert / 2 LINER, ``ebv`` (N,), ``oh`` (N,).
     """
     n = len(halpha_disc)
     oh = metallicity(log_mass, rng)
@@ -176,35 +180,18 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
     active = {"halpha": ha_agn, "hbeta": hb_agn, "nii_6584": ha_agn * 10 ** x, "oiii_5007": hb_agn * 10 ** y,
               "oii": hb_agn * 10 ** np.where(seyfert, 0.5, 0.8), "sii": ha_agn * 10 ** np.where(seyfert, -0.2, 0.0)}
 
-    flux, sigma = {}, {}
-    sf_sigma = np.hypot(np.clip(SF_SIGMA_KMS + 10 * rng.standard_normal(n), 20, None), INSTRUMENT_SIGMA_KMS)
-    agn_sigma = np.hypot(np.clip(AGN_SIGMA_KMS + 50 * rng.standard_normal(n), 100, None), INSTRUMENT_SIGMA_KMS)
-    for key, parts in (("halpha", ("halpha",)), ("hbeta", ("hbeta",)), ("nii_6584", ("nii_6584",)),
-                       ("oiii_5007", ("oiii_5007",)), ("oii_3726", ("oii",)), ("sii_6717", ("sii",))):
-        total_sf, total_agn = sf[parts[0]], active[parts[0]]
-        if key == "oii_3726":  # doublet 3729/3726 = 1.3
-            flux["oii_3726"] = (total_sf + total_agn) / 2.3 * attenuation("oii_3726")
-            flux["oii_3729"] = flux["oii_3726"] * 1.3 * attenuation("oii_3729") / attenuation("oii_3726")
-            continue
-        if key == "sii_6717":  # 6717/6731 = 1.4
-            flux["sii_6717"] = (total_sf + total_agn) * 1.4 / 2.4 * attenuation("sii_6717")
-            flux["sii_6731"] = (total_sf + total_agn) / 2.4 * attenuation("sii_6731")
-            continue
-        flux[key] = (total_sf + total_agn) * attenuation(key)
-    flux["halpha"] = sf["halpha"] + active["halpha"]  # H-alpha is the reference: already attenuated
+    # every drawn line from its source total (star formation + AGN), its share of that total (the
+    # doublets: [O II] 3729/3726 = 1.3, [S II] 6717/6731 = 1.4) and its attenuation relative to H-alpha
+    flux = {line: (sf[source] + active[source]) * share * attenuation(line)
+            for line, (source, share) in DRAWN_LINES.items()}
     for tied, (main, _, ratio) in TIED.items():
         flux[tied] = flux[main] * ratio
+    # one width per galaxy, shared by its lines: star formation's and the AGN's mixed by their H-alpha
+    sf_sigma = np.hypot(np.clip(SF_SIGMA_KMS + 10 * rng.standard_normal(n), 20, None), INSTRUMENT_SIGMA_KMS)
+    agn_sigma = np.hypot(np.clip(AGN_SIGMA_KMS + 50 * rng.standard_normal(n), 100, None), INSTRUMENT_SIGMA_KMS)
     agn_share = np.divide(active["halpha"], flux["halpha"], out=np.zeros(n), where=flux["halpha"] > 0)
-    for line in MOCK_LINES:
-        sigma[line] = np.sqrt(agn_share * agn_sigma ** 2 + (1 - agn_share) * sf_sigma ** 2)
+    sigma = np.sqrt(agn_share * agn_sigma ** 2 + (1 - agn_share) * sf_sigma ** 2)
     return {"flux": flux, "sigma_kms": sigma, "agn": agn, "ebv": ebv, "oh": oh}
-
-
-def true_bpt(flux: dict, error: dict) -> np.ndarray:
-    """BPT class codes of the true lines with the errors the spectrum's noise would give them
-    (utils.science.bpt_class: unclassified below S/N 3)."""
-    return bpt_class({k: flux[k] for k in LINES}, {k: error[k] for k in LINES})
-
 
 
 class FibreSpectra:
@@ -240,24 +227,25 @@ class FibreSpectra:
             bulge[pick] = self.bulges[b].observed(z[pick], coeffs[pick][:, self.old:self.old + 1], self.loglam)
         return bulge, disc
 
-    def render_lines(self, z: np.ndarray, flux: dict, sigma: dict) -> np.ndarray:
-        """The lines ``(N, L)`` as pixel-integrated Gaussians (flux density, 1e-17 erg/s/cm^2/A)."""
+    def render_lines(self, z: np.ndarray, flux: dict, sigma: np.ndarray) -> np.ndarray:
+        """The lines ``(N, L)`` with widths ``sigma`` ``(N,)`` km/s as pixel-integrated Gaussians
+        (flux density, 1e-17 erg/s/cm^2/A)."""
         from utils.science import line_profile
 
         out = np.zeros((len(z), len(self.wave)))
         rows = np.arange(len(z))[:, None]
         for name, rest in MOCK_LINES.items():
             centre = rest * (1 + z)
-            width = 6 * centre * sigma[name] / C_KMS  # +-6 sigma
+            width = 6 * centre * sigma / C_KMS  # +-6 sigma
             lo = np.clip(np.searchsorted(self.wave, centre - width) - 1, 0, len(self.wave) - 1)
             n = int(np.max(np.searchsorted(self.wave, centre + width) + 1 - lo))
             idx = np.clip(lo[:, None] + np.arange(max(n, 1))[None], 0, len(self.wave) - 1)
-            profile = line_profile(self.edges[idx], self.edges[idx + 1], centre[:, None], sigma[name][:, None])
+            profile = line_profile(self.edges[idx], self.edges[idx + 1], centre[:, None], sigma[:, None])
             valid = (centre > self.edges[0]) & (centre < self.edges[-1])
             np.add.at(out, (np.broadcast_to(rows, idx.shape), idx), profile * (flux[name] * valid)[:, None])
         return out
 
-    def line_errors(self, z: np.ndarray, sigma: dict, var: np.ndarray) -> dict:
+    def line_errors(self, z: np.ndarray, sigma: np.ndarray, var: np.ndarray) -> dict:
         """The error each of the four BPT lines' fluxes would have from pixel variances ``var``
         ``(N, L)`` with its profile known (optimal weighting: 1 / sqrt(sum P^2 / var))."""
         from utils.science import line_profile
@@ -265,7 +253,7 @@ class FibreSpectra:
         out = {}
         for name in LINES:
             centre = (MOCK_LINES[name] * (1 + z))[:, None]
-            profile = line_profile(self.edges[None, :-1], self.edges[None, 1:], centre, sigma[name][:, None])
+            profile = line_profile(self.edges[None, :-1], self.edges[None, 1:], centre, sigma[:, None])
             with np.errstate(divide="ignore"):
                 out[name] = 1.0 / np.sqrt((profile ** 2 / var).sum(1))
         return out
