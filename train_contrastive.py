@@ -69,9 +69,9 @@ def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iterati
     top_spectra = torch.argsort(spec_scores, descending=True)[:3].tolist()
     raw = val_set.survey.images[val_set.kind]
     rows = val_set.rows
-    plot_retrieval(path, val_set.wave, val_set[query]["spectrum"][0].numpy(), raw[rows[query]],
+    plot_retrieval(path, val_set.wave, val_set.spectrum(query)[0], raw[rows[query]],
                    [raw[rows[j]] for j in top_images], [float(image_scores[j]) for j in top_images],
-                   [j == query for j in top_images], np.stack([val_set[j]["spectrum"][0].numpy() for j in top_spectra]),
+                   [j == query for j in top_images], np.stack([val_set.spectrum(j)[0] for j in top_spectra]),
                    [float(spec_scores[j]) for j in top_spectra],
                    title=f"iteration {iteration}: validation spectrum {query} and its nearest images and spectra")
 

@@ -48,7 +48,7 @@ def neighbour_average(train: SpectraDataset, neighbours: np.ndarray) -> np.ndarr
     """The mean preprocessed spectrum ``(G, L)`` of each galaxy's neighbours (rows of ``train``);
     each training spectrum is read once."""
     needed = np.unique(neighbours)
-    spectra = {int(i): train[int(i)]["spectrum"][0].numpy() for i in needed}
+    spectra = {int(i): train.spectrum(int(i))[0] for i in needed}
     return np.stack([np.mean([spectra[int(i)] for i in row], axis=0) for row in neighbours])
 
 

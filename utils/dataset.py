@@ -427,16 +427,21 @@ class SpectraDataset(torch.utils.data.Dataset):
         """The network input image ``(C, 64, 64)`` of item ``i``."""
         return self.transform(image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind))
 
+    def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The network input spectrum ``(L',)`` of item ``i`` and the ``(2,)`` parameters that invert
+        its preprocessing (without reading its image)."""
+        flux, _ = self.flux(i)
+        if not np.all(np.isfinite(flux)):
+            raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {self.rows[i]} has non-finite flux")
+        return self.grid.preprocess(flux)
+
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         image = self.image(i)
         if not self.spectra:
             return {"image": image, "spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64),
                     "index": row}
-        flux, _ = self.flux(i)
-        if not np.all(np.isfinite(flux)):
-            raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {row} has non-finite flux")
-        x, params = self.grid.preprocess(flux)
+        x, params = self.spectrum(i)
         return {"image": image, "spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params),
                 "index": row}
 

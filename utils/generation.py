@@ -81,7 +81,7 @@ def run_mean_spectrum(run_dir: Path, train_set) -> np.ndarray:
 def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
     """Mean preprocessed spectrum ``(L,)`` of up to ``n`` training objects (the naive predictor)."""
     rows = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)
-    return np.mean([dataset[int(i)]["spectrum"][0].numpy() for i in rows], axis=0)
+    return np.mean([dataset.spectrum(int(i))[0] for i in rows], axis=0)
 
 
 def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, config: dict,
