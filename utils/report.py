@@ -2,7 +2,8 @@
 
 Measures every property of utils.science on every generated sample, on the true spectra and on
 the baselines' spectra (utils.baselines), all in flux units on the dataset's grid and through the
-same code, then summarises generation and baselines side by side with bootstrap standard errors:
+same code, then summarises generation and baselines side by side with standard errors (bootstrap
+over galaxies for medians, NMADs and correlations; the standard error of the mean for means):
 redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000 and the
 equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
 samples' central 68% and 90% intervals per property and per pixel. Where the catalog carries the
