@@ -92,7 +92,8 @@ def run(config: dict) -> Path:
                                                s["knn"], s["baseline_train_max"]) if known else ({}, None)
         science = evaluate_science(flux["ranked"], dataset.wave, flux.get("truth"), results["ranked"], truth_arr,
                                    baselines, photo_z, dataset.survey.catalog[dataset.rows],
-                                   weights=np.median(ivar, 0) if known else None)
+                                   weights=np.median(ivar, 0) if known else None,
+                                   split="catalog" if s["catalog"] else s["split"])
     write_fits(out_dir / "spectra.fits", dataset, results, flux, known, config, steps,
                science.columns if science else None)
     if s["per_galaxy_fits"]:

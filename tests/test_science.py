@@ -217,3 +217,56 @@ def test_lines_outside_the_grid_are_nan_not_errors(downsample):
     found, errors, ews = fit_lines(line_spectra(wave, z, fluxes), wave, z)
     assert np.isnan(found["halpha"][0]) and np.isnan(errors["halpha"][0]) and np.isnan(ews["halpha"][0])
     assert np.isfinite(found["hbeta"]).all() and np.isfinite(found["halpha"][1])
+
+
+def _stats(mse_diff, z_gen, z_photo, ew_corr, dn_corr, bpt_gen, bpt_knn, cov68, cov90):
+    stats = {"samples": {"z_sigma_nmad": [z_gen, 0.001], "ew_halpha_corr": [ew_corr, 0.05],
+                         "dn4000_corr": [dn_corr, 0.03], "bpt_accuracy": [bpt_gen, 0.02]},
+             "mean_of_n": {"mse": [0.05, 0.004], "mse_minus_knn": [mse_diff, 0.002]},
+             "knn_embedding": {"mse": [0.05 - mse_diff, 0.004], "bpt_accuracy": [bpt_knn, 0.02]},
+             "photo_z": {"z_sigma_nmad": [z_photo, 0.001]}}
+    for prop in ("pixels", "z", "dn4000", "ew_halpha", "ew_oiii_5007"):
+        stats["samples"][f"coverage68_{prop}"], stats["samples"][f"coverage90_{prop}"] = [cov68, 0.02], [cov90, 0.02]
+    return stats
+
+
+def test_targets_are_judged_against_the_same_runs_baselines():
+    from utils.report import format_targets, targets
+
+    good = targets(_stats(-0.004, 0.015, 0.017, 0.65, 0.85, 0.83, 0.80, 0.68, 0.90), majority_rate=0.79)
+    assert all(r["met"] is True for r in good) and len(good) == 15
+    bad = targets(_stats(0.004, 0.019, 0.017, 0.55, 0.75, 0.79, 0.80, 0.60, 0.95), majority_rate=0.79)
+    assert all(r["met"] is False for r in bad)
+    # BPT: beating the majority rate is not enough when retrieval does better, and the reverse
+    assert targets(_stats(-1, 0, 1, 1, 1, 0.81, 0.82, 0.68, 0.9), 0.79)[4]["met"] is False
+    assert targets(_stats(-1, 0, 1, 1, 1, 0.81, 0.70, 0.68, 0.9), 0.85)[4]["met"] is False
+    # coverage just outside either end of its range misses
+    edges = targets(_stats(-1, 0, 1, 1, 1, 0.9, 0.8, 0.74, 0.85), 0.79)
+    assert [r["met"] for r in edges[5:]] == [False] * 10
+    # without baselines the comparison targets are not measurable (not met, not missed)
+    stats = _stats(-0.004, 0.015, 0.017, 0.65, 0.85, 0.83, 0.80, 0.68, 0.90)
+    del stats["photo_z"], stats["knn_embedding"], stats["mean_of_n"]["mse_minus_knn"]
+    partial = targets(stats, 0.79)
+    assert partial[0]["met"] is None and partial[1]["met"] is None and partial[2]["met"] is True
+    text = format_targets(partial)
+    assert "13 of 15 met" in text and "n/a" in text
+
+
+def test_paired_difference_from_retrieval():
+    """The paired MSE difference is the mean of per-galaxy differences, with the (small) standard
+    error of those differences, not of either MSE."""
+    from utils.report import _pixel_stats
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(200, 30))
+    hardness = rng.uniform(0.5, 2.0, size=(200, 1))  # per-galaxy difficulty, shared by both predictors
+    samples = truth[:, None] + 0.3 * hardness[:, None] * rng.normal(size=(200, 25, 30))
+    knn = truth + 0.35 * hardness * rng.normal(size=(200, 30))
+    stats = {"samples": {}, "mean_of_n": {}, "knn_embedding": {}}
+    _pixel_stats(stats, {"samples": samples, "mean_of_n": samples.mean(1), "knn_embedding": knn}, samples, truth)
+    per_galaxy = ((samples.mean(1) - truth) ** 2).mean(1) - ((knn - truth) ** 2).mean(1)
+    diff, se = stats["mean_of_n"]["mse_minus_knn"]
+    assert diff == pytest.approx(per_galaxy.mean()) and diff < 0
+    assert se == pytest.approx(per_galaxy.std(ddof=1) / np.sqrt(200))
+    assert se < stats["knn_embedding"]["mse"][1]
+    assert stats["samples"]["crps_minus_knn"][0] < 0

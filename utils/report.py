@@ -108,7 +108,7 @@ def compare(predictions: dict, truth: dict, n_boot: int = 200) -> tuple[dict, di
 def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | None = None,
                      samples_pre: np.ndarray | None = None, truth_pre: np.ndarray | None = None,
                      baselines: dict | None = None, photo_z: np.ndarray | None = None, catalog=None,
-                     weights: np.ndarray | None = None, n_boot: int = 200) -> ScienceReport:
+                     weights: np.ndarray | None = None, n_boot: int = 200, split: str = "test") -> ScienceReport:
     """The science evaluation of G galaxies.
 
     Parameters
@@ -124,6 +124,7 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
     catalog : the galaxies' catalog rows: its 'z' is the redshift truth; MPA-JHU columns
         (:data:`SURVEY_COLUMNS`, 'bptclass') give the survey-value comparison.
     weights : ``(L,)`` pixel weights for the redshift fit (a typical inverse variance).
+    split : which galaxies these are, for the table's title.
     """
     g, n, length = samples.shape
     fitter = RedshiftFitter(wave, weights=weights)
@@ -184,10 +185,11 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
     counts = np.bincount(np.asarray(truth_values["bpt"]), minlength=len(BPT_CLASSES))
     summary["bpt_true_counts"] = dict(zip(BPT_CLASSES, counts.tolist()))
     summary["bpt_majority_rate"] = float(counts.max() / g)
+    summary["targets"] = targets(stats, summary["bpt_majority_rate"])
     report.summary = summary
-    report.table = (format_science_table(stats, g, n) + f"\ntruth: {summary['truth']}\ntrue BPT classes: "
+    report.table = (format_science_table(stats, g, n, split=split) + f"\ntruth: {summary['truth']}\ntrue BPT classes: "
                     + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
-                    + f" (majority-class rate {counts.max() / g:.2f})")
+                    + f" (majority-class rate {counts.max() / g:.2f})\n\n" + format_targets(summary["targets"]))
     if "against_survey_values" in summary:
         report.table += "\n\n" + format_science_table(
             survey_stats, g, n, f"Against the survey's own measurements (MPA-JHU; {', '.join(sorted(survey_truth))}):")
@@ -198,16 +200,22 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
 
 def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray) -> None:
     """MSE (one sample for 'samples', else the prediction) and CRPS per pixel, and the samples'
-    per-pixel interval coverage, each as the mean over galaxies with its standard error."""
+    per-pixel interval coverage, each as the mean over galaxies with its standard error; and the
+    paired per-galaxy differences against the kNN image baseline ('mse_minus_knn' of the mean of
+    N, 'crps_minus_knn' of the samples), whose standard errors are far smaller than either's."""
+    per_galaxy = {}
     for name, pre in spectra_pre.items():
         if pre is None:
             continue
         if name == "samples":
-            stats[name]["mse"] = _mean_se(((pre - truth_pre[:, None]) ** 2).mean((1, 2)))
-            stats[name]["crps_pixels"] = _mean_se(crps(pre, truth_pre).mean(-1))
-        else:
-            stats[name]["mse"] = _mean_se(((pre - truth_pre) ** 2).mean(-1))
-            stats[name]["crps_pixels"] = _mean_se(np.abs(pre - truth_pre).mean(-1))  # a point forecast's CRPS
+            per_galaxy[name] = (((pre - truth_pre[:, None]) ** 2).mean((1, 2)), crps(pre, truth_pre).mean(-1))
+        else:  # a point forecast's CRPS is its absolute error
+            per_galaxy[name] = (((pre - truth_pre) ** 2).mean(-1), np.abs(pre - truth_pre).mean(-1))
+        stats[name]["mse"], stats[name]["crps_pixels"] = map(_mean_se, per_galaxy[name])
+    if "knn_embedding" in per_galaxy:
+        knn_mse, knn_crps = per_galaxy["knn_embedding"]
+        stats["mean_of_n"]["mse_minus_knn"] = _mean_se(per_galaxy["mean_of_n"][0] - knn_mse)
+        stats["samples"]["crps_minus_knn"] = _mean_se(per_galaxy["samples"][1] - knn_crps)
     for level in COVERAGE_LEVELS:
         inside = inside_interval(samples_pre, truth_pre, level).mean(-1)
         stats["samples"][f"coverage{round(level * 100)}_pixels"] = _mean_se(inside)
@@ -242,6 +250,64 @@ def survey_values(catalog) -> dict:
     return out
 
 
+#: the central intervals' required coverage (issue 15): nominal level -> (lowest, highest) share inside
+COVERAGE_TARGETS = {0.68: (0.63, 0.73), 0.90: (0.86, 0.94)}
+#: rank correlations with the truth the samples' median must reach (issue 15)
+CORRELATION_TARGETS = {"ew_halpha": 0.6, "dn4000": 0.8}
+
+
+def targets(stats: dict, majority_rate: float) -> list[dict]:
+    """The method's targets, each judged against the baselines of the same run on the same galaxies.
+
+    Returns one dict per target: ``target`` (what is required), ``value`` ([value, standard
+    error] of the generation), ``reference`` (the baseline value or the required range, as text)
+    and ``met`` (bool; None where the run could not measure it, e.g. without a baseline).
+    """
+    gen, mean_n = stats.get("samples", {}), stats.get("mean_of_n", {})
+    knn, photo = stats.get("knn_embedding", {}), stats.get("photo_z", {})
+    rows = []
+
+    def add(target, value, reference, met):
+        finite = value is not None and np.isfinite(value[0])
+        rows.append({"target": target, "value": value if finite else None, "reference": reference,
+                     "met": bool(met) if finite and met is not None else None})
+
+    diff = mean_n.get("mse_minus_knn")
+    add("MSE of the mean of N below the kNN image average", mean_n.get("mse"),
+        f"kNN {knn['mse'][0]:.4f}; paired difference {diff[0]:+.4f} +- {diff[1]:.4f}" if diff else "no kNN baseline",
+        diff[0] < 0 if diff else None)
+    ref = photo.get("z_sigma_nmad")
+    add("redshift sigma_NMAD below the colour photo-z", gen.get("z_sigma_nmad"),
+        f"photo-z {ref[0]:.4f} +- {ref[1]:.4f}" if ref else "no photo-z baseline",
+        gen["z_sigma_nmad"][0] < ref[0] if ref and "z_sigma_nmad" in gen else None)
+    for prop, floor in CORRELATION_TARGETS.items():
+        value = gen.get(f"{prop}_corr")
+        add(f"{prop} rank correlation with the truth >= {floor}", value, f">= {floor}",
+            value[0] >= floor if value else None)
+    value, ref = gen.get("bpt_accuracy"), knn.get("bpt_accuracy")
+    bar = max(majority_rate, ref[0] if ref else -np.inf)
+    add("BPT accuracy above the majority class and the kNN image average", value,
+        f"majority {majority_rate:.3f}" + (f", kNN {ref[0]:.3f}" if ref else ""),
+        value[0] > bar if value else None)
+    for prop in ("pixels", *COVERED):
+        for level, (lo, hi) in COVERAGE_TARGETS.items():
+            value = gen.get(f"coverage{round(level * 100)}_{prop}")
+            add(f"{round(level * 100)}% intervals cover {lo:.0%}-{hi:.0%}: {prop}", value, f"{lo:.2f}-{hi:.2f}",
+                lo <= value[0] <= hi if value else None)
+    return rows
+
+
+def format_targets(rows: list[dict]) -> str:
+    """The targets as console lines: met / missed / not measured, value +- standard error, reference."""
+    met = sum(r["met"] is True for r in rows)
+    lines = [f"Targets (issue 15): {met} of {len(rows)} met"]
+    for r in rows:
+        mark = {True: "met   ", False: "missed", None: "n/a   "}[r["met"]]
+        value = f"{r['value'][0]:.4f} +- {r['value'][1]:.4f}" if r["value"] else "-"
+        lines.append(f"  {mark} {r['target']:<62} {value:>20}   ({r['reference']})")
+    return "\n".join(lines)
+
+
 #: console rows: (metric key, label)
 TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per pixel (point: MAE)"),
               ("z_sigma_nmad", "redshift sigma_NMAD"), ("z_bias", "redshift bias"),
@@ -249,17 +315,18 @@ TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per
               ("dn4000_scatter", "Dn4000 scatter (NMAD)"), ("dn4000_corr", "Dn4000 rank corr."),
               ("ew_halpha_corr", "EW(Ha) rank corr."), ("ew_hbeta_corr", "EW(Hb) rank corr."),
               ("ew_oiii_5007_corr", "EW([OIII]) rank corr."), ("ew_nii_6584_corr", "EW([NII]) rank corr."),
-              ("bpt_accuracy", "BPT class accuracy"),
+              ("bpt_accuracy", "BPT class accuracy"), ("mse_minus_knn", "MSE minus kNN's (paired)"),
+              ("crps_minus_knn", "CRPS minus kNN's (paired)"),
               *((f"coverage{round(lv * 100)}_{p}", f"{round(lv * 100)}% interval coverage: {p}")
                 for p in ("pixels", *COVERED) for lv in COVERAGE_LEVELS))
 
 
-def format_science_table(stats: dict, g: int, n: int, title: str | None = None) -> str:
+def format_science_table(stats: dict, g: int, n: int, title: str | None = None, split: str = "test") -> str:
     """Generation and baselines side by side, value +- standard error, '-' where not applicable,
     under ``title`` (default: what the table is over)."""
     names = [k for k in PREDICTORS if k in stats]
     width, col = 38, 17
-    title = title or (f"Science evaluation over {g} test galaxies ({n} samples each; 'generated' = median of the "
+    title = title or (f"Science evaluation over {g} {split} galaxies ({n} samples each; 'generated' = median of the "
                       f"samples' values; +- standard error)")
     lines = [title, f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
     for key, label in TABLE_ROWS:

@@ -81,13 +81,16 @@ def train_loader(config: dict, dataset: SpectraDataset):
                                  persistent_workers=config["data"]["num_workers"] > 0)
 
 
+def subset_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """A fixed random subset of ``n`` of ``rows``, sorted (all of them when ``n`` is larger)."""
+    if n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
+
+
 def subset(dataset: SpectraDataset, n: int, seed: int = 0) -> SpectraDataset:
     """A fixed random subset of ``n`` rows (all rows when ``n`` is larger)."""
-    if n >= len(dataset):
-        return dataset
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(dataset.rows, size=n, replace=False))
-    return dataset.like(rows)
+    return dataset if n >= len(dataset) else dataset.like(subset_rows(dataset.rows, n, seed))
 
 
 # --------------------------------------------------------------------------------------------
