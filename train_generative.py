@@ -22,7 +22,7 @@ from models.diffusion import GaussianDiffusion
 from utils.builders import GENERATIVE_PARAMS, build_diffusion, build_generative_model
 from utils.config import cli
 from utils.checkpoints import MEAN_SPECTRUM_KEY
-from utils.generation import run_mean_spectrum, validation_errors
+from utils.generation import run_mean_spectrum, validation_errors, warm_start_image_encoder
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
@@ -62,6 +62,8 @@ def run(local_rank: int, config: dict) -> None:
     start = start_run(config, config["val"]["n_objects"], KIND)
     run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
     model = build_generative_model(config, train_set.n_pixels, train_set.n_channels)
+    if config["model"]["image_init"] and start.resume is None:  # a resumed run has its own trained weights
+        warm_start_image_encoder(model, config["model"]["image_init"], config)
     diffusion = build_diffusion(config)
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
     n_all = sum(p.numel() for p in model.parameters())

@@ -4,7 +4,8 @@
 
 Each training below is the quick preset with one lever changed, trained at the quick preset's
 iteration counts (1,172 contrastive and 1,778 diffusion iterations: what its 3 and 5.5 minutes
-reach on an idle 2-core machine), so that a busy machine cannot change the comparison; a
+reach on an idle 2-core machine), so that a busy machine cannot change the comparison (the
+model-size variant instead gets the same 5.5 minutes, on an idle machine); a
 training that already finished under ``--work`` is reused. Each variant is then a generate.py
 run on the same ``--galaxies`` galaxies of the **validation** split (never the test split: the
 standard preset is chosen from this table), and the table shows, per variant, what
@@ -31,15 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 #: iteration budgets of the ablation trainings (the quick preset's time budgets on an idle machine)
 ITERS = {"contrastive": 1172, "generative": 1778}
 
-#: training name -> (contrastive overrides or None to reuse the reference's, diffusion overrides);
-#: '{work}' is replaced by --work
+#: training name -> (contrastive overrides, or the name of the training whose contrastive run to
+#: reuse, diffusion overrides); '{work}' is replaced by --work, '{contrastive}' by the contrastive run
 TRAININGS = {
     "quick": ({}, {}),
     "ugriz": ({"data.image": "ugriz", "data.root": "{work}/mock_ugriz"},
               {"data.image": "ugriz", "data.root": "{work}/mock_ugriz"}),
     "log": ({"data.preprocessing": "log"}, {"data.preprocessing": "log"}),
-    "cfg": (None, {"model.cond_drop": 0.1}),
-    "w32": (None, {"model.width": 32}),
+    "cfg": ("quick", {"model.cond_drop": 0.1}),
+    "w32": ("quick", {"model.width": 32, "train.max_minutes": 5.5, "train.max_iters": 0}),  # same time, not iterations
+    "ugriz_init": ("ugriz", {"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "model.image_init": "{contrastive}"}),
 }
 
 #: variant -> (description, training, generate.py overrides)
@@ -52,12 +54,14 @@ VARIANTS = {
     "log": ("log preprocessing (ApJ 2024) instead of min-max", "log", {}),
     "cfg1": ("10% null contexts in training, guidance 1", "cfg", {}),
     "cfg2": ("10% null contexts in training, guidance 2", "cfg", {"sampling.guidance": 2.0}),
-    "w32": ("UNet width 32 instead of 16 (same iterations)", "w32", {}),
+    "w32": ("UNet width 32 instead of 16 (same 5.5 minutes)", "w32", {}),
+    "ugriz_init": ("ugriz, image encoder started from the contrastive one", "ugriz_init", {}),
 }
 
 
-def _args(overrides: dict, work: Path) -> list[str]:
-    return [f"{k}={str(v).replace('{work}', str(work))}" for k, v in overrides.items()]
+def _args(overrides: dict, work: Path, contrastive: Path | None = None) -> list[str]:
+    return [f"{k}={str(v).replace('{work}', str(work)).replace('{contrastive}', str(contrastive))}"
+            for k, v in overrides.items()]
 
 
 def _finished_run(folder: Path) -> Path | None:
@@ -79,11 +83,11 @@ def train(name: str, work: Path, root: str) -> tuple[Path, Path, dict]:
     data = {"data.root": root, **{k: v for k, v in gen.items() if k.startswith("data.")}}
     runs = {}
     for kind, overrides in (("contrastive", con), ("generative", gen)):
-        owner = name if overrides is not None else "quick"
+        owner, overrides = (overrides, TRAININGS[overrides][0]) if isinstance(overrides, str) else (name, overrides)
         folder = work / owner / kind
         if _finished_run(folder) is None:
             args = ["--preset", "quick", f"run.out_dir={folder}", "train.max_minutes=0",
-                    f"train.max_iters={ITERS[kind]}", *_args({**data, **(overrides or {})}, work)]
+                    f"train.max_iters={ITERS[kind]}", *_args({**data, **overrides}, work, runs.get("contrastive"))]
             print(f"training {owner} {kind} ...", flush=True)
             _python(f"train_{kind}.py", args, work / f"{owner}.{kind}.log")
         runs[kind] = _finished_run(folder)

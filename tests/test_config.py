@@ -108,3 +108,18 @@ def test_allowed_values_come_from_the_implementing_modules(monkeypatch):
     choices.cache_clear()
     with pytest.raises(ConfigError, match="expected one of 'ddpm', 'ddim', 'dpmpp2m'"):
         load_config(GEN_PARAMS, ["sampling.sampler=mine"])
+
+
+@pytest.mark.parametrize("preset", [None, "quick", "standard"])
+def test_presets_of_both_trainers_prepare_the_same_data(preset):
+    """generate.py refuses models trained on differently prepared data: each preset must give the
+    contrastive network and the diffusion model the same dataset, bands, preprocessing and grid."""
+    from utils.generation import DATA_KEYS
+
+    argv = ["--preset", preset] if preset else []
+    con, gen = load_config(PARAMS, argv), load_config(GEN_PARAMS, argv)
+    for key in ("root", "source", "mock_objects", "mock_seed", *DATA_KEYS):
+        assert con["data"][key] == gen["data"][key], key
+    if preset == "standard":  # issue 15: at least 300 test galaxies; ugriz images in their own mock folder
+        assert gen["sampling"]["max_objects"] >= 300 and gen["data"]["image"] == "ugriz"
+        assert con["data"]["root"] != load_config(PARAMS, ["--preset", "quick"])["data"]["root"]

@@ -200,3 +200,33 @@ def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs,
     assert again["mse_mean"] == pytest.approx(logged["mse_mean"], rel=1e-4)
     result = run_script("bench/validate_generative.py", [str(generative), "--galaxies", "2", "--out", str(out)])
     assert result.returncode == 0 and json.loads(out.read_text())["galaxies"] == 2 < n_val
+
+
+def test_image_encoder_warm_start_from_the_contrastive_network(tiny_mock, trained_runs, tmp_path):
+    """model.image_init copies the contrastive image encoder (not its head) into the diffusion
+    model's condition encoder before training; a different encoder is refused by name."""
+    import torch
+
+    from utils.builders import GENERATIVE_PARAMS, build_generative_model
+    from utils.config import load_config
+    from utils.errors import UserError
+    from utils.generation import load_trained, warm_start_image_encoder
+
+    contrastive = trained_runs[0]
+    config = load_config(GENERATIVE_PARAMS, tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])
+    model = build_generative_model(config, 224, 3)
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    assert warm_start_image_encoder(model, config["model"]["image_init"], config).parent.parent == contrastive
+    _, weights, _, _ = load_trained(str(contrastive), contrastive.parent, "contrastive network", "contrastive")
+    after = model.image_encoder.state_dict()
+    assert all(torch.equal(after[k], weights[f"image_encoder.{k}"]) for k in after)
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("weight"))
+    wider = load_config(GENERATIVE_PARAMS, tiny_generative_args(tiny_mock, tmp_path / "g") + ["model.image_width=16"])
+    with pytest.raises(UserError, match="model.image_width: 16 here, 8 in"):
+        warm_start_image_encoder(build_generative_model(wider, 224, 3), str(contrastive), wider)
+    # the trainer uses it: the run's log names the contrastive checkpoint it started from
+    g = run_script("train_generative.py", tiny_generative_args(tiny_mock, tmp_path / "run") +
+                   ["train.max_iters=2", f"model.image_init={contrastive}"])
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert f"image encoder initialised from the contrastive network {contrastive}" in \
+        (only_run(tmp_path / "run") / "log.txt").read_text()

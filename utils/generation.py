@@ -166,6 +166,42 @@ def find_models(config: dict) -> TrainedPair:
                        mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY))
 
 
+def warm_start_image_encoder(model: ConditionalUNet1D, source: str, config: dict) -> Path:
+    """Copy a trained contrastive network's image encoder into the diffusion model's condition
+    encoder before training (``model.image_init``), which then trains on jointly as before.
+
+    ``source`` is 'contrastive' (the newest finished run in the contrastive runs folder) or a
+    contrastive run folder or checkpoint file. The two encoders must be the same ResNet (depth,
+    width) on the same image bands; the contrastive projection head is not copied. Returns the
+    checkpoint used.
+    """
+    if getattr(model, "image_encoder", None) is None:
+        raise UserError("model.image_init needs an image encoder to initialise: model.conditioning is 'none'")
+    con_cfg, weights, path, _ = load_trained(None if source == "contrastive" else source,
+                                             default_runs(CONTRASTIVE_PARAMS), "contrastive network", "contrastive")
+    mine = {"data.image": config["data"]["image"], "model.image_depth": config["model"]["image_depth"],
+            "model.image_width": config["model"]["image_width"]}
+    theirs = {"data.image": con_cfg["data"]["image"], "model.image_depth": con_cfg["model"]["image_depth"],
+              "model.image_width": con_cfg["model"]["image_width"]}
+    differ = [f"{k}: {mine[k]!r} here, {theirs[k]!r} in {path}" for k in mine if mine[k] != theirs[k]]
+    if differ:
+        raise UserError(f"model.image_init: the contrastive network's image encoder differs from the diffusion "
+                        f"model's ({'; '.join(differ)})")
+    prefix = "image_encoder."
+    state = {}
+    for key, value in weights.items():
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        if key.startswith(prefix) and not key.startswith(prefix + "fc."):
+            state[key[len(prefix):]] = value
+    try:
+        model.image_encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"model.image_init: the image encoder of '{path}' does not fit: "
+                              f"{str(err).splitlines()[0]}") from None
+    logger.info("image encoder initialised from the contrastive network %s", path)
+    return path
+
+
 def build_denoiser(config: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,
                    device: torch.device) -> torch.nn.Module:
     """The trained diffusion model from its run config and weights, on ``device``, in eval mode."""
