@@ -42,6 +42,9 @@ TRAININGS = {
     "cfg": ("quick", {"model.cond_drop": 0.1}),
     "w32": ("quick", {"model.width": 32, "train.max_minutes": 5.5, "train.max_iters": 0}),  # same time, not iterations
     "ugriz_init": ("ugriz", {"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "model.image_init": "{contrastive}"}),
+    "standard_levers": ({"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "data.preprocessing": "log"},
+                        {"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "data.preprocessing": "log",
+                         "model.image_init": "{contrastive}"}),
 }
 
 #: variant -> (description, training, generate.py overrides)
@@ -56,6 +59,7 @@ VARIANTS = {
     "cfg2": ("10% null contexts in training, guidance 2", "cfg", {"sampling.guidance": 2.0}),
     "w32": ("UNet width 32 instead of 16 (same 5.5 minutes)", "w32", {}),
     "ugriz_init": ("ugriz, image encoder started from the contrastive one", "ugriz_init", {}),
+    "standard_levers": ("ugriz + log + image encoder started from the contrastive one", "standard_levers", {}),
 }
 
 
