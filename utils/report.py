@@ -8,7 +8,8 @@ redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn
 equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
 samples' central 68% and 90% intervals per property and per pixel. Where the catalog carries the
 survey's own measurements (MPA-JHU columns of a real-SDSS dataset), the same statistics are also
-computed against those.
+computed against those. Finally every run judges the samples against the targets of issue 15
+(:func:`targets`), each against a baseline of the same run.
 """
 from __future__ import annotations
 
