@@ -52,27 +52,36 @@ def neighbour_average(train: SpectraDataset, neighbours: np.ndarray) -> np.ndarr
     return np.stack([np.mean([spectra[int(i)] for i in row], axis=0) for row in neighbours])
 
 
+def colour_features(catalog) -> np.ndarray:
+    """``(N, 5)`` photometric features of catalog rows: colours u-g, g-r, r-i, i-z and r."""
+    mags = np.stack([np.asarray(catalog[c], dtype=np.float64) for c in PHOTO_Z_COLUMNS], 1)
+    return np.concatenate([mags[:, :-1] - mags[:, 1:], mags[:, 2:3]], 1)
+
+
+def catalog_neighbours(x_train: np.ndarray, x_query: np.ndarray, k: int,
+                       usable: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``x_train`` ``(G, k)`` nearest to each query in features standardised on the
+    training rows (scipy's k-d tree), searching only the ``usable`` training rows (default: those
+    with finite features); k shrinks to the number of usable rows."""
+    from scipy.spatial import cKDTree
+
+    good = np.all(np.isfinite(x_train), 1) if usable is None else usable & np.all(np.isfinite(x_train), 1)
+    mean, std = x_train[good].mean(0), x_train[good].std(0) + 1e-12
+    k = min(k, int(good.sum()))
+    _, idx = cKDTree((x_train[good] - mean) / std).query(np.nan_to_num((x_query - mean) / std), k=k)
+    return np.flatnonzero(good)[np.reshape(idx, (len(x_query), k))]
+
+
 def photo_z(train_catalog, train_z: np.ndarray, query_catalog, k: int) -> np.ndarray | None:
     """k-nearest-neighbour photometric redshifts ``(G,)`` from catalog colours (u-g, g-r, r-i,
     i-z) and r, each standardised on the training galaxies; None when the catalog lacks the
     magnitudes."""
-    from scipy.spatial import cKDTree
-
     if any(c not in train_catalog.colnames for c in PHOTO_Z_COLUMNS):
         logger.warning("no photometric-redshift baseline: the catalog lacks %s", ", ".join(PHOTO_Z_COLUMNS))
         return None
-
-    def features(cat) -> np.ndarray:
-        mags = np.stack([np.asarray(cat[c], dtype=np.float64) for c in PHOTO_Z_COLUMNS], 1)
-        return np.concatenate([mags[:, :-1] - mags[:, 1:], mags[:, 2:3]], 1)
-
-    x_train, x_query = features(train_catalog), features(query_catalog)
-    good = np.all(np.isfinite(x_train), 1) & np.isfinite(train_z)
-    mean, std = x_train[good].mean(0), x_train[good].std(0) + 1e-12
-    tree = cKDTree((x_train[good] - mean) / std)
-    k = min(k, int(good.sum()))
-    _, idx = tree.query(np.nan_to_num((x_query - mean) / std), k=k)
-    return np.median(np.asarray(train_z)[good][np.reshape(idx, (len(x_query), k))], axis=1)
+    train_z = np.asarray(train_z)
+    idx = catalog_neighbours(colour_features(train_catalog), colour_features(query_catalog), k, np.isfinite(train_z))
+    return np.median(train_z[idx], axis=1)
 
 
 def compute_baselines(survey, dataset: SpectraDataset, data_config: dict, contrastive, device: torch.device,

@@ -128,8 +128,13 @@ def check_compatible(config: dict, gen_cfg: dict, con_cfg: dict, gen_path: Path,
                             f"bands and preprocessing must match")
 
 
+def unwrapped(weights: dict) -> dict:
+    """A state dict without the prefixes data parallelism ('module.') and torch.compile ('_orig_mod.') add."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+
+
 def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -> None:
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    weights = unwrapped(weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -179,20 +184,15 @@ def warm_start_image_encoder(model: ConditionalUNet1D, source: str, config: dict
         raise UserError("model.image_init needs an image encoder to initialise: model.conditioning is 'none'")
     con_cfg, weights, path, _ = load_trained(None if source == "contrastive" else source,
                                              default_runs(CONTRASTIVE_PARAMS), "contrastive network", "contrastive")
-    mine = {"data.image": config["data"]["image"], "model.image_depth": config["model"]["image_depth"],
-            "model.image_width": config["model"]["image_width"]}
-    theirs = {"data.image": con_cfg["data"]["image"], "model.image_depth": con_cfg["model"]["image_depth"],
-              "model.image_width": con_cfg["model"]["image_width"]}
-    differ = [f"{k}: {mine[k]!r} here, {theirs[k]!r} in {path}" for k in mine if mine[k] != theirs[k]]
+    differ = [f"{section}.{key}: {config[section][key]!r} here, {con_cfg[section][key]!r} in {path}"
+              for section, key in (("data", "image"), ("model", "image_depth"), ("model", "image_width"))
+              if config[section][key] != con_cfg[section][key]]
     if differ:
         raise UserError(f"model.image_init: the contrastive network's image encoder differs from the diffusion "
                         f"model's ({'; '.join(differ)})")
     prefix = "image_encoder."
-    state = {}
-    for key, value in weights.items():
-        key = key.removeprefix("module.").removeprefix("_orig_mod.")
-        if key.startswith(prefix) and not key.startswith(prefix + "fc."):
-            state[key[len(prefix):]] = value
+    state = {k[len(prefix):]: v for k, v in unwrapped(weights).items()
+             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
     try:
         model.image_encoder.load_state_dict(state)
     except RuntimeError as err:

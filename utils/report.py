@@ -61,7 +61,8 @@ def _sample_intervals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return med, lo, hi
 
 
-def _mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def class_mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The most frequent of ``n_classes`` integer codes along axis 1 ``(G,)`` and its share."""
     counts = np.stack([(codes == c).sum(1) for c in range(n_classes)], 1)
     return counts.argmax(1), counts.max(1) / codes.shape[1]
 
@@ -135,7 +136,7 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
     for prop in PROPERTIES:
         med, lo, hi = _sample_intervals(sample_props[prop])
         columns.update({f"{prop}_gen": med, f"{prop}_gen_lo": lo, f"{prop}_gen_hi": hi})
-    columns["bpt_gen"], columns["bpt_gen_frac"] = _mode(sample_props["bpt"], len(BPT_CLASSES))
+    columns["bpt_gen"], columns["bpt_gen_frac"] = class_mode(sample_props["bpt"], len(BPT_CLASSES))
     report = ScienceReport(columns=columns)
     if truth is None:
         return report
