@@ -11,14 +11,11 @@ row per galaxy), metrics.json, config.yml, figures/.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from utils.builders import GENERATIVE_PARAMS
 from utils.checkpoints import METRICS_FILE, write_json
@@ -27,7 +24,7 @@ from utils.dataset import SpectraDataset
 from utils.baselines import compute_baselines
 from utils.evaluation import METRICS, evaluate, format_table, photometric_params
 from utils.export import draw_figures, write_fits, write_per_galaxy
-from utils.generation import build_models, find_models, generation_set, mean_spectrum, sample_for_images, score
+from utils.generation import build_models, draw, find_models, generation_set, mean_spectrum, validation_calibration
 from utils.report import evaluate_science, science_figures
 from utils.runtime import default_device, keep_freed_memory
 from utils.training import load_survey
@@ -43,39 +40,22 @@ def run(config: dict) -> Path:
     dataset, known = generation_set(config, survey)
     device = default_device()
     pair = build_models(pair, dataset.n_pixels, dataset.n_channels, device)
-    gen_cfg, gen_path, con_path = pair.gen_cfg, pair.gen_path, pair.con_path
-    generator_model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
-    cfg = {**gen_cfg, "run": {**gen_cfg["run"], "precision": config["run"]["precision"]}}
-    steps = diffusion.num_timesteps if s["sampler"] == "ddpm" else s["steps"]  # DDPM walks every step
+    gen_path, con_path = pair.gen_path, pair.con_path
+    steps = pair.diffusion.num_timesteps if s["sampler"] == "ddpm" else s["steps"]  # DDPM walks every step
     out_dir = Path(s["out_dir"]) / datetime.now().strftime("%Y%m%d-%H%M%S")
     (out_dir / "figures").mkdir(parents=True)
     save_config(config, out_dir / "config.yml")
     logger.info("diffusion model %s; contrastive network %s; %d galaxies x %d samples (%s, %s steps) -> %s",
                 gen_path, con_path, len(dataset), s["n_samples"], s["sampler"], steps, out_dir)
 
-    generator = torch.Generator(device="cpu").manual_seed(config["run"]["seed"])
-    all_samples, all_scores, truth, params = [], [], [], []
-    start = time.perf_counter()
-    bar = tqdm(total=len(dataset), desc="generate", unit="gal")
-    for batch in dataset.iter_batches(s["batch_galaxies"]):
-        images = batch["image"].to(device)
-        samples = sample_for_images(generator_model, diffusion, images, s["n_samples"], s["sampler"], s["steps"], cfg,
-                                    generator, eta=s["eta"], guidance=s["guidance"])
-        all_scores.append(score(contrastive, images, samples).float().cpu().numpy())
-        all_samples.append(samples.cpu().numpy())
-        truth.append(batch["spectrum"][:, 0].numpy())
-        params.append(batch["params"].numpy())
-        bar.update(len(images))
-    bar.close()
-    seconds = time.perf_counter() - start
-    samples, scores = np.concatenate(all_samples), np.concatenate(all_scores)
-    truth_arr = np.concatenate(truth) if known else None
+    drawn = draw(pair, dataset, config, known, seed=config["run"]["seed"])
+    samples, scores, truth_arr, seconds = drawn.samples, drawn.scores, drawn.truth, drawn.seconds
     baseline = pair.mean_train_spectrum if known else None
     if known and (baseline is None or np.shape(baseline) != (dataset.n_pixels,)):  # computed by the run; else now
         baseline = mean_spectrum(SpectraDataset.from_config(survey, "train", config["data"]))
     results = evaluate(samples, scores, truth_arr, s["top_k"], baseline)
     if known:
-        par = np.concatenate(params)
+        par = drawn.params
         ivar = np.stack([dataset.flux(i)[1] for i in range(len(dataset))])
     else:
         cat = dataset.survey.catalog[dataset.rows]
@@ -86,16 +66,19 @@ def run(config: dict) -> Path:
     if known:
         flux["truth"] = dataset.invert(truth_arr, par)
         flux["ivar"] = ivar
-    science = None
+    science, calibration = None, None
+    weights = np.median(ivar, 0) if known else None  # the redshift fit's pixel weights
+    if s["science"] and s["calibration_objects"]:  # interval widening fitted on validation galaxies
+        calibration = validation_calibration(pair, survey, config, weights)
     if s["science"]:  # physical properties of samples, truth and baselines (utils.report)
-        baselines, photo_z = compute_baselines(survey, dataset, config["data"], contrastive, device, baseline, par,
+        baselines, photo_z = compute_baselines(survey, dataset, config["data"], pair.contrastive, device, baseline, par,
                                                s["knn"], s["baseline_train_max"]) if known else ({}, None)
         science = evaluate_science(flux["ranked"], dataset.wave, flux.get("truth"), results["ranked"], truth_arr,
                                    baselines, photo_z, dataset.survey.catalog[dataset.rows],
-                                   weights=np.median(ivar, 0) if known else None,
-                                   split="catalog" if s["catalog"] else s["split"])
+                                   weights=weights, split="catalog" if s["catalog"] else s["split"],
+                                   calibration=calibration)
     write_fits(out_dir / "spectra.fits", dataset, results, flux, known, config, steps,
-               science.columns if science else None)
+               science.columns if science else None, calibration)
     if s["per_galaxy_fits"]:
         write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known, science.columns if science else None)
 

@@ -47,12 +47,22 @@ def test_int_given_for_float_is_accepted_and_null_for_path():
     ("data.image=rgb", ["data.image", "'rgb'", "'gri'", "'ugriz'"]),
     ("spectrum_mults=[1, x]", ["model.spectrum_mults[1]", "an integer"]),
     ("data=3", ["unknown config key 'data'"]),
+    ("sampling.calibration_objects=-1", ["sampling.calibration_objects", "-1", ">= 0"]),
 ])
 def test_bad_overrides_name_key_value_and_expectation(arg, words):
     with pytest.raises(ConfigError) as err:
-        load_config(PARAMS, [arg])
+        load_config(GEN_PARAMS if arg.startswith("sampling.") else PARAMS, [arg])
     for word in words:
         assert word in str(err.value)
+
+
+def test_calibrating_on_the_evaluated_split_is_refused():
+    """The interval calibration is fitted on validation galaxies, so they cannot also judge it."""
+    with pytest.raises(ConfigError, match="'sampling.calibration_objects': got 50, expected 0 when sampling.split"):
+        load_config(GEN_PARAMS, ["sampling.split=val", "sampling.calibration_objects=50"])
+    assert load_config(GEN_PARAMS, ["sampling.split=test", "sampling.calibration_objects=50"])
+    catalog = load_config(GEN_PARAMS, ["sampling.split=val", "sampling.catalog=x", "sampling.calibration_objects=5"])
+    assert catalog["sampling"]["calibration_objects"] == 5  # a catalog is evaluated, not the split
 
 
 def test_ambiguous_leaf_key_is_refused():
@@ -122,4 +132,5 @@ def test_presets_of_both_trainers_prepare_the_same_data(preset):
         assert con["data"][key] == gen["data"][key], key
     if preset == "standard":  # issue 15: at least 300 test galaxies; ugriz images in their own mock folder
         assert gen["sampling"]["max_objects"] >= 300 and gen["data"]["image"] == "ugriz"
+        assert gen["sampling"]["calibration_objects"] >= 300 and gen["sampling"]["split"] == "test"
         assert con["data"]["root"] != load_config(PARAMS, ["--preset", "quick"])["data"]["root"]

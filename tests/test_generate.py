@@ -77,12 +77,13 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     checkpoint = tmp_path.parent / f"{tmp_path.name}-copied.pt"  # away from its run folder and config.yml:
     checkpoint.write_bytes(next((trained_runs[1] / "checkpoints").glob("latest_*.pt")).read_bytes())
     result = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path, "sampling.per_galaxy_fits=true",
-                                                f"sampling.generative_run={checkpoint}"))  # the file alone suffices
+                                                f"sampling.generative_run={checkpoint}",  # the file alone suffices
+                                                "sampling.split=test", "sampling.calibration_objects=5"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MSE of the top-ranked sample" in result.stdout
     out = only_run(tmp_path)
     survey = open_survey(tiny_mock)
-    ds = SpectraDataset(survey, "val", downsample=16)
+    ds = SpectraDataset(survey, "test", downsample=16)
     with fits.open(out / "spectra.fits") as hdus:
         wave = hdus["WAVELENGTH"].data
     table = Table.read(out / "spectra.fits", hdu="SPECTRA")
@@ -107,6 +108,16 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
                                           for i, name in enumerate(BPT_CLASSES)}
     assert science["n_galaxies"] == len(ds) and "z_sigma_nmad" in science["predictors"]["photo_z"]
     assert all(len(v) == 2 for v in science["predictors"]["samples"].values())  # value and standard error
+    # the intervals are widened by a calibration fitted on validation galaxies, not on these
+    assert science["calibration"]["split"] == "val" and science["calibration"]["n_galaxies"] == min(5, len(
+        survey.rows("val")))
+    assert set(science["calibration"]["factors"]) >= {"pixels", "z", "dn4000", "ew_halpha"}
+    assert "coverage68_z_raw" in science["predictors"]["samples"] and "(raw)" in result.stdout
+    with fits.open(out / "spectra.fits") as hdus:
+        header = hdus["SPECTRA"].header
+    assert header["CALIBN"] == science["calibration"]["n_galaxies"]
+    factor = science["calibration"]["factors"]["pixels"]["0.68"]  # None: unbounded
+    assert header["CALPIX68"] == ("unbounded" if factor is None else pytest.approx(factor))
     assert "Science evaluation over" in result.stdout and "kNN photo-z" in result.stdout
     for name in ("z_gen", "z_gen_lo", "z_gen_hi", "dn4000_true", "ew_halpha_knn", "bpt_gen", "z_photo"):
         assert name in table.colnames and len(table[name]) == len(ds), name

@@ -71,7 +71,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
         "sampling.knn", "sampling.baseline_train_max")},
     **{key: NON_NEGATIVE for key in (
         "data.mock_seed", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
-        "run.seed", "sampling.eta", "sampling.figures")},
+        "run.seed", "sampling.eta", "sampling.figures", "sampling.calibration_objects")},
     "train.lr": (1e-12, None, "> 0"),
     "train.temperature": (1e-6, None, "> 0"),
     "train.lr_decay": (1e-12, 1.0, "in (0, 1]"),
@@ -217,6 +217,10 @@ def check_consistency(config: dict) -> None:
     if "top_k" in s and "n_samples" in s and s["top_k"] > s["n_samples"]:
         raise ConfigError(f"config key 'sampling.top_k': got {s['top_k']}, expected at most sampling.n_samples "
                           f"({s['n_samples']})")
+    if s.get("calibration_objects") and s.get("split") == "val" and not s.get("catalog"):
+        raise ConfigError(f"config key 'sampling.calibration_objects': got {s['calibration_objects']}, expected 0 "
+                          f"when sampling.split is 'val' (the calibration is fitted on validation galaxies, so they "
+                          f"cannot also judge it)")
     m = config.get("model", {})
     if "mults" not in m:
         return

@@ -146,21 +146,36 @@ def property_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"bias": float(np.median(d)), "scatter": nmad(d), "corr": float(corr)}
 
 
-def inside_interval(samples: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
-    """Whether each truth lies inside the central ``level`` interval of its samples: ``samples``
-    ``(G, N, ...)``, ``truth`` ``(G, ...)``; returns ``(G, ...)`` floats, 1 inside, 0 outside,
-    NaN where the truth or every sample is not finite."""
+def central_interval(samples: np.ndarray, level: float, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``level`` interval ``(lo, hi)`` of ``samples`` along axis 1, each side widened
+    about the median by ``factor`` (1: the samples' own quantiles; a calibration's factor,
+    utils.calibration; inf: unbounded); NaN where every sample is NaN."""
+    samples = np.asarray(samples, dtype=np.float64)
+    quantile = np.nanquantile if np.isnan(samples).any() else np.quantile  # the same values; nanquantile is slow
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
-        lo, hi = np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
-    ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(truth)
+        lo, med, hi = quantile(samples, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=1)
+    if factor == 1.0:
+        return lo, hi
+    if not np.isfinite(factor):  # no finite widening was enough: the whole line (a zero-width side included)
+        return np.where(np.isnan(med), np.nan, -np.inf), np.where(np.isnan(med), np.nan, np.inf)
+    return med - factor * (med - lo), med + factor * (hi - med)
+
+
+def inside_interval(samples: np.ndarray, truth: np.ndarray, level: float, factor: float = 1.0) -> np.ndarray:
+    """Whether each truth lies inside the central ``level`` interval of its samples (widened by
+    ``factor``, see :func:`central_interval`): ``samples`` ``(G, N, ...)``, ``truth`` ``(G, ...)``;
+    returns ``(G, ...)`` floats, 1 inside, 0 outside, NaN where the truth or every sample is not
+    finite."""
+    lo, hi = central_interval(samples, level, factor)
+    ok = ~np.isnan(lo) & ~np.isnan(hi) & np.isfinite(truth)
     return np.where(ok, (truth >= lo) & (truth <= hi), np.nan)
 
 
-def interval_coverage(samples: np.ndarray, truth: np.ndarray, level: float) -> float:
-    """Share of truths inside the central ``level`` interval of their samples (see
-    :func:`inside_interval`); non-finite entries are left out."""
-    return float(np.nanmean(inside_interval(samples, truth, level)))
+def interval_coverage(samples: np.ndarray, truth: np.ndarray, level: float, factor: float = 1.0) -> float:
+    """Share of truths inside the central ``level`` interval of their samples, widened by
+    ``factor`` (see :func:`inside_interval`); non-finite entries are left out."""
+    return float(np.nanmean(inside_interval(samples, truth, level, factor)))
 
 
 def crps(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:

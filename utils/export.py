@@ -10,6 +10,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from utils.calibration import PIXELS, Calibration
 from utils.dataset import SpectraDataset
 from utils.evaluation import METRICS
 from utils.plotting import plot_ranked
@@ -19,12 +20,15 @@ FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 
 def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict,
-               steps: int, science: dict | None = None) -> Path:
+               steps: int, science: dict | None = None, calibration: Calibration | None = None) -> Path:
     """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A).
 
     ``science`` adds the measured properties (utils.report: ``<property>_gen`` the median over the
-    samples with ``_gen_lo`` / ``_gen_hi`` its 16% / 84% quantiles, ``_true`` of the true
-    spectrum, ``_knn`` of the retrieval baseline, ``bpt_*`` class codes, ``z_photo``)."""
+    samples with ``_gen_lo`` / ``_gen_hi`` its 16% / 84% quantiles, widened by ``calibration``
+    where one was fitted, ``_true`` of the true spectrum, ``_knn`` of the retrieval baseline,
+    ``bpt_*`` class codes, ``z_photo``). A calibration's galaxy count and per-pixel factors go to
+    the header (CALIBN, CALPIX68, CALPIX90: stretch the samples' central 68% / 90% interval of a
+    pixel, preprocessed units, about its median by this factor)."""
     cat = dataset.survey.catalog[dataset.rows]
     table = Table({"objid": np.asarray(cat["objid"]), "ra": np.asarray(cat["ra"]), "dec": np.asarray(cat["dec"]),
                    "z": np.asarray(cat["z"])})
@@ -50,6 +54,11 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
     table.meta.update({"SAMPLER": s["sampler"], "STEPS": steps, "NSAMPLE": s["n_samples"], "TOPK": s["top_k"],
                        "PREPROC": config["data"]["preprocessing"],
                        "COMMENT": "samples are sorted by contrastive score, best first; flux in 1e-17 erg/s/cm2/A"})
+    if calibration:
+        table.meta["CALIBN"] = calibration.n_galaxies  # validation galaxies the intervals were fitted on
+        for level in (0.68, 0.90):
+            factor = calibration.factor(PIXELS, level)
+            table.meta[f"CALPIX{round(level * 100)}"] = factor if np.isfinite(factor) else "unbounded"
     hdus = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table),
                          fits.ImageHDU(dataset.wave.astype(np.float64), name="WAVELENGTH")])
     hdus[1].name = "SPECTRA"

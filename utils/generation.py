@@ -7,6 +7,7 @@ their configuration) and built through :mod:`utils.builders`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_K
                                read_checkpoint)
 from utils.dataset import SpectraDataset, open_survey
 from utils.errors import UserError
+from utils.report import calibrate
 from utils.runtime import autocast
 from utils.training import subset
 
@@ -247,3 +249,62 @@ def score(contrastive, images: torch.Tensor, samples: torch.Tensor) -> torch.Ten
     return torch.einsum("gd,gnd->gn", z_image, z_spec)
 
 
+
+
+@dataclass
+class Draws:
+    """What :func:`draw` returns for G galaxies: samples ``(G, N, L)`` (preprocessed units), their
+    contrastive scores ``(G, N)``, the true spectra ``(G, L)`` (None where unknown), the
+    preprocessing parameters ``(G, 2)`` and the sampling wall time."""
+
+    samples: np.ndarray
+    scores: np.ndarray
+    truth: np.ndarray | None
+    params: np.ndarray
+    seconds: float
+
+
+def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, seed: int,
+         desc: str = "generate") -> Draws:
+    """``sampling.n_samples`` spectra for every galaxy of ``dataset``, drawn with the ``sampling``
+    settings in batches of ``sampling.batch_galaxies`` (a progress bar) and scored by the
+    contrastive network; seeded by ``seed``."""
+    s = config["sampling"]
+    cfg = {**pair.gen_cfg, "run": {**pair.gen_cfg["run"], "precision": config["run"]["precision"]}}
+    device = next(pair.denoiser.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    samples, scores, truth, params = [], [], [], []
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), desc=desc, unit="gal") as bar:
+        for batch in dataset.iter_batches(s["batch_galaxies"]):
+            images = batch["image"].to(device)
+            drawn = sample_for_images(pair.denoiser, pair.diffusion, images, s["n_samples"], s["sampler"], s["steps"],
+                                      cfg, generator, eta=s["eta"], guidance=s["guidance"])
+            scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
+            samples.append(drawn.cpu().numpy())
+            truth.append(batch["spectrum"][:, 0].numpy())
+            params.append(batch["params"].numpy())
+            bar.update(len(images))
+    return Draws(np.concatenate(samples), np.concatenate(scores), np.concatenate(truth) if known else None,
+                 np.concatenate(params), time.perf_counter() - start)
+
+
+def validation_calibration(pair: TrainedPair, survey, config: dict, weights: np.ndarray | None):
+    """The interval calibration (utils.calibration) fitted on ``sampling.calibration_objects``
+    galaxies of the validation split, drawn like the evaluated ones (another seed) and measured
+    with the evaluation's redshift-fit ``weights``."""
+    s = config["sampling"]  # utils.config refuses a calibration when the validation split is the one evaluated
+    val_set = SpectraDataset.from_config(survey, "val", config["data"])
+    if len(val_set) == 0:
+        raise UserError(f"sampling.calibration_objects > 0 needs validation galaxies: split 'val' of "
+                        f"'{survey.root}' is empty")
+    val_set = subset(val_set, s["calibration_objects"], seed=0)
+    drawn = draw(pair, val_set, config, known=True, seed=config["run"]["seed"] + 1, desc="calibrate (val)")
+    flux = val_set.invert(drawn.samples, drawn.params[:, None])
+    truth = val_set.invert(drawn.truth, drawn.params)
+    calibration = calibrate(flux, val_set.wave, truth, drawn.samples, drawn.truth,
+                            val_set.survey.catalog[val_set.rows], weights)
+    logger.info("intervals calibrated on %d validation galaxies: 68%% factors %s", len(val_set),
+                ", ".join(f"{q} {by_level[0.68]:.2f}" for q, by_level in calibration.factors.items()
+                          if q in ("pixels", "z", "dn4000", "ew_halpha")))
+    return calibration

@@ -6,20 +6,21 @@ same code, then summarises generation and baselines side by side with standard e
 over galaxies for medians, NMADs and correlations; the standard error of the mean for means):
 redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000 and the
 equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
-samples' central 68% and 90% intervals per property and per pixel. Where the catalog carries the
+samples' central 68% and 90% intervals per property and per pixel (widened by a calibration fitted
+on validation galaxies where one is given, utils.calibration). Where the catalog carries the
 survey's own measurements (MPA-JHU columns of a real-SDSS dataset), the same statistics are also
 computed against those. Finally every run judges the samples against the targets of issue 15
 (:func:`targets`), each against a baseline of the same run.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from utils.evaluation import (COVERAGE_LEVELS, confusion, crps, inside_interval, interval_coverage,
+from utils.calibration import PIXELS, Calibration, fit_calibration, uncalibrated
+from utils.evaluation import (COVERAGE_LEVELS, central_interval, confusion, crps, inside_interval, interval_coverage,
                               property_stats, redshift_stats)
 from utils.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
 
@@ -53,12 +54,39 @@ class ScienceReport:
     figure_data: dict = field(default_factory=dict)
 
 
-def _sample_intervals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Median, 16% and 84% quantiles over the samples (axis 1), NaN where no sample has a value."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
-        lo, med, hi = np.nanquantile(values, [0.16, 0.5, 0.84], axis=1)
-    return med, lo, hi
+def _sample_intervals(values: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median and the central 68% interval (16% and 84% quantiles, widened about the median by
+    ``factor``) over the samples (axis 1), NaN where no sample has a value."""
+    lo, hi = central_interval(values, 0.68, factor)
+    return central_interval(values, 0.0)[0], lo, hi
+
+
+def sample_properties(samples: np.ndarray, wave: np.ndarray, fitter: RedshiftFitter) -> dict:
+    """Every property of utils.science measured on every sample ``(G, N, L)``: ``{name: (G, N)}``."""
+    g, n, length = samples.shape
+    table = measure(samples.reshape(g * n, length), wave, fitter=fitter).table()
+    return {k: v.reshape(g, n) for k, v in table.items()}
+
+
+def reference_values(true_props: dict, catalog) -> tuple[dict, bool]:
+    """What the samples are judged against, and whether it is a mock's intrinsic truth: the
+    catalog's intrinsic properties where it has them (utils.mock), else ``true_props`` measured
+    on the true spectra; the redshift is the catalog's."""
+    known = catalog_truth(catalog)
+    values = known or dict(true_props)
+    if catalog is not None and "z" in catalog.colnames:
+        values["z"] = np.asarray(catalog["z"], dtype=np.float64)
+    return values, bool(known)
+
+
+def calibrate(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, samples_pre: np.ndarray,
+              truth_pre: np.ndarray, catalog, weights: np.ndarray | None = None, split: str = "val") -> Calibration:
+    """Fit the interval calibration (utils.calibration) on galaxies whose truth is known and that
+    are not evaluated (the validation split): their samples ``(G, N, L)`` and truth ``(G, L)`` in
+    flux and preprocessed units and their catalog rows, measured like :func:`evaluate_science`."""
+    fitter = RedshiftFitter(wave, weights=weights)
+    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog)
+    return fit_calibration(sample_properties(samples, wave, fitter), reference, samples_pre, truth_pre, split=split)
 
 
 def class_mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +138,8 @@ def compare(predictions: dict, truth: dict, n_boot: int = 200) -> tuple[dict, di
 def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | None = None,
                      samples_pre: np.ndarray | None = None, truth_pre: np.ndarray | None = None,
                      baselines: dict | None = None, photo_z: np.ndarray | None = None, catalog=None,
-                     weights: np.ndarray | None = None, n_boot: int = 200, split: str = "test") -> ScienceReport:
+                     weights: np.ndarray | None = None, n_boot: int = 200, split: str = "test",
+                     calibration: Calibration | None = None) -> ScienceReport:
     """The science evaluation of G galaxies.
 
     Parameters
@@ -127,14 +156,17 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         (:data:`SURVEY_COLUMNS`, 'bptclass') give the survey-value comparison.
     weights : ``(L,)`` pixel weights for the redshift fit (a typical inverse variance).
     split : which galaxies these are, for the table's title.
+    calibration : interval widening fitted on other galaxies (:func:`calibrate`): the intervals
+        written and whose coverage is reported are the widened ones; the samples' own intervals'
+        coverage is reported beside them (``coverage68_z_raw``). The samples are not changed.
     """
     g, n, length = samples.shape
     fitter = RedshiftFitter(wave, weights=weights)
-    sample_props = measure(samples.reshape(g * n, length), wave, fitter=fitter).table()
-    sample_props = {k: v.reshape(g, n) for k, v in sample_props.items()}
+    sample_props = sample_properties(samples, wave, fitter)
+    widen = (calibration or uncalibrated()).factor
     columns = {}
     for prop in PROPERTIES:
-        med, lo, hi = _sample_intervals(sample_props[prop])
+        med, lo, hi = _sample_intervals(sample_props[prop], widen(prop, 0.68))
         columns.update({f"{prop}_gen": med, f"{prop}_gen_lo": lo, f"{prop}_gen_hi": hi})
     columns["bpt_gen"], columns["bpt_gen_frac"] = class_mode(sample_props["bpt"], len(BPT_CLASSES))
     report = ScienceReport(columns=columns)
@@ -142,10 +174,7 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         return report
 
     true_props = measure(truth, wave, fitter=fitter).table()
-    known = catalog_truth(catalog)  # a mock's intrinsic properties, where the catalog has them
-    truth_values = known or dict(true_props)
-    if catalog is not None and "z" in catalog.colnames:
-        truth_values["z"] = np.asarray(catalog["z"], dtype=np.float64)  # the survey's redshift is the truth
+    truth_values, known = reference_values(true_props, catalog)
     predictions = {"samples": {k: columns[f"{k}_gen"] for k in PROPERTIES} | {"bpt": columns["bpt_gen"]},
                    "mean_of_n": measure(samples.mean(1), wave, fitter=fitter).table()}
     spectra_pre = {"samples": samples_pre, "mean_of_n": None if samples_pre is None else samples_pre.mean(1)}
@@ -170,14 +199,22 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
     stats, matrices = compare(predictions, truth_values, n_boot)
     if truth_pre is not None:
         _pixel_stats(stats, spectra_pre, samples_pre, truth_pre)
-    for prop in COVERED:
+    covered = {PIXELS: (samples_pre, truth_pre)} if truth_pre is not None else {}
+    covered.update({prop: (sample_props[prop], truth_values[prop]) for prop in COVERED})
+    for prop, (values, reference) in covered.items():
         for level in COVERAGE_LEVELS:
-            inside = inside_interval(sample_props[prop], truth_values[prop], level)
-            stats["samples"][f"coverage{round(level * 100)}_{prop}"] = _mean_se(inside[np.isfinite(inside)])
+            key = f"coverage{round(level * 100)}_{prop}"
+            for suffix, factor in (("", widen(prop, level)), ("_raw", 1.0)) if calibration else (("", 1.0),):
+                inside = inside_interval(values, reference, level, factor)
+                if prop == PIXELS:  # each galaxy's share of pixels inside
+                    inside = np.nanmean(inside, -1)
+                stats["samples"][key + suffix] = _mean_se(inside[np.isfinite(inside)])
     summary = {"truth": ("the catalog's true (intrinsic, noise-free) properties" if known else
                          "properties measured on the true spectra with the same code") + "; redshift: the catalog's",
                "n_galaxies": g, "n_samples": n, "predictors": stats, "bpt_classes": list(BPT_CLASSES),
                "bpt_confusion (rows true, columns predicted)": matrices}
+    if calibration:
+        summary["calibration"] = calibration.to_dict()
     survey_truth = survey_values(catalog)
     if survey_truth:
         survey_stats, survey_matrices = compare({k: v for k, v in predictions.items() if k != "photo_z"},
@@ -196,15 +233,16 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
         report.table += "\n\n" + format_science_table(
             survey_stats, g, n, f"Against the survey's own measurements (MPA-JHU; {', '.join(sorted(survey_truth))}):")
     report.figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
-                          "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre}
+                          "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre,
+                          "calibration": calibration}
     return report
 
 
 def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray) -> None:
-    """MSE (one sample for 'samples', else the prediction) and CRPS per pixel, and the samples'
-    per-pixel interval coverage, each as the mean over galaxies with its standard error; and the
-    paired per-galaxy differences against the kNN image baseline ('mse_minus_knn' of the mean of
-    N, 'crps_minus_knn' of the samples), whose standard errors are far smaller than either's."""
+    """MSE (one sample for 'samples', else the prediction) and CRPS per pixel, each as the mean
+    over galaxies with its standard error; and the paired per-galaxy differences against the kNN
+    image baseline ('mse_minus_knn' of the mean of N, 'crps_minus_knn' of the samples), whose
+    standard errors are far smaller than either's."""
     per_galaxy = {}
     for name, pre in spectra_pre.items():
         if pre is None:
@@ -218,9 +256,6 @@ def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_
         knn_mse, knn_crps = per_galaxy["knn_embedding"]
         stats["mean_of_n"]["mse_minus_knn"] = _mean_se(per_galaxy["mean_of_n"][0] - knn_mse)
         stats["samples"]["crps_minus_knn"] = _mean_se(per_galaxy["samples"][1] - knn_crps)
-    for level in COVERAGE_LEVELS:
-        inside = inside_interval(samples_pre, truth_pre, level).mean(-1)
-        stats["samples"][f"coverage{round(level * 100)}_pixels"] = _mean_se(inside)
 
 
 def catalog_truth(catalog) -> dict:
@@ -319,8 +354,8 @@ TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per
               ("ew_oiii_5007_corr", "EW([OIII]) rank corr."), ("ew_nii_6584_corr", "EW([NII]) rank corr."),
               ("bpt_accuracy", "BPT class accuracy"), ("mse_minus_knn", "MSE minus kNN's (paired)"),
               ("crps_minus_knn", "CRPS minus kNN's (paired)"),
-              *((f"coverage{round(lv * 100)}_{p}", f"{round(lv * 100)}% interval coverage: {p}")
-                for p in ("pixels", *COVERED) for lv in COVERAGE_LEVELS))
+              *((f"coverage{round(lv * 100)}_{p}{raw}", f"{round(lv * 100)}% interval coverage: {p}{label}")
+                for raw, label in (("", ""), ("_raw", " (raw)")) for p in (PIXELS, *COVERED) for lv in COVERAGE_LEVELS))
 
 
 def format_science_table(stats: dict, g: int, n: int, title: str | None = None, split: str = "test") -> str:
@@ -393,17 +428,24 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
     paths.append(save(fig, folder / "science_bpt.png"))
 
     levels = np.linspace(0.1, 0.9, 9)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for prop in COVERED:
-        ax.plot(levels, [interval_coverage(d["sample_props"][prop], truth[prop], lv) for lv in levels], "o-",
-                ms=3, label=prop)
-    if d["samples_pre"] is not None:
-        ax.plot(levels, [interval_coverage(d["samples_pre"], d["truth_pre"], lv) for lv in levels], "k-", lw=2,
-                label="pixels")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("nominal central-interval level")
-    ax.set_ylabel("share of truths inside")
-    ax.set_title("Calibration of the samples (above the diagonal: too wide)", fontsize=9)
-    ax.legend(fontsize=8)
+    calibration = d.get("calibration")
+    panels = [("the samples' own intervals (above the diagonal: too wide)", None)]
+    if calibration:
+        panels.append((f"widened by the calibration fitted on {calibration.n_galaxies} {calibration.split} galaxies",
+                       calibration))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False, sharey=True)
+    for ax, (title, cal) in zip(axes[0], panels):
+        factor = (cal or uncalibrated()).factor
+        for prop in COVERED:
+            ax.plot(levels, [interval_coverage(d["sample_props"][prop], truth[prop], lv, factor(prop, lv))
+                             for lv in levels], "o-", ms=3, label=prop)
+        if d["samples_pre"] is not None:
+            ax.plot(levels, [interval_coverage(d["samples_pre"], d["truth_pre"], lv, factor(PIXELS, lv))
+                             for lv in levels], "k-", lw=2, label=PIXELS)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_xlabel("nominal central-interval level")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel("share of truths inside")
     paths.append(save(fig, folder / "science_coverage.png"))
     return paths
