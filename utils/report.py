@@ -79,14 +79,23 @@ def reference_values(true_props: dict, catalog) -> tuple[dict, bool]:
     return values, bool(known)
 
 
+def calibration_inputs(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, catalog,
+                       weights: np.ndarray | None = None) -> tuple[dict, dict]:
+    """The samples' properties ``{name: (G, N)}`` and the reference values ``{name: (G,)}`` they
+    are judged against, measured like :func:`evaluate_science` does: samples ``(G, N, L)`` and
+    truth ``(G, L)`` in flux units, the galaxies' catalog rows, the redshift fit's ``weights``."""
+    fitter = RedshiftFitter(wave, weights=weights)
+    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog)
+    return sample_properties(samples, wave, fitter), reference
+
+
 def calibrate(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, samples_pre: np.ndarray,
               truth_pre: np.ndarray, catalog, weights: np.ndarray | None = None, split: str = "val") -> Calibration:
     """Fit the interval calibration (utils.calibration) on galaxies whose truth is known and that
     are not evaluated (the validation split): their samples ``(G, N, L)`` and truth ``(G, L)`` in
-    flux and preprocessed units and their catalog rows, measured like :func:`evaluate_science`."""
-    fitter = RedshiftFitter(wave, weights=weights)
-    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog)
-    return fit_calibration(sample_properties(samples, wave, fitter), reference, samples_pre, truth_pre, split=split)
+    flux and preprocessed units (see :func:`calibration_inputs`)."""
+    props, reference = calibration_inputs(samples, wave, truth, catalog, weights)
+    return fit_calibration(props, reference, samples_pre, truth_pre, split=split)
 
 
 def class_mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
