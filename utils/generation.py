@@ -1,6 +1,7 @@
 """Sampling, model loading and scoring shared by training validation, generate.py and bench/.
 
-Samples for a batch of galaxies are drawn in one batch with the image context computed once;
+Samples for a batch of galaxies are drawn in one batch with the image context computed once
+(:func:`draw` for a whole dataset, :func:`validation_calibration` for the interval calibration);
 trained models are found by their run folders or checkpoint files (whose ``run_info`` carries
 their configuration) and built through :mod:`utils.builders`.
 """
@@ -24,6 +25,7 @@ from utils.builders import (CONTRASTIVE_PARAMS, build_contrastive_model, build_d
 from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_KEY, WEIGHTS_KEY, CheckpointError,
                                best_checkpoint, checkpoint_kind, default_runs, find_checkpoint, newest_finished_run,
                                read_checkpoint)
+from utils.calibration import Calibration
 from utils.dataset import SpectraDataset, open_survey
 from utils.errors import UserError
 from utils.report import calibrate
@@ -249,8 +251,6 @@ def score(contrastive, images: torch.Tensor, samples: torch.Tensor) -> torch.Ten
     return torch.einsum("gd,gnd->gn", z_image, z_spec)
 
 
-
-
 @dataclass
 class Draws:
     """What :func:`draw` returns for G galaxies: samples ``(G, N, L)`` (preprocessed units), their
@@ -289,7 +289,7 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
                  np.concatenate(params), time.perf_counter() - start)
 
 
-def validation_calibration(pair: TrainedPair, survey, config: dict, weights: np.ndarray | None):
+def validation_calibration(pair: TrainedPair, survey, config: dict, weights: np.ndarray | None) -> Calibration:
     """The interval calibration (utils.calibration) fitted on ``sampling.calibration_objects``
     galaxies of the validation split, drawn like the evaluated ones (another seed) and measured
     with the evaluation's redshift-fit ``weights``."""
