@@ -133,6 +133,6 @@ def test_presets_of_both_trainers_prepare_the_same_data(preset):
     if preset == "standard":  # issue 15: at least 300 test galaxies; ugriz images in their own mock folder
         assert gen["sampling"]["max_objects"] >= 300 and gen["data"]["image"] == "ugriz"
         assert gen["sampling"]["calibration_objects"] >= 300 and gen["sampling"]["split"] == "test"
+        assert con["data"]["root"] != load_config(PARAMS, ["--preset", "quick"])["data"]["root"]
     if preset:  # both presets judge calibrated intervals, fitted on validation galaxies
         assert gen["sampling"]["calibration_objects"] >= gen["sampling"]["max_objects"]
-        assert con["data"]["root"] != load_config(PARAMS, ["--preset", "quick"])["data"]["root"]
