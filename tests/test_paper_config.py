@@ -21,15 +21,15 @@ def test_paper_configuration_trains_and_generates(tiny_mock, tmp_path):
         "run.checkpoint_every=1", "train.max_iters=1", f"run.out_dir={runs / 'contrastive'}"], timeout=300)
     assert contrastive.returncode == 0, contrastive.stderr[-3000:]
     generative = run_script("train_generative.py", [
-        f"data.root={tiny_mock}", *DATA, "val.every=2", "val.n_objects=2", "val.n_samples=2", "val.steps=2",
-        "run.checkpoint_every=2", "train.max_iters=2", f"run.out_dir={runs / 'generative'}"], timeout=300)
+        f"data.root={tiny_mock}", *DATA, "val.every=1", "val.n_objects=2", "val.n_samples=2", "val.steps=2",
+        "run.checkpoint_every=1", "train.max_iters=1", f"run.out_dir={runs / 'generative'}"], timeout=300)
     assert generative.returncode == 0, generative.stderr[-3000:]
     run = only_run(runs / "generative")
     log = (run / "log.txt").read_text()
     assert "3598 pixels; denoiser 23.66M + image encoder 11.18M parameters; T = 250" in log
     ckpt = torch.load(next((run / "checkpoints").glob("latest_*.pt")), map_location="cpu", weights_only=False)
     assert ckpt["model"]["mid.1.self_attn.qkv.weight"].shape == (1536, 512)  # the published bottleneck
-    assert json.loads((run / "metrics.json").read_text())["iteration"] == 2
+    assert json.loads((run / "metrics.json").read_text())["iteration"] == 1
 
     out = tmp_path / "outputs"
     generated = run_script("generate.py", [

@@ -28,7 +28,6 @@ from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRI
 from utils.config import load_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.errors import UserError
-from utils.mock import ensure_mock
 from utils.runtime import keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ def load_survey(config: dict):
     """Open the configured dataset; generate the mock survey first when it is the source."""
     data = config["data"]
     if data["source"] == "mock" and idist.get_rank() == 0:
+        from utils.mock import ensure_mock  # here, not at the top: the mock's imports cost every script ~1 s
+
         ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz")
     if idist.get_world_size() > 1:
         idist.barrier()
