@@ -80,7 +80,8 @@ def run(config: dict) -> Path:
     write_fits(out_dir / "spectra.fits", dataset, results, flux, known, config, steps,
                science.columns if science else None, calibration)
     if s["per_galaxy_fits"]:
-        write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known, science.columns if science else None)
+        write_per_galaxy(out_dir / "galaxies", dataset, results, flux, known, science.columns if science else None,
+                         calibration)
 
     summary = {"n_galaxies": len(dataset), "n_samples": s["n_samples"], "sampler": s["sampler"], "steps": steps,
                "top_k": s["top_k"], "seconds": seconds, "spectra_per_second": len(dataset) * s["n_samples"] / seconds,

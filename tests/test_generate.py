@@ -143,6 +143,7 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     assert np.allclose(spectrum.uncertainty.array, 1 / spread, rtol=1e-3)
     with fits.open(per[0]) as hdus:
         assert hdus[0].header["FIBERID"] > 0 and hdus["SAMPLES"].data["flux"].shape == (4, len(wave))
+        assert hdus[0].header["CALPIX68"] == header["CALPIX68"]  # the calibration travels with each file
         assert hdus["SPECOBJ"].data["z"][0] == pytest.approx(table["z_gen"][g])
         assert np.allclose(hdus["TRUTH"].data["flux"][0], true_flux[g], rtol=1e-4, atol=1e-3)
 

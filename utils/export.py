@@ -74,16 +74,19 @@ SPEC_LITE_HEADER = {"TELESCOP": ("SDSS 2.5-M", "the telescope whose spectra were
 
 
 def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bool,
-                     science: dict | None = None) -> list[Path]:
+                     science: dict | None = None, calibration: Calibration | None = None) -> list[Path]:
     """One file per galaxy in the SDSS spec-lite layout, ``spec-<objid>.fits``.
 
     HDU 1 (COADD) has spec-lite's columns in their order: flux (the mean of the N samples), loglam,
     ivar (the inverse variance of the samples at each pixel: their spread, 0 where they agree
     exactly), and_mask, or_mask, wdisp, sky (zeros), model (the mean of the top-k ranked samples).
     HDU 2 (SPECOBJ) is one row: objid, plug_ra, plug_dec, z and z_err (the median and the half
-    16-84% width of the samples' fitted redshifts when measured, else the catalog's), class, the
-    catalog redshift and the measured properties. HDU 3 (SAMPLES) holds every sample, best-ranked
-    first, with its contrastive score; HDU 4 (TRUTH), where known, the true flux and ivar.
+    16-84% width of the samples' fitted redshifts when measured, widened by the calibration where
+    one was fitted, else the catalog's), class, the catalog redshift and the measured properties.
+    HDU 3 (SAMPLES) holds every sample, best-ranked first, with its contrastive score; HDU 4
+    (TRUTH), where known, the true flux and ivar. With a calibration the primary header carries
+    CALPIX68 / CALPIX90, the factors that stretch the samples' per-pixel intervals (the ivar is the
+    samples' own spread).
     """
     folder.mkdir()
     cat = dataset.survey.catalog[dataset.rows]
@@ -117,6 +120,10 @@ def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bo
         header.update({"OBJID": objid, "PLUG_RA": float(cat["ra"][g]), "PLUG_DEC": float(cat["dec"][g]),
                        "GENERATD": (True, "spectrum generated from the image, not observed"),
                        "NSAMPLE": len(samples)})
+        for level in (0.68, 0.90) if calibration else ():
+            factor = calibration.factor(PIXELS, level)
+            header[f"CALPIX{round(level * 100)}"] = (factor if np.isfinite(factor) else "unbounded",
+                                                     f"widening of the samples' central {level:.0%} pixel intervals")
         hdus = [fits.PrimaryHDU(header=header), fits.table_to_hdu(coadd), fits.table_to_hdu(Table(row)),
                 fits.table_to_hdu(Table({"flux": samples.astype(np.float32),
                                          "score": results["ranked_scores"][g].astype(np.float32)}))]
