@@ -5,8 +5,10 @@
 Loads the diffusion model (EMA weights) and the contrastive network, by default from the newest
 finished runs in runs/generative and runs/contrastive; draws ``sampling.n_samples`` spectra per
 galaxy, ranks them by the contrastive similarity to the galaxy's image and, where true spectra
-exist, reports their errors. Writes into ``sampling.out_dir/<timestamp>/``: spectra.fits (one
-row per galaxy), metrics.json, config.yml, figures/.
+exist, reports their errors and their physics against baselines (utils.report), with the
+samples' intervals calibrated on ``sampling.calibration_objects`` validation galaxies first where
+that is above 0 (utils.calibration). Writes into ``sampling.out_dir/<timestamp>/``: spectra.fits
+(one row per galaxy), metrics.json, config.yml, figures/.
 """
 from __future__ import annotations
 
