@@ -25,10 +25,10 @@ from utils.calibration import PIXELS, fit_calibration  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import SpectraDataset  # noqa: E402
 from utils.evaluation import COVERAGE_LEVELS, interval_coverage  # noqa: E402
-from utils.generation import build_models, draw, find_models  # noqa: E402
+from utils.generation import build_models, calibration_draws, find_models  # noqa: E402
 from utils.report import COVERED, calibration_inputs  # noqa: E402
 from utils.runtime import default_device  # noqa: E402
-from utils.training import load_survey, subset  # noqa: E402
+from utils.training import load_survey  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +38,10 @@ def main() -> None:
     args, rest = ap.parse_known_args()
     config = load_config(GENERATIVE_PARAMS, rest)
     survey = load_survey(config)
-    val = subset(SpectraDataset.from_config(survey, "val", config["data"]), args.galaxies, seed=0)
-    pair = build_models(find_models(config), val.n_pixels, val.n_channels, default_device())
-    drawn = draw(pair, val, config, known=True, seed=config["run"]["seed"] + 1, desc="draw (val)")
+    pair = find_models(config)
+    grid = SpectraDataset.from_config(survey, "val", config["data"])  # the networks' input sizes
+    pair = build_models(pair, grid.n_pixels, grid.n_channels, default_device())
+    val, drawn = calibration_draws(pair, survey, config, args.galaxies)
     ivar = np.stack([val.flux(i)[1] for i in range(len(val))])
     props, reference = calibration_inputs(val.invert(drawn.samples, drawn.params[:, None]), val.wave,
                                           val.invert(drawn.truth, drawn.params), val.survey.catalog[val.rows],

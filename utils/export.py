@@ -19,6 +19,13 @@ from utils.science import BPT_CLASSES
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
 
+def pixel_factor_cards(calibration: Calibration) -> dict:
+    """Header cards CALPIX68 / CALPIX90: the calibration's widening of the samples' central 68% /
+    90% per-pixel intervals (preprocessed units), 'unbounded' where no finite factor was enough."""
+    factors = {level: calibration.factor(PIXELS, level) for level in (0.68, 0.90)}
+    return {f"CALPIX{round(level * 100)}": f if np.isfinite(f) else "unbounded" for level, f in factors.items()}
+
+
 def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict,
                steps: int, science: dict | None = None, calibration: Calibration | None = None) -> Path:
     """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A).
@@ -56,9 +63,7 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
                        "COMMENT": "samples are sorted by contrastive score, best first; flux in 1e-17 erg/s/cm2/A"})
     if calibration:
         table.meta["CALIBN"] = calibration.n_galaxies  # validation galaxies the intervals were fitted on
-        for level in (0.68, 0.90):
-            factor = calibration.factor(PIXELS, level)
-            table.meta[f"CALPIX{round(level * 100)}"] = factor if np.isfinite(factor) else "unbounded"
+        table.meta.update(pixel_factor_cards(calibration))
     hdus = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table),
                          fits.ImageHDU(dataset.wave.astype(np.float64), name="WAVELENGTH")])
     hdus[1].name = "SPECTRA"
@@ -120,10 +125,7 @@ def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bo
         header.update({"OBJID": objid, "PLUG_RA": float(cat["ra"][g]), "PLUG_DEC": float(cat["dec"][g]),
                        "GENERATD": (True, "spectrum generated from the image, not observed"),
                        "NSAMPLE": len(samples)})
-        for level in (0.68, 0.90) if calibration else ():
-            factor = calibration.factor(PIXELS, level)
-            header[f"CALPIX{round(level * 100)}"] = (factor if np.isfinite(factor) else "unbounded",
-                                                     f"widening of the samples' central {level:.0%} pixel intervals")
+        header.update(pixel_factor_cards(calibration) if calibration else {})
         hdus = [fits.PrimaryHDU(header=header), fits.table_to_hdu(coadd), fits.table_to_hdu(Table(row)),
                 fits.table_to_hdu(Table({"flux": samples.astype(np.float32),
                                          "score": results["ranked_scores"][g].astype(np.float32)}))]

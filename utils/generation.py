@@ -289,17 +289,24 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
                  np.concatenate(params), time.perf_counter() - start)
 
 
-def validation_calibration(pair: TrainedPair, survey, config: dict, weights: np.ndarray | None) -> Calibration:
-    """The interval calibration (utils.calibration) fitted on ``sampling.calibration_objects``
-    galaxies of the validation split, drawn like the evaluated ones (another seed) and measured
-    with the evaluation's redshift-fit ``weights``."""
-    s = config["sampling"]  # utils.config refuses a calibration when the validation split is the one evaluated
+def calibration_draws(pair: TrainedPair, survey, config: dict, n: int) -> tuple[SpectraDataset, Draws]:
+    """The calibration's validation galaxies (a fixed subset of ``n``) and their samples, drawn
+    like the evaluated ones with their own seed (``run.seed`` + 1), so that the evaluated
+    galaxies' samples are the same with or without a calibration."""
     val_set = SpectraDataset.from_config(survey, "val", config["data"])
     if len(val_set) == 0:
         raise UserError(f"sampling.calibration_objects > 0 needs validation galaxies: split 'val' of "
                         f"'{survey.root}' is empty")
-    val_set = subset(val_set, s["calibration_objects"], seed=0)
-    drawn = draw(pair, val_set, config, known=True, seed=config["run"]["seed"] + 1, desc="calibrate (val)")
+    val_set = subset(val_set, n, seed=0)
+    return val_set, draw(pair, val_set, config, known=True, seed=config["run"]["seed"] + 1, desc="calibrate (val)")
+
+
+def validation_calibration(pair: TrainedPair, survey, config: dict, weights: np.ndarray | None) -> Calibration:
+    """The interval calibration (utils.calibration) fitted on ``sampling.calibration_objects``
+    galaxies of the validation split (:func:`calibration_draws`) and measured with the
+    evaluation's redshift-fit ``weights``."""
+    # utils.config refuses a calibration when the validation split is the one evaluated
+    val_set, drawn = calibration_draws(pair, survey, config, config["sampling"]["calibration_objects"])
     flux = val_set.invert(drawn.samples, drawn.params[:, None])
     truth = val_set.invert(drawn.truth, drawn.params)
     calibration = calibrate(flux, val_set.wave, truth, drawn.samples, drawn.truth,
