@@ -1,6 +1,7 @@
 """What an image can tell about a mock galaxy's spectrum at best: oracle retrievals on the validation split.
 
     python bench/ceilings.py [--root data/mock] [--k 25] [--galaxies 0] [--out bench/ceilings_val.json]
+                             [--preprocessing log] [--scatter-free]
 
 The image of a mock galaxy is made from its ugriz light profiles: everything it holds about the
 spectrum is in the galaxy's colours, magnitude, bulge share and sizes (plus noise and pixels).
@@ -23,6 +24,22 @@ observational noise floor of the true spectra (the mean squared change of an obs
 when a second noise draw at its inverse variance is added: the error of a perfect prediction of
 the noise-free spectrum; 20 draws): what an image could tell about the whole
 spectrum to a retrieval, against which generate.py's MSEs can be read.
+
+With ``--scatter-free`` it regenerates the mock (its seed and size from meta.json, in a temporary
+folder, about 2 minutes) without the 0.35 dex scatter of the star-forming H-alpha
+(utils.mock_physics.draw_lines) and takes those line strengths as a prediction: the same galaxies
+with the same images, redshifts, dust, metallicities and AGN, so this is what a predictor that
+knew everything about a galaxy except that one draw would reach; since the image holds nothing of
+the draw, it bounds the equivalent widths' correlations of any image-based method from above
+(exactly for the correlation of log H-alpha where no AGN adds to the line; approximately for rank
+correlations).
+
+With ``--regression`` a small neural network (two hidden layers of 64) is trained on the training
+galaxies to predict log equivalent widths, Dn4000 and redshift from the same true catalog values,
+from the true colours and r magnitude alone, and from the colours and r magnitude measured on the ugriz images themselves (their summed
+fluxes as asinh magnitudes, with the images' sky and photon noise): a smoother predictor than the
+25-neighbour median, and one that sees only what the image's total colours say (10% of the
+training galaxies stop its training; the validation galaxies are only evaluated).
 """
 from __future__ import annotations
 
@@ -36,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.baselines import catalog_neighbours, colour_features, neighbour_average  # noqa: E402
-from utils.dataset import SpectraDataset, open_survey  # noqa: E402
+from utils.dataset import BANDS, SpectraDataset, open_survey  # noqa: E402
 from utils.report import catalog_truth, class_mode, compare  # noqa: E402
 from utils.science import BPT_CLASSES  # noqa: E402
 from utils.training import subset_rows  # noqa: E402
@@ -80,6 +97,80 @@ def oracle(train_cat, val_cat, k: int, with_z: bool) -> dict:
     return pred
 
 
+#: asinh magnitude softening per band (maggies; Lupton, Gunn & Szalay 1999, as SDSS uses)
+ASINH_B = {"u": 1.4e-10, "g": 0.9e-10, "r": 1.2e-10, "i": 1.8e-10, "z": 7.4e-10}
+#: what the regression predicts (equivalent widths as log10(EW + 1))
+REGRESSED = ("z", "dn4000", "ew_hbeta", "ew_oiii_5007", "ew_halpha", "ew_nii_6584")
+
+
+def image_photometry(survey, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """``(N, 5)`` colours u-g, g-r, r-i, i-z and r of the ugriz images' summed fluxes (asinh magnitudes)."""
+    if "ugriz" not in survey.images:
+        raise SystemExit(f"{survey.root}: --regression needs the ugriz images (images_ugriz.npy)")
+    flux = np.concatenate([np.asarray(survey.images["ugriz"][rows[i:i + chunk]], dtype=np.float64).sum((2, 3))
+                           for i in range(0, len(rows), chunk)]) * 1e-9  # nanomaggies -> maggies
+    b = np.array([ASINH_B[band] for band in BANDS])
+    mags = -2.5 / np.log(10) * (np.arcsinh(flux / (2 * b)) + np.log(b))
+    return np.concatenate([mags[:, :-1] - mags[:, 1:], mags[:, 2:3]], 1)
+
+
+def regression(x_train: np.ndarray, truth_train: dict, x_val: np.ndarray, seed: int = 0, epochs: int = 150) -> dict:
+    """An MLP's predictions of :data:`REGRESSED` for ``x_val``, trained on ``x_train`` with the
+    epoch of the lowest loss on a held-out tenth of the training galaxies."""
+    import torch
+
+    def target(prop, values):
+        return np.log10(np.clip(values, 0, None) + 1) if prop.startswith("ew_") else values
+
+    y = np.stack([target(p, truth_train[p]) for p in REGRESSED], 1)
+    good = np.all(np.isfinite(x_train), 1) & np.all(np.isfinite(y), 1)
+    x_train, y = x_train[good], y[good]
+    xm, xs, ym, ys = x_train.mean(0), x_train.std(0) + 1e-12, y.mean(0), y.std(0) + 1e-12
+    rng = np.random.default_rng(seed)
+    hold = rng.random(len(y)) < 0.1
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                              torch.nn.SiLU(), torch.nn.Linear(64, y.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-5)
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    xt, yt = as_t((x_train - xm) / xs), as_t((y - ym) / ys)
+    best, state = np.inf, None
+    for _ in range(epochs):
+        for idx in torch.randperm(int((~hold).sum())).split(256):
+            rows = torch.as_tensor(np.flatnonzero(~hold))[idx]
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(net(xt[rows]), yt[rows]).backward()
+            opt.step()
+        with torch.no_grad():
+            loss = float(torch.nn.functional.mse_loss(net(xt[hold]), yt[hold]))
+        if loss < best:
+            best, state = loss, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    with torch.no_grad():
+        pred = net(as_t(np.nan_to_num((x_val - xm) / xs))).numpy() * ys + ym
+    return {p: (10 ** pred[:, i] - 1 if p.startswith("ew_") else pred[:, i]) for i, p in enumerate(REGRESSED)}
+
+
+def scatter_free(root: Path, val_rows: np.ndarray) -> dict:
+    """The validation galaxies' true line properties in the same mock regenerated without the
+    H-alpha scatter (see the module docstring)."""
+    import tempfile
+
+    from utils.mock import generate_mock
+    from utils.mock_physics import FIBRE_DIAMETER
+
+    meta = json.loads((root / "meta.json").read_text())
+    fibre = {v: k for k, v in FIBRE_DIAMETER.items()}[meta.get("fibre_arcsec", 3.0)]
+    with tempfile.TemporaryDirectory() as tmp:
+        again = open_survey(generate_mock(Path(tmp) / "mock", meta["n_requested"], meta["seed"], fibre=fibre,
+                                          halpha_scatter_dex=0.0))
+        original = open_survey(root).catalog
+        if not np.array_equal(np.asarray(again.catalog["objid"]), np.asarray(original["objid"])):
+            raise SystemExit(f"{root}: regenerating the mock from meta.json (seed {meta['seed']}, "
+                             f"{meta['n_requested']} objects) gave other galaxies: was it made by this version?")
+        return {k: v for k, v in catalog_truth(again.catalog[val_rows]).items() if k.startswith("ew_")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/mock")
@@ -89,6 +180,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/ceilings_val.json")
     ap.add_argument("--preprocessing", choices=("scale", "log"), help="also the spectral oracle in these units")
     ap.add_argument("--downsample", type=int, default=16)
+    ap.add_argument("--scatter-free", action="store_true", help="also the lines without the H-alpha scatter")
+    ap.add_argument("--regression", action="store_true", help="also an MLP on catalog values and on image photometry")
     a = ap.parse_args()
     survey = open_survey(a.root)
     cat = survey.catalog
@@ -101,6 +194,16 @@ def main() -> None:
     truth = catalog_truth(val_cat) | {"z": np.asarray(val_cat["z"], dtype=float)}
     predictions = {"colours, r, B/T, sizes": oracle(train_cat, val_cat, a.k, False),
                    "the same + true z": oracle(train_cat, val_cat, a.k, True)}
+    if a.regression:
+        train_truth = catalog_truth(train_cat) | {"z": np.asarray(train_cat["z"], dtype=float)}
+        predictions["MLP: colours, r, B/T, sizes"] = regression(features(train_cat, False), train_truth,
+                                                                features(val_cat, False))
+        predictions["MLP: colours, r"] = regression(colour_features(train_cat), train_truth, colour_features(val_cat))
+        train_rows = survey.rows("train")
+        predictions["MLP: image photometry"] = regression(image_photometry(survey, train_rows), train_truth,
+                                                          image_photometry(survey, val))
+    if a.scatter_free:
+        predictions["all but the H-alpha scatter"] = scatter_free(Path(a.root), val)
     stats, _ = compare(predictions, truth)
     counts = np.bincount(truth["bpt"], minlength=len(BPT_CLASSES))
     result = {"root": a.root, "k": a.k, "n_galaxies": len(val), "majority_rate": float(counts.max() / len(val)),
@@ -112,9 +215,9 @@ def main() -> None:
     keys = ("z_sigma_nmad", "dn4000_corr", "ew_halpha_corr", "ew_oiii_5007_corr", "ew_nii_6584_corr", "bpt_accuracy")
     print(f"{len(val)} validation galaxies, {a.k} nearest training galaxies in true catalog values; "
           f"BPT majority-class rate {result['majority_rate']:.3f}")
-    print(f"{'features':<26}" + "".join(f"{k:>22}" for k in keys))
+    print(f"{'features':<28}" + "".join(f"{k:>22}" for k in keys))
     for name, s in stats.items():
-        print(f"{name:<26}" + "".join(f"{s[k][0]:>13.4f} +- {s[k][1]:.4f}" for k in keys))
+        print(f"{name:<28}" + "".join(f"{s[k][0]:>13.4f} +- {s[k][1]:.4f}" if k in s else f"{'-':>22}" for k in keys))
     if a.preprocessing:
         print(f"\nper-pixel MSE ({a.preprocessing} units, {a.downsample}-pixel blocks):")
         for name, value in result["spectral_mse"].items():

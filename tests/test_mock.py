@@ -78,6 +78,19 @@ def test_deterministic_by_seed(tmp_path):
     assert np.array_equal(a.flux, b.flux) and np.array_equal(a.images["gri"], b.images["gri"])
     assert np.array_equal(np.asarray(a.catalog["objid"]), np.asarray(b.catalog["objid"]))
     assert not np.array_equal(a.flux, c.flux)
+    # without the H-alpha scatter the same galaxies keep everything but their star formation's line strengths
+    d = open_survey(generate_mock(tmp_path / "d", 12, seed=5, progress=False, halpha_scatter_dex=0.0))
+    assert np.array_equal(a.images["gri"], d.images["gri"])
+    for col in ("z", "agn", "ebv_gas", "oh_gas", "fibre_frac_disc", "true_dn4000"):
+        assert np.allclose(np.asarray(a.catalog[col], float), np.asarray(d.catalog[col], float)), col
+    ha_a, ha_d = (np.asarray(x.catalog["true_flux_halpha"], float) for x in (a, d))
+    star_forming = (np.asarray(a.catalog["agn"]) == 0) & (ha_a > 0)
+    assert star_forming.sum() >= 3
+    shift = np.log10(ha_a[star_forming] / ha_d[star_forming])
+    assert np.all(np.abs(shift) < 4 * 0.35) and np.std(shift) > 0.05  # the drawn scatter, and only it
+    nii_ratio = [np.asarray(x.catalog["true_flux_nii_6584"], float)[star_forming] / x_ha[star_forming]
+                 for x, x_ha in ((a, ha_a), (d, ha_d))]
+    assert np.allclose(*nii_ratio, rtol=1e-4)
 
 
 def test_mock_figures_are_written(tiny_mock, tmp_path):

@@ -31,8 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
-from utils.mock_physics import (FIBRE_DIAMETER, FJ_SCATTER, FJ_ZERO, MOCK_LINES, FibreSpectra, draw_lines,
-                                stellar_mass)
+from utils.mock_physics import (FIBRE_DIAMETER, FJ_SCATTER, FJ_ZERO, HALPHA_SCATTER_DEX, MOCK_LINES, FibreSpectra,
+                                draw_lines, stellar_mass)
 from utils.science import LINES, bpt_class, dn4000
 from utils.spectra import neurips_loglam
 from utils.templates import FLUX_UNIT, TemplateSpectra
@@ -336,7 +336,7 @@ TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{
 
 def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0, ugriz: bool = False,
                   val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True,
-                  fibre: str = "sdss") -> Path:
+                  fibre: str = "sdss", halpha_scatter_dex: float = HALPHA_SCATTER_DEX) -> Path:
     """Generate the mock survey into ``root`` in the dataset format (see utils.dataset).
 
     Parameters
@@ -346,6 +346,8 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
     seed : everything random (noise, sizes, shapes, lines, resampling) derives from it.
     ugriz : also store the 5-band float images (N x 80 kB on disk).
     fibre : 'sdss' (3" diameter) or 'boss' (2").
+    halpha_scatter_dex : the star-forming H-alpha's scatter about its disc's prediction
+        (utils.mock_physics.draw_lines); only a ceiling measurement changes it.
     """
     if fibre not in FIBRE_DIAMETER:
         raise ValueError(f"unknown fibre '{fibre}': expected one of {tuple(FIBRE_DIAMETER)}")
@@ -372,7 +374,8 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
         disc_coeffs[:, physics.old] = 0.0
         line_continuum = {name: physics.continuum_at(continuum, part.z, MOCK_LINES[name]) for name in LINES}
         lines = draw_lines(disc_coeffs @ physics.halpha_per_coeff * FLUX_UNIT, props["log_mass"][sl],
-                           props["log_bulge_mass"][sl], line_continuum["halpha"], rendered.fibre_disc, rng)
+                           props["log_bulge_mass"][sl], line_continuum["halpha"], rendered.fibre_disc, rng,
+                           halpha_scatter_dex)
         clean = continuum + physics.render_lines(part.z, lines["flux"], lines["sigma_kms"])
         flux, ivar = add_spectral_noise(clean, wave, rng)
         errors = physics.line_errors(part.z, lines["sigma_kms"], 1.0 / ivar.astype(np.float64))

@@ -135,7 +135,8 @@ def metallicity(log_mass: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np.ndarray,
-               continuum_halpha: np.ndarray, disc_fibre: np.ndarray, rng: np.random.Generator) -> dict:
+               continuum_halpha: np.ndarray, disc_fibre: np.ndarray, rng: np.random.Generator,
+               halpha_scatter_dex: float = HALPHA_SCATTER_DEX) -> dict:
     """Emission lines of N galaxies as seen through the fibre.
 
     Parameters
@@ -146,6 +147,9 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
     continuum_halpha : ``(N,)`` fibre continuum flux density at observed H-alpha (1e-17 erg/s/cm^2/A),
         which sets the AGN lines' strength through their equivalent width.
     disc_fibre : ``(N,)`` share of the disc's light inside the fibre.
+    halpha_scatter_dex : scatter of the star-forming H-alpha about what the disc predicts; 0 gives
+        the lines a galaxy would have without it (the same random draws are made either way, so
+        everything else about the galaxies stays the same: bench/ceilings.py's scatter-free ceiling).
 
     Returns a dict: ``flux`` {line: (N,)} fibre fluxes of :data:`MOCK_LINES`, ``sigma_kms`` (N,)
     the lines' width, ``agn`` (N,) 0 none / 1 Seyfert / 2 LINER, ``ebv`` (N,), ``oh`` (N,).
@@ -156,7 +160,7 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
     attenuation = lambda line: 10 ** (-0.4 * ebv * (ccm_k(MOCK_LINES[line]) - ccm_k(MOCK_LINES["halpha"])))  # noqa: E731
 
     # star formation, from the disc, scattered in strength; ratios from metallicity
-    ha_sf = halpha_disc * 10 ** (HALPHA_SCATTER_DEX * rng.standard_normal(n)) * disc_fibre
+    ha_sf = halpha_disc * 10 ** (halpha_scatter_dex * rng.standard_normal(n)) * disc_fibre
     n2 = np.clip((oh - 8.90) / 0.57, -2.0, -0.25) + 0.05 * rng.standard_normal(n)  # Pettini & Pagel 2004, N2
     o3 = kauffmann03(n2) - SF_SEQUENCE_OFFSET + 0.1 * rng.standard_normal(n)  # along the star-forming sequence
     o2_hb = np.clip(0.45 - 0.8 * (oh - 8.5), -0.5, 0.7) + 0.1 * rng.standard_normal(n)
