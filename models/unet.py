@@ -169,13 +169,16 @@ class ConditionalUNet1D(nn.Module):
     cond_drop : in training, the share of items whose context is replaced by a learned null
         context, so that the same network also predicts unconditionally (classifier-free
         guidance, Ho & Salimans 2022; not in the paper: 0 reproduces it).
+    global_context : also add an MLP of the context tokens' mean to the timestep embedding, so that
+        every block at every resolution sees the image, not only the cross-attention levels (as
+        diffusion models add a pooled text or class embedding; not in the paper; x-attention only).
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (4,),
                  head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
                  image_width: int = 64, context_pos: bool = False, grad_checkpoint: bool = False,
-                 cond_drop: float = 0.0) -> None:
+                 cond_drop: float = 0.0, global_context: bool = False) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
@@ -215,6 +218,10 @@ class ConditionalUNet1D(nn.Module):
             in_channels = 2
         if cond_drop > 0 and conditioning != "none":
             self.null_context = nn.Parameter(torch.zeros(null_shape))
+        if global_context:
+            if conditioning != "x-attention":
+                raise ValueError(f"global_context needs conditioning 'x-attention', got {conditioning!r}")
+            self.global_embed = nn.Sequential(nn.Linear(context_dim, 4 * width), nn.ReLU(), nn.Linear(4 * width, t_dim))
         use_attn = conditioning != "concat"
 
         def transformer(c: int) -> nn.Module:
@@ -287,6 +294,8 @@ class ConditionalUNet1D(nn.Module):
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
+        if hasattr(self, "global_embed") and tokens is not None:
+            temb = temb + self.global_embed(tokens.mean(1).to(temb.dtype))
         h, skips = x, []
         for block, down, attn in zip(self.down_blocks, self.downsample, self.down_attn):
             h = self._run(block, h, temb)

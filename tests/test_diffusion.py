@@ -374,3 +374,24 @@ def test_classifier_free_guidance_option():
     strong = sample_for_images(net, d, images[:2], 3, "ddim", 5, config, torch.Generator().manual_seed(1), guidance=3.0)
     assert torch.equal(plain, one) and plain.shape == (2, 3, 32)
     assert not torch.allclose(plain, strong)
+
+
+def test_global_context_reaches_the_timestep_embedding():
+    torch.manual_seed(0)
+    kwargs = dict(width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8)
+    net = ConditionalUNet1D(32, 3, global_context=True, **kwargs).eval()
+    plain = ConditionalUNet1D(32, 3, **kwargs).eval()
+    missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("global_embed.") for k in unexpected)
+    x, t = torch.randn(4, 1, 32), torch.randint(0, 10, (4,))
+    context = net.encode(torch.randn(4, 3, 64, 64))
+    with torch.no_grad():
+        assert not torch.allclose(net(x, t, context), plain(x, t, context))
+        torch.nn.init.zeros_(net.global_embed[-1].weight)
+        torch.nn.init.zeros_(net.global_embed[-1].bias)  # a zero global term: the paper's network again
+        assert torch.allclose(net(x, t, context), plain(x, t, context), atol=1e-6)
+        torch.nn.init.normal_(net.global_embed[-1].weight)  # the term follows the tokens' mean
+        shifted = context + torch.randn(4, 1, context.shape[-1])
+        assert not torch.allclose(net(x, t, shifted), plain(x, t, shifted))
+    with pytest.raises(ValueError, match="global_context needs conditioning 'x-attention'"):
+        ConditionalUNet1D(32, 3, conditioning="concat", global_context=True, **kwargs)

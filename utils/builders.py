@@ -43,7 +43,8 @@ def build_generative_model(config: dict, length: int, image_channels: int) -> Co
                                  attn_levels=tuple(m["attn_levels"]), head_dim=m["head_dim"],
                                  conditioning=m["conditioning"], image_depth=m["image_depth"],
                                  image_width=m["image_width"], context_pos=m.get("context_pos", False),
-                                 grad_checkpoint=m["grad_checkpoint"], cond_drop=m.get("cond_drop", 0.0))
+                                 grad_checkpoint=m["grad_checkpoint"], cond_drop=m.get("cond_drop", 0.0),
+                                 global_context=m.get("global_context", False))
     except ValueError as err:
         raise ConfigError(f"model settings: {err}") from None
 
