@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.evaluation import COVERAGE_LEVELS, central_interval
+from utils.evaluation import COVERAGE_LEVELS, median_and_interval
 
 #: the levels a calibration is fitted at: the reported ones and the coverage figure's grid
 CALIBRATION_LEVELS = tuple(sorted({*COVERAGE_LEVELS, *(round(x, 2) for x in np.linspace(0.1, 0.9, 9))}))
@@ -35,8 +35,7 @@ def widening_scores(samples: np.ndarray, truth: np.ndarray, level: float) -> np.
     its samples ``(G, N, ...)`` must be stretched about their median to hold it: 0 at the
     median, 1 on the interval's edge, inf beyond a side of zero width, NaN where the truth or
     every sample is not finite."""
-    lo, hi = central_interval(samples, level)
-    med = central_interval(samples, 0.0)[0]
+    med, lo, hi = median_and_interval(samples, level)
     truth = np.asarray(truth, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         below = np.where(truth < med, (med - truth) / (med - lo), 0.0)

@@ -146,20 +146,27 @@ def property_stats(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"bias": float(np.median(d)), "scatter": nmad(d), "corr": float(corr)}
 
 
-def central_interval(samples: np.ndarray, level: float, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """The central ``level`` interval ``(lo, hi)`` of ``samples`` along axis 1, each side widened
-    about the median by ``factor`` (1: the samples' own quantiles; a calibration's factor,
-    utils.calibration; inf: unbounded); NaN where every sample is NaN."""
+def median_and_interval(samples: np.ndarray, level: float, factor: float = 1.0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The median of ``samples`` along axis 1 and their central ``level`` interval ``(lo, hi)``,
+    each side widened about the median by ``factor`` (1: the samples' own quantiles; a
+    calibration's factor, utils.calibration; inf: unbounded); NaN where every sample is NaN."""
     samples = np.asarray(samples, dtype=np.float64)
     quantile = np.nanquantile if np.isnan(samples).any() else np.quantile  # the same values; nanquantile is slow
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
         lo, med, hi = quantile(samples, [(1 - level) / 2, 0.5, (1 + level) / 2], axis=1)
     if factor == 1.0:
-        return lo, hi
+        return med, lo, hi
     if not np.isfinite(factor):  # no finite widening was enough: the whole line (a zero-width side included)
-        return np.where(np.isnan(med), np.nan, -np.inf), np.where(np.isnan(med), np.nan, np.inf)
-    return med - factor * (med - lo), med + factor * (hi - med)
+        return med, np.where(np.isnan(med), np.nan, -np.inf), np.where(np.isnan(med), np.nan, np.inf)
+    return med, med - factor * (med - lo), med + factor * (hi - med)
+
+
+def central_interval(samples: np.ndarray, level: float, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The central ``level`` interval ``(lo, hi)`` of ``samples`` along axis 1, widened by
+    ``factor`` (see :func:`median_and_interval`)."""
+    return median_and_interval(samples, level, factor)[1:]
 
 
 def inside_interval(samples: np.ndarray, truth: np.ndarray, level: float, factor: float = 1.0) -> np.ndarray:

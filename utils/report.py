@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.calibration import PIXELS, Calibration, fit_calibration, uncalibrated
-from utils.evaluation import (COVERAGE_LEVELS, central_interval, confusion, crps, inside_interval, interval_coverage,
+from utils.evaluation import (COVERAGE_LEVELS, confusion, crps, inside_interval, interval_coverage, median_and_interval,
                               property_stats, redshift_stats)
 from utils.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
 
@@ -57,8 +57,7 @@ class ScienceReport:
 def _sample_intervals(values: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Median and the central 68% interval (16% and 84% quantiles, widened about the median by
     ``factor``) over the samples (axis 1), NaN where no sample has a value."""
-    lo, hi = central_interval(values, 0.68, factor)
-    return central_interval(values, 0.0)[0], lo, hi
+    return median_and_interval(values, 0.68, factor)
 
 
 def sample_properties(samples: np.ndarray, wave: np.ndarray, fitter: RedshiftFitter) -> dict:
