@@ -146,6 +146,7 @@ def regression(x_train: np.ndarray, truth_train: dict, x_val: np.ndarray, seed: 
     xm, xs, ym, ys = x_train.mean(0), x_train.std(0) + 1e-12, y.mean(0), y.std(0) + 1e-12
     rng = np.random.default_rng(seed)
     hold = rng.random(len(y)) < 0.1
+    fit_rows = torch.as_tensor(np.flatnonzero(~hold))
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
                               torch.nn.SiLU(), torch.nn.Linear(64, y.shape[1]))
@@ -154,8 +155,8 @@ def regression(x_train: np.ndarray, truth_train: dict, x_val: np.ndarray, seed: 
     xt, yt = as_t((x_train - xm) / xs), as_t((y - ym) / ys)
     best, state = np.inf, None
     for _ in range(epochs):
-        for idx in torch.randperm(int((~hold).sum())).split(256):
-            rows = torch.as_tensor(np.flatnonzero(~hold))[idx]
+        for idx in torch.randperm(len(fit_rows)).split(256):
+            rows = fit_rows[idx]
             opt.zero_grad()
             torch.nn.functional.mse_loss(net(xt[rows]), yt[rows]).backward()
             opt.step()
@@ -169,7 +170,7 @@ def regression(x_train: np.ndarray, truth_train: dict, x_val: np.ndarray, seed: 
     return {p: (10 ** pred[:, i] - 1 if p.startswith("ew_") else pred[:, i]) for i, p in enumerate(REGRESSED)}
 
 
-def scatter_free(root: Path, val_rows: np.ndarray) -> dict:
+def scatter_free(survey, val_rows: np.ndarray) -> dict:
     """The validation galaxies' true line properties in the same mock regenerated without the
     H-alpha scatter (see the module docstring)."""
     import tempfile
@@ -177,14 +178,13 @@ def scatter_free(root: Path, val_rows: np.ndarray) -> dict:
     from utils.mock import generate_mock
     from utils.mock_physics import FIBRE_DIAMETER
 
-    meta = json.loads((root / "meta.json").read_text())
+    meta = survey.meta
     fibre = {v: k for k, v in FIBRE_DIAMETER.items()}[meta.get("fibre_arcsec", 3.0)]
     with tempfile.TemporaryDirectory() as tmp:
         again = open_survey(generate_mock(Path(tmp) / "mock", meta["n_requested"], meta["seed"], fibre=fibre,
                                           halpha_scatter_dex=0.0))
-        original = open_survey(root).catalog
-        if not np.array_equal(np.asarray(again.catalog["objid"]), np.asarray(original["objid"])):
-            raise SystemExit(f"{root}: regenerating the mock from meta.json (seed {meta['seed']}, "
+        if not np.array_equal(np.asarray(again.catalog["objid"]), np.asarray(survey.catalog["objid"])):
+            raise SystemExit(f"{survey.root}: regenerating the mock from meta.json (seed {meta['seed']}, "
                              f"{meta['n_requested']} objects) gave other galaxies: was it made by this version?")
         return {k: v for k, v in catalog_truth(again.catalog[val_rows]).items() if k.startswith("ew_")}
 
@@ -217,14 +217,15 @@ def main() -> None:
         predictions["MLP: colours, r, B/T, sizes"] = regression(features(train_cat, False), train_truth,
                                                                 features(val_cat, False))
         predictions["MLP: colours, r"] = regression(colour_features(train_cat), train_truth, colour_features(val_cat))
-        train_rows = survey.rows("train")
-        predictions["MLP: image photometry"] = regression(image_photometry(survey, train_rows), train_truth,
-                                                          image_photometry(survey, val))
-        fibre = json.loads((Path(a.root) / "meta.json").read_text()).get("fibre_arcsec", 3.0)
-        predictions["MLP: + fibre aperture"] = regression(image_photometry(survey, train_rows, fibre), train_truth,
-                                                          image_photometry(survey, val, fibre))
+        fibre = survey.meta.get("fibre_arcsec", 3.0)  # total colours and r first, then the fibre circle's
+        photometry = {split: image_photometry(survey, rows, fibre) for split, rows in
+                      (("train", survey.rows("train")), ("val", val))}
+        total = len(BANDS)
+        predictions["MLP: image photometry"] = regression(photometry["train"][:, :total], train_truth,
+                                                          photometry["val"][:, :total])
+        predictions["MLP: + fibre aperture"] = regression(photometry["train"], train_truth, photometry["val"])
     if a.scatter_free:
-        predictions["all but the H-alpha scatter"] = scatter_free(Path(a.root), val)
+        predictions["all but the H-alpha scatter"] = scatter_free(survey, val)
     stats, _ = compare(predictions, truth)
     counts = np.bincount(truth["bpt"], minlength=len(BPT_CLASSES))
     result = {"root": a.root, "k": a.k, "n_galaxies": len(val), "majority_rate": float(counts.max() / len(val)),
