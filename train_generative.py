@@ -22,7 +22,7 @@ from models.diffusion import GaussianDiffusion
 from utils.builders import GENERATIVE_PARAMS, build_diffusion, build_generative_model
 from utils.config import cli
 from utils.checkpoints import MEAN_SPECTRUM_KEY
-from utils.generation import run_mean_spectrum, validation_errors, warm_start_image_encoder
+from utils.generation import photometry_of, run_mean_spectrum, validation_errors, warm_start_image_encoder
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
@@ -64,6 +64,8 @@ def run(local_rank: int, config: dict) -> None:
     model = build_generative_model(config, train_set.n_pixels, train_set.n_channels)
     if config["model"]["image_init"] and start.resume is None:  # a resumed run has its own trained weights
         warm_start_image_encoder(model, config["model"]["image_init"], config)
+    if config["model"]["photometry"] and start.resume is None:  # standardised with the training galaxies'
+        model.set_photometry_stats(torch.from_numpy(train_set.photometry()))
     diffusion = build_diffusion(config)
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
     n_all = sum(p.numel() for p in model.parameters())
@@ -80,7 +82,7 @@ def run(local_rank: int, config: dict) -> None:
         x0 = batch["spectrum"].to(device, non_blocking=True)
         images = batch["image"].to(device, non_blocking=True)
         with autocast(config, device):
-            loss = diffusion.training_loss(forward, x0, images=images)
+            loss = diffusion.training_loss(forward, x0, images=images, photometry=photometry_of(batch, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

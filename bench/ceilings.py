@@ -55,7 +55,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.baselines import catalog_neighbours, colour_features, neighbour_average  # noqa: E402
-from utils.dataset import BANDS, IMAGE_SIZE, SpectraDataset, open_survey  # noqa: E402
+from utils.dataset import BANDS, SpectraDataset, open_survey  # noqa: E402
+from utils.photometry import FIBRE_DIAMETER, fibre_diameters, photometry_features  # noqa: E402
 from utils.report import catalog_truth, class_mode, compare  # noqa: E402
 from utils.science import BPT_CLASSES  # noqa: E402
 from utils.training import subset_rows  # noqa: E402
@@ -99,37 +100,19 @@ def oracle(train_cat, val_cat, k: int, with_z: bool) -> dict:
     return pred
 
 
-#: asinh magnitude softening per band (maggies; Lupton, Gunn & Szalay 1999, as SDSS uses)
-ASINH_B = {"u": 1.4e-10, "g": 0.9e-10, "r": 1.2e-10, "i": 1.8e-10, "z": 7.4e-10}
 #: what the regression predicts (equivalent widths as log10(EW + 1))
 REGRESSED = ("z", "dn4000", "ew_hbeta", "ew_oiii_5007", "ew_halpha", "ew_nii_6584")
 
 
-def _asinh_colours(flux: np.ndarray) -> np.ndarray:
-    """``(N, 5)`` colours u-g, g-r, r-i, i-z and r of ugriz fluxes in maggies, as asinh magnitudes."""
-    b = np.array([ASINH_B[band] for band in BANDS])
-    mags = -2.5 / np.log(10) * (np.arcsinh(flux / (2 * b)) + np.log(b))
-    return np.concatenate([mags[:, :-1] - mags[:, 1:], mags[:, 2:3]], 1)
-
-
-def image_photometry(survey, rows: np.ndarray, fibre: float | None = None, chunk: int = 1024) -> np.ndarray:
-    """Colours u-g, g-r, r-i, i-z and r of the ugriz images' summed fluxes ``(N, 5)``; with
-    ``fibre`` (a diameter in arcsec) also those of the light inside that circle at the image
-    centre ``(N, 10)`` (the mock centres galaxy and fibre within half a pixel of it)."""
+def image_photometry(survey, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """utils.photometry's colours u-g, g-r, r-i, i-z and r of the ugriz images' summed fluxes,
+    then those inside the fibre's circle at the image centre ``(N, 10)`` (the mock centres galaxy
+    and fibre within half a pixel of it)."""
     if "ugriz" not in survey.images:
         raise SystemExit(f"{survey.root}: --regression needs the ugriz images (images_ugriz.npy)")
-    weights = [np.ones((IMAGE_SIZE, IMAGE_SIZE))]
-    if fibre is not None:
-        import torch
-
-        from utils.mock import aperture_weights
-        weights.append(aperture_weights(torch.zeros(1, 2), fibre)[0].numpy().astype(np.float64))
-    parts = []
-    for i in range(0, len(rows), chunk):
-        images = np.asarray(survey.images["ugriz"][rows[i:i + chunk]], dtype=np.float64)
-        parts.append(np.concatenate([(images * w).sum((2, 3)) for w in weights], 1) * 1e-9)  # nanomaggies -> maggies
-    flux = np.concatenate(parts)
-    return np.concatenate([_asinh_colours(flux[:, k * len(BANDS):(k + 1) * len(BANDS)]) for k in range(len(weights))], 1)
+    fibre = fibre_diameters(survey.catalog[rows], survey.meta)
+    return np.concatenate([photometry_features(survey.images["ugriz"][rows[i:i + chunk]], fibre[i:i + chunk])
+                           for i in range(0, len(rows), chunk)]).astype(np.float64)
 
 
 def regression(x_train: np.ndarray, truth_train: dict, x_val: np.ndarray, seed: int = 0, epochs: int = 150) -> dict:
@@ -176,7 +159,6 @@ def scatter_free(survey, val_rows: np.ndarray) -> dict:
     import tempfile
 
     from utils.mock import generate_mock
-    from utils.mock_physics import FIBRE_DIAMETER
 
     meta = survey.meta
     fibre = {v: k for k, v in FIBRE_DIAMETER.items()}[meta.get("fibre_arcsec", 3.0)]
@@ -217,8 +199,8 @@ def main() -> None:
         predictions["MLP: colours, r, B/T, sizes"] = regression(features(train_cat, False), train_truth,
                                                                 features(val_cat, False))
         predictions["MLP: colours, r"] = regression(colour_features(train_cat), train_truth, colour_features(val_cat))
-        fibre = survey.meta.get("fibre_arcsec", 3.0)  # total colours and r first, then the fibre circle's
-        photometry = {split: image_photometry(survey, rows, fibre) for split, rows in
+        # total colours and r first, then the fibre circle's
+        photometry = {split: image_photometry(survey, rows) for split, rows in
                       (("train", survey.rows("train")), ("val", val))}
         total = len(BANDS)
         predictions["MLP: image photometry"] = regression(photometry["train"][:, :total], train_truth,

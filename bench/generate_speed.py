@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.builders import GENERATIVE_PARAMS  # noqa: E402
 from utils.checkpoints import default_runs  # noqa: E402
-from utils.generation import build_models, find_models, load_trained, sample_for_images, score  # noqa: E402
+from utils.generation import (build_models, find_models, load_trained, photometry_of, sample_for_images,  # noqa: E402
+                              score)
 from models.samplers import SAMPLERS  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.runtime import default_device  # noqa: E402
@@ -48,14 +49,15 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def research_loop(model, diffusion, image: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def research_loop(model, diffusion, image: torch.Tensor, n: int, generator: torch.Generator,
+                  photometry: torch.Tensor | None = None) -> torch.Tensor:
     """One galaxy, one sample at a time, every step re-encoding the image (fp32)."""
     out = []
     for _ in range(n):
         x = torch.randn((1, 1, model.length), generator=generator).to(image.device)
         for i in range(diffusion.num_timesteps - 1, -1, -1):
             t = torch.full((1,), i, device=image.device, dtype=torch.long)
-            output = model(x, t, context=model.encode(image[None]))  # encoder at every step
+            output = model(x, t, context=model.encode(image[None], photometry))  # encoder at every step
             x0 = diffusion.split_output(x, t, output)[0].clamp(-1, 1)
             mean, _, log_var = diffusion.q_posterior(x0, x, t)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -113,6 +115,8 @@ def main() -> None:
     model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     batch = next(data.iter_batches(len(data)))
     images, truth = batch["image"].to(device), batch["spectrum"][:, 0].numpy()
+    photometry = photometry_of(batch, device)  # ugriz datasets; used by models built with model.photometry
+    phot = lambda i, j: None if photometry is None else photometry[i:j]  # noqa: E731
     top_k, batch_galaxies = config["sampling"]["top_k"], config["sampling"]["batch_galaxies"]
     fast_precision = "bf16" if device.type == "cuda" else "fp32"  # CPUs without bf16 units run it slower
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -129,11 +133,13 @@ def main() -> None:
     def batched(sampler: str, steps: int | None, eta: float, precision: str) -> tuple[torch.Tensor, float]:
         cfg = {**gen_cfg, "run": {**gen_cfg["run"], "precision": precision}}
         g = torch.Generator().manual_seed(0)
-        sample_for_images(model, diffusion, images[:2], 2, sampler, steps, cfg, g, eta=eta)  # warm-up
+        sample_for_images(model, diffusion, images[:2], 2, sampler, steps, cfg, g, eta=eta,  # warm-up
+                          photometry=phot(0, 2))
         sync(device)
         start = time.perf_counter()
         out = torch.cat([sample_for_images(model, diffusion, images[i:i + batch_galaxies], args.n, sampler, steps,
-                                           cfg, g, eta=eta) for i in range(0, len(images), batch_galaxies)])
+                                           cfg, g, eta=eta, photometry=phot(i, i + batch_galaxies))
+                         for i in range(0, len(images), batch_galaxies)])
         sync(device)
         return out, len(images) * args.n / (time.perf_counter() - start)
 
@@ -143,7 +149,7 @@ def main() -> None:
     sync(device)
     start = time.perf_counter()
     for i in range(args.loop_galaxies):
-        research_loop(model, diffusion, images[i], args.n, g)
+        research_loop(model, diffusion, images[i], args.n, g, phot(i, i + 1))
     sync(device)
     loop_rate = args.loop_galaxies * args.n / (time.perf_counter() - start)
     print(f"research loop: {loop_rate:.3f} spectra/s", flush=True)

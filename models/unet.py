@@ -172,13 +172,17 @@ class ConditionalUNet1D(nn.Module):
     global_context : also add an MLP of the context tokens' mean to the timestep embedding, so that
         every block at every resolution sees the image, not only the cross-attention levels (as
         diffusion models add a pooled text or class embedding; not in the paper; x-attention only).
+    photometry : number of photometric features (colours and magnitudes measured on the images,
+        utils.photometry) given to ``encode`` and ``forward``; 0 for none (the paper). An MLP of
+        them, standardised with the buffers :meth:`set_photometry_stats` fills, is a fifth context
+        token and is added to every block's timestep embedding (x-attention only).
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (4,),
                  head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
                  image_width: int = 64, context_pos: bool = False, grad_checkpoint: bool = False,
-                 cond_drop: float = 0.0, global_context: bool = False) -> None:
+                 cond_drop: float = 0.0, global_context: bool = False, photometry: int = 0) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
@@ -210,7 +214,7 @@ class ConditionalUNet1D(nn.Module):
             context_dim = self.image_encoder.feature_dim
             if context_pos:
                 self.token_pos = nn.Parameter(torch.zeros(1, CONTEXT_TOKENS, context_dim))
-            null_shape = (1, CONTEXT_TOKENS, context_dim)
+            null_shape = (1, CONTEXT_TOKENS + int(photometry > 0), context_dim)
         elif conditioning == "concat":
             self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
             self.to_channel = nn.Linear(self.image_encoder.feature_dim, length)
@@ -222,6 +226,14 @@ class ConditionalUNet1D(nn.Module):
             if conditioning != "x-attention":
                 raise ValueError(f"global_context needs conditioning 'x-attention', got {conditioning!r}")
             self.global_embed = nn.Sequential(nn.Linear(context_dim, 4 * width), nn.ReLU(), nn.Linear(4 * width, t_dim))
+        if photometry:
+            if conditioning != "x-attention":
+                raise ValueError(f"photometry needs conditioning 'x-attention', got {conditioning!r}")
+            self.register_buffer("photometry_mean", torch.zeros(photometry))
+            self.register_buffer("photometry_std", torch.ones(photometry))
+            self.photometry_embed = nn.Sequential(nn.Linear(photometry, 4 * width), nn.ReLU(),
+                                                  nn.Linear(4 * width, context_dim))
+            self.photometry_time = nn.Sequential(nn.ReLU(), nn.Linear(context_dim, t_dim))
         use_attn = conditioning != "concat"
 
         def transformer(c: int) -> nn.Module:
@@ -249,16 +261,30 @@ class ConditionalUNet1D(nn.Module):
         self.out = nn.Conv1d(dims[0], 1, 1)
 
     # conditioning -----------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor | None) -> torch.Tensor | None:
-        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, 512)`` for 'x-attention',
-        a channel ``(B, 1, L)`` for 'concat', None for 'none'. Compute once per galaxy."""
+    def set_photometry_stats(self, features: torch.Tensor) -> None:
+        """Standardise the photometric features with the mean and spread of ``features`` ``(N, F)``
+        (the training galaxies'); saved with the weights."""
+        std = features.double().std(0) if len(features) > 1 else torch.ones(features.shape[1])
+        self.photometry_mean.copy_(features.double().mean(0))
+        self.photometry_std.copy_(std.clamp_min(1e-3))
+
+    def encode(self, images: torch.Tensor | None, photometry: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, 512)`` for 'x-attention'
+        (``(B, 5, 512)`` with the ``(B, F)`` photometry of a model built with it), a channel
+        ``(B, 1, L)`` for 'concat', None for 'none'. Compute once per galaxy."""
         if self.conditioning == "none" or images is None:
             return None
         features = self.image_encoder.features(images)  # (B, 512, 2, 2)
         if self.conditioning == "x-attention":
             tokens = features.flatten(2).transpose(1, 2)
             pos = getattr(self, "token_pos", None)
-            return tokens if pos is None else tokens + pos[:, : tokens.shape[1]]
+            tokens = tokens if pos is None else tokens + pos[:, : tokens.shape[1]]
+            if hasattr(self, "photometry_embed"):
+                if photometry is None:
+                    raise ValueError("this model was built with photometry: pass the images' photometric features")
+                scaled = (photometry.to(self.photometry_mean) - self.photometry_mean) / self.photometry_std
+                tokens = torch.cat([tokens, self.photometry_embed(scaled.to(tokens.dtype))[:, None]], dim=1)
+            return tokens
         return self.to_channel(features.mean((2, 3)))[:, None]
 
     def unconditional(self, context: torch.Tensor | None) -> torch.Tensor | None:
@@ -277,16 +303,16 @@ class ConditionalUNet1D(nn.Module):
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                images: torch.Tensor | None = None) -> torch.Tensor:
+                images: torch.Tensor | None = None, photometry: torch.Tensor | None = None) -> torch.Tensor:
         """Network output ``(B, 1, L)`` for ``x`` ``(B, 1, L)`` at timesteps ``t`` ``(B,)``.
 
-        Pass a precomputed ``context`` (sampling) or the ``images`` (training, so that the
-        encoder runs inside forward and data-parallel wrappers see it). In training mode with
-        ``cond_drop > 0`` each item's context is replaced by the null context with that
-        probability.
+        Pass a precomputed ``context`` (sampling) or the ``images`` (and ``photometry``, for a
+        model built with it; training, so that the encoder runs inside forward and data-parallel
+        wrappers see it). In training mode with ``cond_drop > 0`` each item's context is replaced
+        by the null context with that probability.
         """
         if context is None and images is not None:
-            context = self.encode(images)
+            context = self.encode(images, photometry)
             if self.training and self.cond_drop > 0 and context is not None:
                 drop = torch.rand(context.shape[0], device=context.device) < self.cond_drop
                 context = torch.where(drop[:, None, None], self.unconditional(context), context)
@@ -296,6 +322,8 @@ class ConditionalUNet1D(nn.Module):
         temb = self.time_embed(t)
         if hasattr(self, "global_embed") and tokens is not None:
             temb = temb + self.global_embed(tokens.mean(1).to(temb.dtype))
+        if hasattr(self, "photometry_time") and tokens is not None:  # the photometry token is the last
+            temb = temb + self.photometry_time(tokens[:, -1].to(temb.dtype))
         h, skips = x, []
         for block, down, attn in zip(self.down_blocks, self.downsample, self.down_attn):
             h = self._run(block, h, temb)

@@ -124,9 +124,9 @@ def test_total_light_still_matches_the_photometry():
 
 
 def test_fibre_sees_less_of_larger_galaxies(tiny_mock):
-    from utils.mock import aperture_weights
+    from utils.photometry import aperture_weights
 
-    weights = aperture_weights(torch.zeros(1, 2), 3.0)[0]
+    weights = aperture_weights(torch.zeros(1, 2), 3.0, 64)[0]
     assert float(weights.sum()) == pytest.approx(np.pi * (1.5 / 0.396) ** 2, rel=0.02)
     cat = open_survey(tiny_mock).catalog
     frac = np.asarray(cat["fibre_frac_r"])

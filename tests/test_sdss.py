@@ -17,6 +17,7 @@ from astropy.table import Table
 from PIL import Image
 
 from utils.dataset import open_survey
+from utils.photometry import fibre_diameters
 from utils.prepare import prepare, to_grid
 from utils.sdss import (Downloader, NetworkUnreachable, Task, build_query, jpeg_url, query_catalog, spec_url,
                         valid_jpeg, valid_spectrum)
@@ -301,6 +302,7 @@ def test_prepare_writes_dataset_and_report(tmp_path):
     cat["bptclass"] = np.ma.masked_array(np.arange(n) % 5 + 1, mask=np.arange(n) == 3)
     cat["d4000_n"] = rng.uniform(1, 2, n)
     cat["velDisp"] = rng.uniform(50, 250, n)
+    cat["instrument"] = np.where(np.arange(n) % 2 == 0, "BOSS", "SDSS")
     cat.write(tmp_path / "catalog.fits", overwrite=True)
     out = prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds", chunk=2)
     survey = open_survey(out)
@@ -312,6 +314,8 @@ def test_prepare_writes_dataset_and_report(tmp_path):
     ew = np.ma.filled(np.ma.asarray(kept["h_alpha_eqw"], dtype=np.float64), np.nan)  # astropy masks NaN on reading
     assert np.isnan(ew[null]).all() and (np.asarray(kept["bptclass"])[null] == -1).all()
     assert np.allclose(ew[~null], cat["h_alpha_eqw"].data[order[~null]])
+    assert list(kept["instrument"]) == list(cat["instrument"][order])  # the fibre's diameter (utils.photometry)
+    assert fibre_diameters(kept, survey.meta).tolist() == [2.0 if i % 2 == 0 else 3.0 for i in order]
     assert survey.flux.shape == (5, 3598) and survey.mask is not None
     row3 = int(np.flatnonzero(np.asarray(survey.catalog["objid"]) == 5003)[0])
     assert survey.mask[row3].sum() >= 100 and np.all(np.isfinite(survey.flux[row3]))

@@ -12,6 +12,7 @@ from models.contrastive import ContrastiveModel, build_contrastive
 from models.diffusion import GaussianDiffusion
 from models.unet import ConditionalUNet1D
 from utils.errors import ConfigError, UserError
+from utils.photometry import N_FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def build_generative_model(config: dict, length: int, image_channels: int) -> Co
                                  conditioning=m["conditioning"], image_depth=m["image_depth"],
                                  image_width=m["image_width"], context_pos=m.get("context_pos", False),
                                  grad_checkpoint=m["grad_checkpoint"], cond_drop=m.get("cond_drop", 0.0),
-                                 global_context=m.get("global_context", False))
+                                 global_context=m.get("global_context", False),
+                                 photometry=N_FEATURES if m.get("photometry", False) else 0)
     except ValueError as err:
         raise ConfigError(f"model settings: {err}") from None
 

@@ -222,6 +222,10 @@ def check_consistency(config: dict) -> None:
                           f"when sampling.split is 'val' (the calibration is fitted on validation galaxies, so they "
                           f"cannot also judge it)")
     m = config.get("model", {})
+    if m.get("photometry") and config.get("data", {}).get("image") != "ugriz":
+        raise ConfigError(f"config key 'model.photometry': got true, expected false unless data.image is 'ugriz' "
+                          f"(the photometry is measured on calibrated ugriz images; data.image is "
+                          f"{config.get('data', {}).get('image')!r})")
     if "mults" not in m:
         return
     levels = len(m["mults"]) - 1  # the last multiplier is the bottleneck's (models.unet)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from astropy.table import Table
 
 from utils.errors import UserError
+from utils.photometry import BANDS, N_FEATURES, fibre_diameters, photometry_features
 from utils.spectra import SpectralGrid
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ FORMAT_VERSION = 1
 IMAGE_SIZE = 64
 #: Training-time image transform of SPEC 1: resize to 71, crop 64.
 RESIZE_TO = 71
-BANDS = ("u", "g", "r", "i", "z")
 CATALOG_COLUMNS = ("objid", "ra", "dec", "z", *(f"mag_{b}" for b in BANDS), "split")
 SPLITS = ("train", "val", "test")
 IMAGE_FILES = {"gri": "images_gri.npy", "ugriz": "images_ugriz.npy"}
@@ -348,7 +348,9 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     Each item is a dict: ``image`` ``(C, 64, 64)`` float32, ``spectrum`` ``(1, L')`` float32
     (preprocessed), ``params`` ``(2,)`` float64 (to invert the preprocessing with
-    :func:`utils.spectra.deprocess`) and ``index`` (row in the survey).
+    :func:`utils.spectra.deprocess`) and ``index`` (row in the survey); for ugriz images also
+    ``photometry`` ``(10,)`` float32, the asinh colours and r of the whole stored image and of
+    the fibre's circle at its centre (:func:`utils.photometry.photometry_features`).
 
     Parameters
     ----------
@@ -377,6 +379,7 @@ class SpectraDataset(torch.utils.data.Dataset):
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
+        self.fibre = fibre_diameters(survey.catalog[self.rows], survey.meta) if image == "ugriz" else None
 
     @classmethod
     def from_config(cls, survey: Survey, split: str | None, data: dict, train: bool = False, **kwargs
@@ -425,7 +428,22 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """The network input image ``(C, 64, 64)`` of item ``i``."""
-        return self.transform(image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind))
+        return self.transform(self._raw_image(i))
+
+    def _raw_image(self, i: int) -> torch.Tensor:
+        return image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind)
+
+    def photometry(self, chunk: int = 1024) -> np.ndarray:
+        """``(N, 10)`` photometric features of all items, in row order (ugriz only; see ``__getitem__``)."""
+        if self.fibre is None:
+            raise DataError(f"photometry needs ugriz images; this dataset reads {self.kind} (data.image)")
+        images = self.survey.images[self.kind]
+        parts = [photometry_features(images[self.rows[i:i + chunk]], self.fibre[i:i + chunk])
+                 for i in range(0, len(self), chunk)]
+        return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
+
+    def _photometry(self, i: int, raw: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(photometry_features(raw[None].numpy(), self.fibre[i:i + 1])[0])
 
     def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The network input spectrum ``(L',)`` of item ``i`` and the ``(2,)`` parameters that invert
@@ -437,13 +455,14 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
-        image = self.image(i)
+        raw = self._raw_image(i)
+        item = {"image": self.transform(raw), "index": row}
+        if self.fibre is not None:  # ugriz: total and fibre-circle colours of the unaugmented image
+            item["photometry"] = self._photometry(i, raw)
         if not self.spectra:
-            return {"image": image, "spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64),
-                    "index": row}
+            return item | {"spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64)}
         x, params = self.spectrum(i)
-        return {"image": image, "spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params),
-                "index": row}
+        return item | {"spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params)}
 
     def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Preprocessed spectra ``(..., L')`` back to flux units."""

@@ -41,14 +41,15 @@ DATA_KEYS = ("image", "preprocessing", "downsample")
 @torch.no_grad()
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, config: dict, generator: torch.Generator | None = None,
-                      eta: float = 0.0, guidance: float = 1.0) -> torch.Tensor:
-    """``n_samples`` spectra per image, ``(G, N, L)``: the image context is computed once per
-    galaxy and all G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
+                      eta: float = 0.0, guidance: float = 1.0, photometry: torch.Tensor | None = None) -> torch.Tensor:
+    """``n_samples`` spectra per image, ``(G, N, L)``: the image context (with the images'
+    ``(G, F)`` photometry, for a model built with it) is computed once per galaxy and all
+    G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
     guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0."""
     model.eval()
     device = images.device
     with autocast(config, device):
-        context = model.encode(images)
+        context = model.encode(images, photometry)
     if context is not None:
         context = context.repeat_interleave(n_samples, dim=0)
     g = images.shape[0]
@@ -88,6 +89,11 @@ def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
     return np.mean([dataset.spectrum(int(i))[0] for i in rows], axis=0)
 
 
+def photometry_of(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """A batch's photometric features on ``device`` (ugriz datasets have them), else None."""
+    return batch["photometry"].to(device) if "photometry" in batch else None
+
+
 def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, config: dict,
                       device: torch.device, baseline: np.ndarray, progress: bool = False):
     """Per-galaxy MSE of the mean of ``val.n_samples`` samples and of the mean training spectrum
@@ -101,7 +107,8 @@ def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, va
                       desc="validation", unit="batch"):
         truth = batch["spectrum"][:, 0].numpy()
         samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
-                                    v["steps"], config, generator, guidance=v["guidance"]).cpu().numpy()
+                                    v["steps"], config, generator, guidance=v["guidance"],
+                                    photometry=photometry_of(batch, device)).cpu().numpy()
         mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
         base.extend(((baseline[None] - truth) ** 2).mean(1))
         if first is None:
@@ -279,7 +286,8 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
         for batch in dataset.iter_batches(s["batch_galaxies"]):
             images = batch["image"].to(device)
             drawn = sample_for_images(pair.denoiser, pair.diffusion, images, s["n_samples"], s["sampler"], s["steps"],
-                                      cfg, generator, eta=s["eta"], guidance=s["guidance"])
+                                      cfg, generator, eta=s["eta"], guidance=s["guidance"],
+                                      photometry=photometry_of(batch, device))
             scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
             samples.append(drawn.cpu().numpy())
             truth.append(batch["spectrum"][:, 0].numpy())

@@ -31,8 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
-from utils.mock_physics import (FIBRE_DIAMETER, FJ_SCATTER, FJ_ZERO, HALPHA_SCATTER_DEX, MOCK_LINES, FibreSpectra,
+from utils.mock_physics import (FJ_SCATTER, FJ_ZERO, HALPHA_SCATTER_DEX, MOCK_LINES, FibreSpectra,
                                 draw_lines, stellar_mass)
+from utils.photometry import FIBRE_DIAMETER, PIXEL_SCALE, aperture_weights
 from utils.science import LINES, bpt_class, dn4000
 from utils.spectra import neurips_loglam
 from utils.templates import FLUX_UNIT, TemplateSpectra
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 Z_RANGE = (0.02, 0.3)
 KCORRECT_CATALOG = ("data", "test", "gst_tests_small.fits")
-PIXEL_SCALE = 0.396  # arcsec per pixel (SDSS imaging)
 PSF_FWHM = 1.4  # arcsec
 OVERSAMPLE = 3  # sub-pixels per pixel side when rendering profiles
 #: Sky surface brightness (AB mag / arcsec^2) at a dark SDSS site, per band.
@@ -241,16 +241,6 @@ def angular_sizes(z: np.ndarray, mag_r: np.ndarray, rng: np.random.Generator) ->
     return sizes[0], sizes[1]
 
 
-def aperture_weights(offset: torch.Tensor, diameter: float, size: int = IMAGE_SIZE, sub: int = 4) -> torch.Tensor:
-    """``(B, size, size)`` share of each pixel inside a circle of ``diameter`` arcsec centred on
-    ``offset`` ``(B, 2)`` pixels from the stamp centre (``sub`` x ``sub`` points per pixel)."""
-    axis = (torch.arange(size * sub, dtype=torch.float32) + 0.5) / sub - size / 2
-    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    radius = diameter / 2 / PIXEL_SCALE
-    inside = ((xx[None] - offset[:, 0, None, None]) ** 2 + (yy[None] - offset[:, 1, None, None]) ** 2) <= radius ** 2
-    return F.avg_pool2d(inside[:, None].float(), sub)[:, 0]
-
-
 @dataclass
 class RenderedImages:
     """ugriz images and what the spectrum needs to know about the same light profiles."""
@@ -275,7 +265,7 @@ def render_images(gal: MockGalaxies, bulge_fraction: np.ndarray, rng: np.random.
     t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     disc = sersic_stamps(t(r_disc), t(q_disc), t(pa), t(offset), 1.0)
     bulge = sersic_stamps(t(r_bulge), t(q_bulge), t(pa), t(offset), 4.0)
-    aperture = aperture_weights(t(offset), fibre_diameter)
+    aperture = aperture_weights(t(offset), fibre_diameter, IMAGE_SIZE)
     fibre_disc, fibre_bulge = ((profile * aperture).sum((1, 2)).numpy().astype(np.float64) for profile in (disc, bulge))
     disc, bulge = disc.numpy(), bulge.numpy()
     bt = bulge_fraction[:, :, None, None]

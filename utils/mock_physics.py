@@ -59,7 +59,6 @@ SIGMA_BINS = np.array([150.0, 175.0, 200.0, 230.0, 260.0, 300.0, 350.0])
 #: star formers lie this far (dex in [O III]/H-beta) below the Kauffmann et al. (2003) line
 SF_SEQUENCE_OFFSET = 0.2
 SUN_MR = 4.65  # absolute AB magnitude of the Sun in r (Willmer 2018)
-FIBRE_DIAMETER = {"sdss": 3.0, "boss": 2.0}  # arcsec
 #: the lines drawn directly (the tied ones follow their partners): (source total, share of it)
 DRAWN_LINES = {"halpha": ("halpha", 1.0), "hbeta": ("hbeta", 1.0), "nii_6584": ("nii_6584", 1.0),
                "oiii_5007": ("oiii_5007", 1.0), "oii_3726": ("oii", 1 / 2.3), "oii_3729": ("oii", 1.3 / 2.3),

@@ -216,6 +216,8 @@ def _prepare(catalog: Table, spectra_dir: Path, images_dir, out: Path, grid: str
                 table[extra] = column.filled(-1)
             else:
                 table[extra] = np.ma.asarray(column, dtype=np.float64).filled(np.nan)
+    if "instrument" in kept.colnames:  # SDSS or BOSS: sets the fibre's diameter (utils.photometry)
+        table["instrument"] = [str(v.decode() if isinstance(v, bytes) else v).strip() for v in kept["instrument"]]
     del flux, ivar, mask, gri, five
     writer.finish(table, extra_meta={"grid": grid, "dropped": len(dropped)})
     shutil.rmtree(staging)
