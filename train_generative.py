@@ -25,6 +25,7 @@ from utils.checkpoints import MEAN_SPECTRUM_KEY
 from utils.generation import photometry_of, run_mean_spectrum, validation_errors, warm_start_image_encoder
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
+from utils.science import line_weights
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
 
 PARAMS = GENERATIVE_PARAMS
@@ -81,8 +82,13 @@ def run(local_rank: int, config: dict) -> None:
         model.train()
         x0 = batch["spectrum"].to(device, non_blocking=True)
         images = batch["image"].to(device, non_blocking=True)
+        weight = None
+        if config["train"]["line_weight"]:  # the emission lines at the true redshift weigh more
+            weight = torch.from_numpy(line_weights(train_set.loglam, batch["z"].numpy(),
+                                                   config["train"]["line_weight"]))[:, None].to(device)
         with autocast(config, device):
-            loss = diffusion.training_loss(forward, x0, images=images, photometry=photometry_of(batch, device))
+            loss = diffusion.training_loss(forward, x0, images=images, photometry=photometry_of(batch, device),
+                                           weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

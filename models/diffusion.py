@@ -148,13 +148,18 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+                      noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                      **model_kwargs) -> torch.Tensor:
         """MSE between the network output and its target (the noise, or the velocity) at
-        uniformly drawn t (a scalar)."""
+        uniformly drawn t (a scalar). ``weight`` (broadcastable to ``x0``, positive) weights the
+        pixels' squared errors; a network that could fit every pixel exactly has the same optimum
+        under any positive weights, so they only say where a finite network should try hardest."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        return F.mse_loss(output.float(), target.float())
+        if weight is None:
+            return F.mse_loss(output.float(), target.float())
+        return (weight.float() * (output.float() - target.float()) ** 2).mean()

@@ -124,6 +124,14 @@ def test_network_output_recovers_data_and_noise(prediction):
     assert d.training_loss(exact, x0, t=t, noise=noise).item() < 1e-12
     other = noise if prediction == "v" else d.velocity(x0, t, noise)
     assert d.training_loss(lambda x, tt, **kw: other, x0, t=t, noise=noise).item() > 1e-3
+    # pixel weights (train.line_weight) weight the squared errors; ones give the plain MSE
+    wrong = lambda x, tt, **kw: other  # noqa: E731
+    weight = torch.rand(250, 1, 16) + 0.5
+    plain = d.training_loss(wrong, x0, t=t, noise=noise)
+    assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, weight=torch.ones(1, 1, 16)), plain)
+    assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, weight=weight),
+                          (weight * (other - target) ** 2).mean())
+    assert d.training_loss(exact, x0, t=t, noise=noise, weight=weight).item() < 1e-12
     with pytest.raises(ValueError, match="prediction"):
         GaussianDiffusion(cosine_betas(10), prediction="x0")
 

@@ -116,8 +116,8 @@ def test_trainer_standardises_with_the_training_galaxies_and_samples_follow_the_
     from utils.builders import build_diffusion, build_generative_model
     from utils.generation import sample_for_images, validation_errors
 
-    result = run_script("train_generative.py", tiny_generative_args(tiny_mock, tmp_path) +
-                        ["data.image=ugriz", "model.photometry=true", "train.max_iters=2"])
+    result = run_script("train_generative.py", tiny_generative_args(tiny_mock, tmp_path) +  # with the line weights
+                        ["data.image=ugriz", "model.photometry=true", "train.max_iters=2", "train.line_weight=5"])
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = next((only_run(tmp_path) / "checkpoints").glob("latest_*.pt"))
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)

@@ -10,7 +10,8 @@ from scipy.optimize import nnls
 from scipy.special import ndtr
 
 from utils.evaluation import confusion, crps, interval_coverage, nmad, property_stats, redshift_stats
-from utils.science import (BPT_CLASSES, C_KMS, LINES, TIED, RedshiftFitter, bpt_class, dn4000, fit_lines, measure)
+from utils.science import (BPT_CLASSES, C_KMS, LINES, TIED, RedshiftFitter, bpt_class, dn4000, fit_lines, line_weights,
+                           measure)
 from utils.spectra import block_grid, neurips_loglam
 from utils.templates import TemplateSpectra, pixel_edges
 
@@ -270,3 +271,20 @@ def test_paired_difference_from_retrieval():
     assert se == pytest.approx(per_galaxy.std(ddof=1) / np.sqrt(200))
     assert se < stats["knn_embedding"]["mse"][1]
     assert stats["samples"]["crps_minus_knn"][0] < 0
+
+
+def test_line_weights_peak_at_the_redshifted_lines_and_average_one():
+    loglam = block_grid(neurips_loglam(), 16)  # the standard preset's grid
+    z = np.array([0.05, 0.2, np.nan])
+    w = line_weights(loglam, z, 5.0)
+    assert w.shape == (3, len(loglam)) and np.allclose(w.mean(1), 1.0)
+    wave = 10.0 ** loglam
+    for row in range(2):
+        peak = np.argmin(np.abs(wave - LINES["halpha"] * (1 + z[row])))
+        assert w[row, peak] == pytest.approx(w[row].max(), rel=0.05)  # H-alpha and [N II] share the highest bump
+        assert w[row].max() / w[row].min() == pytest.approx(6.0, rel=0.05)
+        far = np.abs(np.log(wave[:, None] / (1 + z[row]) / np.array(
+            [*LINES.values(), *(v[1] for v in TIED.values())]))).min(1) > 10000 / C_KMS
+        assert np.allclose(w[row, far], w[row].min())  # continuum pixels share one weight
+    assert np.allclose(w[2], 1.0)  # no redshift, no lines to weight
+    assert np.allclose(line_weights(loglam, z[:2], 0.0), 1.0)

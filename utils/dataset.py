@@ -348,7 +348,8 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     Each item is a dict: ``image`` ``(C, 64, 64)`` float32, ``spectrum`` ``(1, L')`` float32
     (preprocessed), ``params`` ``(2,)`` float64 (to invert the preprocessing with
-    :func:`utils.spectra.deprocess`) and ``index`` (row in the survey); for ugriz images also
+    :func:`utils.spectra.deprocess`), ``index`` (row in the survey) and ``z`` (the catalog's
+    redshift, float64; NaN where a catalog has none); for ugriz images also
     ``photometry`` ``(10,)`` float32, the asinh colours and r of the whole stored image and of
     the fibre's circle at its centre (:func:`utils.photometry.photometry_features`).
 
@@ -380,6 +381,7 @@ class SpectraDataset(torch.utils.data.Dataset):
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
         self.fibre = fibre_diameters(survey.catalog[self.rows], survey.meta) if image == "ugriz" else None
+        self.z = np.asarray(survey.catalog["z"], dtype=np.float64)[self.rows]
 
     @classmethod
     def from_config(cls, survey: Survey, split: str | None, data: dict, train: bool = False, **kwargs
@@ -456,7 +458,7 @@ class SpectraDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         raw = self._raw_image(i)
-        item = {"image": self.transform(raw), "index": row}
+        item = {"image": self.transform(raw), "index": row, "z": self.z[i]}
         if self.fibre is not None:  # ugriz: total and fibre-circle colours of the unaugmented image
             item["photometry"] = self._photometry(i, raw)
         if not self.spectra:

@@ -191,6 +191,20 @@ class RedshiftFitter:
         return z, chi
 
 
+def line_weights(loglam: np.ndarray, z: np.ndarray, strength: float, width_kms: float = 300.0) -> np.ndarray:
+    """``(B, L)`` pixel weights of spectra at redshifts ``z`` ``(B,)`` on the grid ``loglam``
+    ``(L,)``: 1 + ``strength`` x a Gaussian bump (``width_kms``, at least a pixel wide) at each
+    emission line of LINES and TIED (the largest where two overlap), divided by their mean over the
+    spectrum, so that every spectrum's weights average 1 (train.line_weight)."""
+    rest = np.log(np.array([*LINES.values(), *(w for _, w, _ in TIED.values())]))
+    ln_wave = np.log(10.0) * np.asarray(loglam, dtype=np.float64)
+    sigma = max(width_kms / C_KMS, float(np.median(np.diff(ln_wave))))
+    offset = ln_wave[None, :, None] - np.log1p(np.asarray(z, dtype=np.float64))[:, None, None] - rest[None, None]
+    bump = np.nan_to_num(np.exp(-0.5 * (offset / sigma) ** 2).max(-1))  # no redshift: no bump
+    weights = 1.0 + strength * bump
+    return weights / weights.mean(1, keepdims=True)
+
+
 def dn4000(flux: np.ndarray, wave: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Dn4000 ``(M,)``: the ratio of the mean F_nu in the rest-frame 4000-4100 A and 3850-3950 A
     windows (Balogh et al. 1999), from pixel-exact integrals of the piecewise-constant spectrum;
