@@ -8,6 +8,8 @@ regresses the spectral properties on.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,20 +65,19 @@ def photometry_features(images: np.ndarray, fibre_arcsec: float | np.ndarray | N
     images = np.asarray(images, dtype=np.float64)
     if images.ndim != 4 or images.shape[1] != len(BANDS):
         raise ValueError(f"photometry needs ugriz images (N, {len(BANDS)}, H, W), got shape {images.shape}")
-    parts = [asinh_colours(images.sum((2, 3)) * 1e-9)]  # nanomaggies -> maggies
+    pixels = images.reshape(*images.shape[:2], -1)  # (N, 5, H W)
+    parts = [asinh_colours(pixels.sum(-1) * 1e-9)]  # nanomaggies -> maggies
     if fibre_arcsec is not None:
         diameters = np.broadcast_to(np.asarray(fibre_arcsec, dtype=float), (len(images),))
-        weights = np.stack([_fibre_weights(float(d), images.shape[-1]) for d in diameters])[:, None]
-        parts.append(asinh_colours((images * weights).sum((2, 3)) * 1e-9))
+        fibre = np.empty(pixels.shape[:2])
+        for diameter in np.unique(diameters):  # one circle per fibre size, not one per image
+            rows = diameters == diameter
+            fibre[rows] = pixels[rows] @ _fibre_weights(float(diameter), images.shape[-1])
+        parts.append(asinh_colours(fibre * 1e-9))
     return np.concatenate(parts, 1).astype(np.float32)
 
 
-_WEIGHTS: dict = {}
-
-
+@lru_cache(maxsize=None)
 def _fibre_weights(diameter: float, size: int) -> np.ndarray:
-    """The fibre circle's pixel weights, computed once per diameter and stamp size."""
-    key = (diameter, size)
-    if key not in _WEIGHTS:
-        _WEIGHTS[key] = aperture_weights(torch.zeros(1, 2), diameter, size)[0].numpy().astype(np.float64)
-    return _WEIGHTS[key]
+    """The fibre circle's ``(size * size,)`` pixel weights, computed once per diameter and stamp size."""
+    return aperture_weights(torch.zeros(1, 2), diameter, size)[0].numpy().astype(np.float64).ravel()
