@@ -87,8 +87,9 @@ def run(local_rank: int, config: dict) -> None:
             weight = torch.from_numpy(line_weights(train_set.loglam, batch["z"].numpy(),
                                                    config["train"]["line_weight"]))[:, None].to(device)
         with autocast(config, device):
-            loss = diffusion.training_loss(forward, x0, images=images, photometry=photometry_of(batch, device),
-                                           weight=weight)
+            loss = diffusion.training_loss(forward, x0, images=images, weight=weight,
+                                           weight_below=config["train"]["line_weight_below"],
+                                           photometry=photometry_of(model, train_set, batch, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -115,7 +115,7 @@ def main() -> None:
     model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     batch = next(data.iter_batches(len(data)))
     images, truth = batch["image"].to(device), batch["spectrum"][:, 0].numpy()
-    photometry = photometry_of(batch, device)  # ugriz datasets; used by models built with model.photometry
+    photometry = photometry_of(model, data, batch, device)  # None unless built with model.photometry
     phot = lambda i, j: None if photometry is None else photometry[i:j]  # noqa: E731
     top_k, batch_galaxies = config["sampling"]["top_k"], config["sampling"]["batch_galaxies"]
     fast_precision = "bf16" if device.type == "cuda" else "fp32"  # CPUs without bf16 units run it slower

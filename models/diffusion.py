@@ -149,11 +149,13 @@ class GaussianDiffusion:
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                      **model_kwargs) -> torch.Tensor:
+                      weight_below: float = 1.0, **model_kwargs) -> torch.Tensor:
         """MSE between the network output and its target (the noise, or the velocity) at
         uniformly drawn t (a scalar). ``weight`` (broadcastable to ``x0``, positive) weights the
         pixels' squared errors; a network that could fit every pixel exactly has the same optimum
-        under any positive weights, so they only say where a finite network should try hardest."""
+        under any positive weights, so they only say where a finite network should try hardest.
+        It applies to the items drawn at t < ``weight_below`` x T (the low-noise end; 1: all),
+        the others weigh every pixel alike."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
@@ -162,4 +164,8 @@ class GaussianDiffusion:
         output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
         if weight is None:
             return F.mse_loss(output.float(), target.float())
-        return (weight.float() * (output.float() - target.float()) ** 2).mean()
+        weight = torch.broadcast_to(weight.float(), x0.shape)
+        if weight_below < 1.0:
+            noisy = (t >= weight_below * self.num_timesteps).reshape(-1, *[1] * (x0.dim() - 1))
+            weight = torch.where(noisy, torch.ones_like(weight), weight)
+        return (weight * (output.float() - target.float()) ** 2).mean()

@@ -226,6 +226,7 @@ class ConditionalUNet1D(nn.Module):
             if conditioning != "x-attention":
                 raise ValueError(f"global_context needs conditioning 'x-attention', got {conditioning!r}")
             self.global_embed = nn.Sequential(nn.Linear(context_dim, 4 * width), nn.ReLU(), nn.Linear(4 * width, t_dim))
+        self.n_photometry = photometry  # features encode() and forward() expect (0: none)
         if photometry:
             if conditioning != "x-attention":
                 raise ValueError(f"photometry needs conditioning 'x-attention', got {conditioning!r}")

@@ -132,6 +132,11 @@ def test_network_output_recovers_data_and_noise(prediction):
     assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, weight=weight),
                           (weight * (other - target) ** 2).mean())
     assert d.training_loss(exact, x0, t=t, noise=noise, weight=weight).item() < 1e-12
+    # train.line_weight_below: the weights apply at t < that share of T; noisier items weigh pixels alike
+    low = (t < 0.4 * d.num_timesteps).float().reshape(-1, 1, 1)
+    assert 0 < low.sum() < len(low)
+    assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, weight=weight, weight_below=0.4),
+                          ((low * weight + 1 - low) * (other - target) ** 2).mean())
     with pytest.raises(ValueError, match="prediction"):
         GaussianDiffusion(cosine_betas(10), prediction="x0")
 

@@ -1,5 +1,5 @@
 """Aperture photometry of the ugriz images (utils.photometry) and the denoiser's photometry
-conditioning (model.photometry): the features, the dataset items, the network, the trainer."""
+conditioning (model.photometry): the features, the dataset's batches, the network, the trainer."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,19 +54,32 @@ def test_fibre_diameter_per_row():
     assert fibre_diameters(Table({"z": [0.1]}), {}).tolist() == [3.0]  # the legacy survey's
 
 
-def test_dataset_items_carry_the_stored_images_photometry(tiny_mock):
+def test_dataset_measures_the_stored_images_photometry_per_batch(tiny_mock):
+    from utils.generation import photometry_of
+
     survey = open_survey(tiny_mock)
     ds = SpectraDataset(survey, "train", image="ugriz", downsample=16, train=True)  # augmentation leaves it alone
-    item = ds[3]
-    expected = photometry_features(np.asarray(survey.images["ugriz"][ds.rows[3]])[None], 3.0)[0]
-    assert torch.allclose(item["photometry"], torch.from_numpy(expected))
-    table = ds.photometry(chunk=5)  # in row order across chunks
-    assert np.allclose(table, np.stack([ds[i]["photometry"].numpy() for i in range(len(ds))]))
+    stored = lambda i: np.asarray(survey.images["ugriz"][ds.rows[i]])[None]  # noqa: E731
+    assert np.allclose(ds.photometry(ds.rows[3:4]), photometry_features(stored(3), 3.0))
+    table = ds.photometry(chunk=5)  # all items, in row order across chunks
+    assert table.shape == (len(ds), N_FEATURES)
+    assert np.allclose(table, np.concatenate([ds.photometry(ds.rows[i:i + 1]) for i in range(len(ds))]))
     # the images' r agrees with the mock catalog's magnitudes (sky and photon noise, light off the stamp)
     offset = table[:, 4] - np.asarray(survey.catalog["mag_r"])[ds.rows]
     assert abs(np.median(offset)) < 0.15
+    # a batch's features come from its survey rows; only a denoiser built to read them gets them
+    batch = next(ds.iter_batches(4))
+    assert "photometry" not in batch
+    kwargs = dict(width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8)
+    reader = ConditionalUNet1D(32, 5, photometry=N_FEATURES, **kwargs)
+    assert photometry_of(ConditionalUNet1D(32, 5, **kwargs), ds, batch, torch.device("cpu")) is None
+    assert np.allclose(photometry_of(reader, ds, batch, torch.device("cpu")).numpy(), table[:4])
+    # the fibre's diameter comes from the survey (meta.json here): a 2" fibre sees other colours
+    survey.meta["fibre_arcsec"] = 2.0
+    boss = SpectraDataset(survey, "train", image="ugriz", downsample=16)
+    assert np.allclose(boss.photometry(ds.rows[3:4]), photometry_features(stored(3), 2.0))
+    assert not np.allclose(boss.photometry(ds.rows[3:4])[0, 5:], table[3, 5:], atol=1e-3)
     gri = SpectraDataset(survey, "train", image="gri", downsample=16)
-    assert "photometry" not in gri[0]
     with pytest.raises(DataError, match="ugriz"):
         gri.photometry()
 
@@ -136,7 +149,8 @@ def test_trainer_standardises_with_the_training_galaxies_and_samples_follow_the_
                                   np.zeros(val.n_pixels))
     assert len(mse) == len(val) and np.all(np.isfinite(mse))
     batch = next(val.iter_batches(2))
+    phot = torch.from_numpy(val.photometry(batch["index"].numpy()))
     draw = lambda phot: sample_for_images(model, build_diffusion(config), batch["image"], 2, "ddim", 3,  # noqa: E731
                                           config, torch.Generator().manual_seed(0), photometry=phot)
-    assert torch.equal(draw(batch["photometry"]), draw(batch["photometry"]))
-    assert not torch.allclose(draw(batch["photometry"]), draw(batch["photometry"] + 1.0))
+    assert torch.equal(draw(phot), draw(phot))
+    assert not torch.allclose(draw(phot), draw(phot + 1.0))

@@ -76,6 +76,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "train.lr": (1e-12, None, "> 0"),
     "train.temperature": (1e-6, None, "> 0"),
     "train.lr_decay": (1e-12, 1.0, "in (0, 1]"),
+    "train.line_weight_below": (1e-12, 1.0, "in (0, 1]"),
     "train.ema_decay": (0.0, 0.999999, "in [0, 1)"),
     "model.cond_drop": (0.0, 0.999, "in [0, 1)"),
     "val.max_fraction": (1e-6, 1.0, "in (0, 1]"),

@@ -349,9 +349,9 @@ class SpectraDataset(torch.utils.data.Dataset):
     Each item is a dict: ``image`` ``(C, 64, 64)`` float32, ``spectrum`` ``(1, L')`` float32
     (preprocessed), ``params`` ``(2,)`` float64 (to invert the preprocessing with
     :func:`utils.spectra.deprocess`), ``index`` (row in the survey) and ``z`` (the catalog's
-    redshift, float64; NaN where a catalog has none); for ugriz images also
-    ``photometry`` ``(10,)`` float32, the asinh colours and r of the whole stored image and of
-    the fibre's circle at its centre (:func:`utils.photometry.photometry_features`).
+    redshift, float64; NaN where a catalog has none). The photometric features of ugriz images,
+    which only a denoiser built with ``model.photometry`` reads, are measured per batch by
+    :meth:`photometry` (so items of the paper's networks do not pay for them).
 
     Parameters
     ----------
@@ -380,7 +380,8 @@ class SpectraDataset(torch.utils.data.Dataset):
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
-        self.fibre = fibre_diameters(survey.catalog[self.rows], survey.meta) if image == "ugriz" else None
+        # fibre diameter of every survey row (batches carry survey rows), for the ugriz photometry
+        self.fibre = fibre_diameters(survey.catalog, survey.meta) if image == "ugriz" else None
         self.z = np.asarray(survey.catalog["z"], dtype=np.float64)[self.rows]
 
     @classmethod
@@ -435,17 +436,18 @@ class SpectraDataset(torch.utils.data.Dataset):
     def _raw_image(self, i: int) -> torch.Tensor:
         return image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind)
 
-    def photometry(self, chunk: int = 1024) -> np.ndarray:
-        """``(N, 10)`` photometric features of all items, in row order (ugriz only; see ``__getitem__``)."""
+    def photometry(self, rows: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
+        """``(N, 10)`` photometric features of the survey ``rows`` (a batch's ``index``; default: all
+        items, in order), measured on the stored, unaugmented ugriz images: the asinh colours and r
+        of the whole image and of the fibre's circle at its centre
+        (:func:`utils.photometry.photometry_features`)."""
         if self.fibre is None:
             raise DataError(f"photometry needs ugriz images; this dataset reads {self.kind} (data.image)")
+        rows = self.rows if rows is None else np.asarray(rows, dtype=np.int64)
         images = self.survey.images[self.kind]
-        parts = [photometry_features(images[self.rows[i:i + chunk]], self.fibre[i:i + chunk])
-                 for i in range(0, len(self), chunk)]
+        parts = [photometry_features(images[rows[i:i + chunk]], self.fibre[rows[i:i + chunk]])
+                 for i in range(0, len(rows), chunk)]
         return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
-
-    def _photometry(self, i: int, raw: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(photometry_features(raw[None].numpy(), self.fibre[i:i + 1])[0])
 
     def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The network input spectrum ``(L',)`` of item ``i`` and the ``(2,)`` parameters that invert
@@ -457,10 +459,7 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
-        raw = self._raw_image(i)
-        item = {"image": self.transform(raw), "index": row, "z": self.z[i]}
-        if self.fibre is not None:  # ugriz: total and fibre-circle colours of the unaugmented image
-            item["photometry"] = self._photometry(i, raw)
+        item = {"image": self.image(i), "index": row, "z": self.z[i]}
         if not self.spectra:
             return item | {"spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64)}
         x, params = self.spectrum(i)

@@ -29,7 +29,7 @@ from utils.calibration import Calibration
 from utils.dataset import SpectraDataset, open_survey
 from utils.errors import UserError
 from utils.report import calibrate
-from utils.runtime import autocast
+from utils.runtime import autocast, unwrap
 from utils.training import subset
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,12 @@ def mean_spectrum(dataset, n: int = 2000) -> np.ndarray:
     return np.mean([dataset.spectrum(int(i))[0] for i in rows], axis=0)
 
 
-def photometry_of(batch: dict, device: torch.device) -> torch.Tensor | None:
-    """A batch's photometric features on ``device`` (ugriz datasets have them), else None."""
-    return batch["photometry"].to(device) if "photometry" in batch else None
+def photometry_of(model: torch.nn.Module, dataset, batch: dict, device: torch.device) -> torch.Tensor | None:
+    """The photometric features of a batch of ``dataset`` on ``device`` when ``model`` (a denoiser,
+    possibly wrapped) was built to read them (``model.photometry``), else None."""
+    if not getattr(unwrap(model), "n_photometry", 0):
+        return None
+    return torch.from_numpy(dataset.photometry(batch["index"].numpy())).to(device)
 
 
 def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, config: dict,
@@ -108,7 +111,7 @@ def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, va
         truth = batch["spectrum"][:, 0].numpy()
         samples = sample_for_images(model, diffusion, batch["image"].to(device), v["n_samples"], v["sampler"],
                                     v["steps"], config, generator, guidance=v["guidance"],
-                                    photometry=photometry_of(batch, device)).cpu().numpy()
+                                    photometry=photometry_of(model, val_set, batch, device)).cpu().numpy()
         mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
         base.extend(((baseline[None] - truth) ** 2).mean(1))
         if first is None:
@@ -287,7 +290,7 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
             images = batch["image"].to(device)
             drawn = sample_for_images(pair.denoiser, pair.diffusion, images, s["n_samples"], s["sampler"], s["steps"],
                                       cfg, generator, eta=s["eta"], guidance=s["guidance"],
-                                      photometry=photometry_of(batch, device))
+                                      photometry=photometry_of(pair.denoiser, dataset, batch, device))
             scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
             samples.append(drawn.cpu().numpy())
             truth.append(batch["spectrum"][:, 0].numpy())
