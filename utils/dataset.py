@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -380,8 +381,6 @@ class SpectraDataset(torch.utils.data.Dataset):
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
-        # fibre diameter of every survey row (batches carry survey rows), for the ugriz photometry
-        self.fibre = fibre_diameters(survey.catalog, survey.meta) if image == "ugriz" else None
         self.z = np.asarray(survey.catalog["z"], dtype=np.float64)[self.rows]
 
     @classmethod
@@ -436,12 +435,18 @@ class SpectraDataset(torch.utils.data.Dataset):
     def _raw_image(self, i: int) -> torch.Tensor:
         return image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind)
 
+    @cached_property
+    def fibre(self) -> np.ndarray:
+        """Fibre diameter (arcsec) of every survey row (batches carry survey rows), read from the
+        catalog on first use only: datasets whose models never read the photometry skip it."""
+        return fibre_diameters(self.survey.catalog, self.survey.meta)
+
     def photometry(self, rows: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
         """``(N, 10)`` photometric features of the survey ``rows`` (a batch's ``index``; default: all
         items, in order), measured on the stored, unaugmented ugriz images: the asinh colours and r
         of the whole image and of the fibre's circle at its centre
         (:func:`utils.photometry.photometry_features`)."""
-        if self.fibre is None:
+        if self.kind != "ugriz":
             raise DataError(f"photometry needs ugriz images; this dataset reads {self.kind} (data.image)")
         rows = self.rows if rows is None else np.asarray(rows, dtype=np.int64)
         images = self.survey.images[self.kind]
