@@ -288,3 +288,67 @@ def test_line_weights_peak_at_the_redshifted_lines_and_average_one():
         assert np.allclose(w[row, far], w[row].min())  # continuum pixels share one weight
     assert np.allclose(w[2], 1.0)  # no redshift, no lines to weight
     assert np.allclose(line_weights(loglam, z[:2], 0.0), 1.0)
+
+
+def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k):
+    """A generate.py output folder as bench/point_estimates.py reads it (spectra.fits, config.yml)."""
+    import yaml
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yml").write_text(yaml.safe_dump({"data": {"root": str(root)},
+                                                       "sampling": {"split": split, "catalog": None}}))
+    table = Table({"objid": objid, "samples": samples.astype(np.float32), "true_flux": truth.astype(np.float32),
+                   "true_ivar": ivar.astype(np.float32)})
+    table.meta["TOPK"] = top_k
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(table), fits.ImageHDU(wave, name="WAVELENGTH")])
+    hdus[1].name = "SPECTRA"
+    hdus.writeto(folder / "spectra.fits", overwrite=True)
+
+
+def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tiny_mock, tmp_path):
+    """bench/point_estimates.py: the reference is the mock's intrinsic truth of the right galaxies;
+    samples that carry the galaxy's own lines give a high correlation, ranked-first samples that
+    carry another galaxy's give a low one, and the paired differences are to the median; test
+    outputs and folders without spectra.fits are refused."""
+    from bench.point_estimates import compare, estimates, read_output
+    from utils.dataset import SpectraDataset, open_survey
+    from utils.errors import UserError
+
+    survey = open_survey(tiny_mock)
+    ds = SpectraDataset(survey, None, downsample=4)
+    flux, ivar = (np.stack([ds.flux(i)[j] for i in range(len(ds))]) for j in (0, 1))
+    rng = np.random.default_rng(0)
+    own = flux[:, None] + rng.normal(0, 0.02 * np.abs(flux).mean(), (len(ds), 6, flux.shape[1]))
+    other = np.roll(flux, 7, axis=0)[:, None].repeat(2, 1)  # the two best-ranked: another galaxy's spectrum
+    samples = np.concatenate([other, own], 1)
+    objid = np.asarray(survey.catalog["objid"])[ds.rows]
+    _write_output(tmp_path / "val", tiny_mock, "val", samples, flux, ivar, objid, ds.wave, top_k=2)
+
+    out = read_output(tmp_path / "val", None)
+    truth = np.asarray(survey.catalog["true_ew_halpha"], float)[ds.rows]
+    assert np.array_equal(out["reference"]["ew_halpha"], truth) and out["top_k"] == 2 and out["n"] == 8
+    est = estimates(out, "ew_halpha")
+    assert list(est) == ["median of all N", "mean of all N", "median of the top 2", "median of 2 at random",
+                         "the top-ranked sample", "one sample at random", "of the mean spectrum"]
+    values = out["props"]["ew_halpha"]  # (G, N), ranked order kept
+    assert values.shape == (len(ds), 8) and np.allclose(est["median of the top 2"], np.median(values[:, :2], 1))
+    assert np.array_equal(est["the top-ranked sample"], values[:, 0], equal_nan=True)
+    assert all(v in row for v, row in zip(est["one sample at random"], values) if np.isfinite(v))
+    random2 = est["median of 2 at random"]  # two of the galaxy's eight values (NaN where neither is finite)
+    assert np.all((random2 >= np.nanmin(values, 1) - 1e-9) & (random2 <= np.nanmax(values, 1) + 1e-9)
+                  | np.isnan(random2))
+    rows = compare(est, truth, boot=50)
+    assert rows["median of all N"]["minus_median"] == 0 and rows["median of all N"]["corr"] > 0.6
+    assert rows["median of the top 2"]["corr"] < rows["median of all N"]["corr"] - 0.4
+    assert rows["median of 2 at random"]["corr"] > rows["median of the top 2"]["corr"] + 0.2  # mostly own lines
+    top = rows["median of the top 2"]
+    assert top["minus_median"] == pytest.approx(top["corr"] - rows["median of all N"]["corr"]) and top["se"] > 0
+
+    _write_output(tmp_path / "test", tiny_mock, "test", samples, flux, ivar, objid, ds.wave, top_k=2)
+    with pytest.raises(UserError, match="split is 'test'"):
+        read_output(tmp_path / "test", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="spectra.fits: not found"):
+        read_output(tmp_path / "empty", None)

@@ -1,0 +1,126 @@
+"""Which one number per property should a galaxy's N samples give? Validation outputs only.
+
+    python bench/point_estimates.py OUTPUT [OUTPUT ...] [--root DATA] [--boot 300] [--out FILE.json]
+
+Each OUTPUT is a folder generate.py wrote on the validation split (its spectra.fits and
+config.yml; e.g. ``python generate.py --preset standard sampling.split=val
+sampling.calibration_objects=0``). For Dn4000 and the four lines' equivalent widths it measures
+every sample like generate.py does (utils.report) and compares point estimates of the N samples
+by their Spearman correlation with the reference values generate.py judges against (a mock's
+intrinsic truth, else the true spectrum's): the median of all N (what generate.py reports), their
+mean, the median of the k best-ranked by the contrastive network (the FITS header's TOPK) and of
+k drawn at random (the ranking's fair comparison), the best-ranked sample alone and one drawn at
+random, and the property measured on the mean spectrum of the N. Each row gives the paired difference to the median with its bootstrap
+standard error over galaxies. Outputs of the test split are refused: estimators are chosen on
+validation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from astropy.io import fits
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.dataset import open_survey  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.report import COMPARED, reference_values, sample_properties  # noqa: E402
+from utils.science import RedshiftFitter, measure  # noqa: E402
+
+
+def read_output(folder: Path, root: str | None) -> dict:
+    """The samples (ranked, best first), truth and reference values of one generate.py output."""
+    fits_path, config_path = folder / "spectra.fits", folder / "config.yml"
+    for path in (fits_path, config_path):
+        if not path.is_file():
+            raise UserError(f"{path}: not found; give a folder generate.py wrote (spectra.fits and config.yml)")
+    config = yaml.safe_load(config_path.read_text())
+    split = config["sampling"]["split"]
+    if split != "val" or config["sampling"].get("catalog"):
+        raise UserError(f"{config_path}: sampling.split is {split!r}; point estimates are chosen on 'val' "
+                        "outputs, never on the test split")
+    with fits.open(fits_path) as hdus:
+        table, header, wave = hdus["SPECTRA"].data, hdus["SPECTRA"].header, np.asarray(hdus["WAVELENGTH"].data, float)
+        if "true_flux" not in table.columns.names:
+            raise UserError(f"{fits_path}: no true_flux column; the galaxies need measured spectra")
+        samples = np.asarray(table["samples"], np.float64)
+        truth, ivar = np.asarray(table["true_flux"], np.float64), np.asarray(table["true_ivar"], np.float64)
+        objid, top_k = np.asarray(table["objid"]), int(header["TOPK"])
+    catalog = open_survey(root or config["data"]["root"], check_values=False).catalog
+    where = {o: i for i, o in enumerate(np.asarray(catalog["objid"]))}
+    missing = [o for o in objid if o not in where]
+    if missing:
+        raise UserError(f"{fits_path}: {len(missing)} galaxies (e.g. objid {missing[0]}) are not in the catalog "
+                        f"of {root or config['data']['root']}; pass the dataset generate.py read with --root")
+    rows = np.array([where[o] for o in objid])
+    fitter = RedshiftFitter(wave, weights=np.median(ivar, 0))  # generate.py's redshift weights
+    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog[rows])
+    return {"props": sample_properties(samples, wave, fitter), "mean_props": measure(samples.mean(1), wave,
+            fitter=fitter).table(), "reference": reference, "top_k": top_k, "n": samples.shape[1]}
+
+
+def estimates(out: dict, prop: str) -> dict[str, np.ndarray]:
+    """Point estimates ``{name: (G,)}`` of ``prop`` from the ranked samples' values ``(G, N)``."""
+    values, k = out["props"][prop], out["top_k"]
+    # k of the N drawn at random for each galaxy, the same draw for every property: the ranking's
+    # fair comparison (a median of k is noisier than one of N whatever the ranking)
+    shuffled = np.take_along_axis(values, np.random.default_rng(0).random(values.shape).argsort(1), 1)
+    return {"median of all N": np.nanmedian(values, 1), "mean of all N": np.nanmean(values, 1),
+            f"median of the top {k}": np.nanmedian(values[:, :k], 1),
+            f"median of {k} at random": np.nanmedian(shuffled[:, :k], 1),
+            "the top-ranked sample": values[:, 0], "one sample at random": shuffled[:, 0],
+            "of the mean spectrum": out["mean_props"][prop]}
+
+
+def compare(est: dict[str, np.ndarray], truth: np.ndarray, boot: int, seed: int = 0) -> dict[str, dict]:
+    """Spearman correlation of each estimate with the truth, and its paired difference to the
+    first estimate with a bootstrap standard error over galaxies."""
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(truth), len(truth)) for _ in range(boot)]
+    corr = lambda x, i: spearmanr(x[i], truth[i], nan_policy="omit")[0]  # noqa: E731
+    every = np.arange(len(truth))
+    base = next(iter(est.values()))
+    result = {}
+    for name, x in est.items():
+        diffs = [corr(x, i) - corr(base, i) for i in draws]
+        result[name] = {"corr": float(corr(x, every)), "minus_median": float(corr(x, every) - corr(base, every)),
+                        "se": float(np.std(diffs, ddof=1))}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outputs", nargs="+", type=Path, help="generate.py output folders of the validation split")
+    ap.add_argument("--root", default=None, help="dataset folder (default: the data.root of each output's config)")
+    ap.add_argument("--boot", type=int, default=300, help="bootstrap resamples of the galaxies")
+    ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    args = ap.parse_args()
+    report = {}
+    try:
+        for folder in args.outputs:
+            out = read_output(folder, args.root)
+            rows = {prop: compare(estimates(out, prop), out["reference"][prop], args.boot)
+                    for prop in COMPARED if prop in out["reference"]}
+            report[str(folder)] = rows
+            print(f"\n{folder} ({len(out['reference']['z'])} galaxies x {out['n']} samples; Spearman correlation "
+                  "with the truth, in brackets minus the median's +- bootstrap SE)\n")
+            names = list(next(iter(rows.values())))
+            print("| property | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+            for prop, r in rows.items():
+                cells = [f"{v['corr']:.3f}" + ("" if i == 0 else f" ({v['minus_median']:+.3f} +- {v['se']:.3f})")
+                         for i, v in enumerate(r.values())]
+                print(f"| {prop} | " + " | ".join(cells) + " |")
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
