@@ -41,10 +41,12 @@ def read_output(folder: Path, root: str | None) -> dict:
         if not path.is_file():
             raise UserError(f"{path}: not found; give a folder generate.py wrote (spectra.fits and config.yml)")
     config = yaml.safe_load(config_path.read_text())
-    split = config["sampling"]["split"]
-    if split != "val" or config["sampling"].get("catalog"):
-        raise UserError(f"{config_path}: sampling.split is {split!r}; point estimates are chosen on 'val' "
-                        "outputs, never on the test split")
+    sampling = (config or {}).get("sampling") or {}
+    if sampling.get("catalog"):
+        raise UserError(f"{config_path}: sampling.catalog is set; point estimates need galaxies with known spectra")
+    if sampling.get("split") != "val":
+        raise UserError(f"{config_path}: sampling.split is {sampling.get('split')!r}; point estimates are chosen "
+                        "on 'val' outputs, never on the test split")
     with fits.open(fits_path) as hdus:
         table, header, wave = hdus["SPECTRA"].data, hdus["SPECTRA"].header, np.asarray(hdus["WAVELENGTH"].data, float)
         if "true_flux" not in table.columns.names:
