@@ -29,6 +29,7 @@ from utils.export import draw_figures, write_fits, write_per_galaxy
 from utils.generation import build_models, draw, find_models, generation_set, mean_spectrum, validation_calibration
 from utils.report import evaluate_science, science_figures
 from utils.runtime import default_device, keep_freed_memory
+from utils.science import redshift_weights
 from utils.training import load_survey
 
 PARAMS = GENERATIVE_PARAMS
@@ -69,7 +70,7 @@ def run(config: dict) -> Path:
         flux["truth"] = dataset.invert(truth_arr, par)
         flux["ivar"] = ivar
     science, calibration = None, None
-    weights = np.median(ivar, 0) if known else None  # the redshift fit's pixel weights
+    weights = redshift_weights(ivar) if known else None
     if s["science"] and s["calibration_objects"]:  # interval widening fitted on validation galaxies
         calibration = validation_calibration(pair, survey, config, weights)
     if s["science"]:  # physical properties of samples, truth and baselines (utils.report)

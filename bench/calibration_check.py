@@ -28,6 +28,7 @@ from utils.evaluation import COVERAGE_LEVELS, interval_coverage  # noqa: E402
 from utils.generation import build_models, calibration_draws, find_models  # noqa: E402
 from utils.report import COVERED, calibration_inputs  # noqa: E402
 from utils.runtime import default_device  # noqa: E402
+from utils.science import redshift_weights  # noqa: E402
 from utils.training import load_survey  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     ivar = np.stack([val.flux(i)[1] for i in range(len(val))])
     props, reference = calibration_inputs(val.invert(drawn.samples, drawn.params[:, None]), val.wave,
                                           val.invert(drawn.truth, drawn.params), val.survey.catalog[val.rows],
-                                          np.median(ivar, 0))
+                                          redshift_weights(ivar))
     quantities = {PIXELS: (drawn.samples, drawn.truth), **{p: (props[p], reference[p]) for p in COVERED}}
     halves = (np.arange(len(val)) % 2 == 0, np.arange(len(val)) % 2 == 1)
     folds = []

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.dataset import open_survey  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.report import COMPARED, reference_values, sample_properties  # noqa: E402
-from utils.science import RedshiftFitter, measure  # noqa: E402
+from utils.science import RedshiftFitter, measure, redshift_weights  # noqa: E402
 
 
 def read_output(folder: Path, root: str | None) -> dict:
@@ -61,7 +61,7 @@ def read_output(folder: Path, root: str | None) -> dict:
         raise UserError(f"{fits_path}: {len(missing)} galaxies (e.g. objid {missing[0]}) are not in the catalog "
                         f"of {root or config['data']['root']}; pass the dataset generate.py read with --root")
     rows = np.array([where[o] for o in objid])
-    fitter = RedshiftFitter(wave, weights=np.median(ivar, 0))  # generate.py's redshift weights
+    fitter = RedshiftFitter(wave, weights=redshift_weights(ivar))
     reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog[rows])
     return {"props": sample_properties(samples, wave, fitter), "mean_props": measure(samples.mean(1), wave,
             fitter=fitter).table(), "reference": reference, "top_k": top_k, "n": samples.shape[1]}

@@ -11,7 +11,7 @@ from scipy.special import ndtr
 
 from utils.evaluation import confusion, crps, interval_coverage, nmad, property_stats, redshift_stats
 from utils.science import (BPT_CLASSES, C_KMS, LINES, TIED, RedshiftFitter, bpt_class, dn4000, fit_lines, line_weights,
-                           measure)
+                           measure, redshift_weights)
 from utils.spectra import block_grid, neurips_loglam
 from utils.templates import TemplateSpectra, pixel_edges
 
@@ -289,6 +289,21 @@ def test_line_weights_peak_at_the_redshifted_lines_and_average_one():
     assert np.allclose(w[2], 1.0)  # no redshift, no lines to weight
     assert np.allclose(line_weights(loglam, z[:2], 0.0), 1.0)
 
+
+def test_redshift_weights_are_each_pixels_median_inverse_variance():
+    rng = np.random.default_rng(3)
+    ivar = rng.uniform(1.0, 2.0, (9, 40))
+    ivar[:6, 5] = 0.0  # masked in most spectra (a sky line)
+    ivar[0, 7] = 1e6  # one galaxy's outlier does not set a pixel
+    ivar[1:3, 9] = np.nan  # unknown counts as no information
+    w = redshift_weights(ivar)
+    assert w.shape == (40,)
+    assert w[5] == 0.0 and w[7] < 2.0
+    assert w[9] == pytest.approx(np.median(np.r_[0.0, 0.0, ivar[[0, *range(3, 9)], 9]]))
+    clean = np.delete(np.arange(40), [5, 7, 9])
+    assert np.allclose(w[clean], np.median(ivar[:, clean], 0))
+    with pytest.raises(ValueError, match="galaxies, pixels"):
+        redshift_weights(ivar[0])
 
 def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k):
     """A generate.py output folder as bench/point_estimates.py reads it (spectra.fits, config.yml)."""

@@ -191,6 +191,15 @@ class RedshiftFitter:
         return z, chi
 
 
+def redshift_weights(ivar: np.ndarray) -> np.ndarray:
+    """The redshift fit's pixel weights for a set of measured spectra ``(G, L)``: each pixel's
+    median inverse variance over the galaxies, so that sky lines and pixels masked in most spectra
+    weigh little and no single galaxy's noise sets them (``RedshiftFitter(weights=...)``)."""
+    ivar = np.asarray(ivar, dtype=np.float64)
+    if ivar.ndim != 2 or not len(ivar):
+        raise ValueError(f"ivar must be (galaxies, pixels) with at least one galaxy, got shape {ivar.shape}")
+    return np.median(np.nan_to_num(ivar, nan=0.0, posinf=0.0, neginf=0.0), axis=0)
+
 def line_weights(loglam: np.ndarray, z: np.ndarray, strength: float, width_kms: float = 300.0) -> np.ndarray:
     """``(B, L)`` pixel weights of spectra at redshifts ``z`` ``(B,)`` on the grid ``loglam``
     ``(L,)``: 1 + ``strength`` x a Gaussian bump (``width_kms``, at least a pixel wide) at each
