@@ -29,11 +29,12 @@ def tiny_contrastive_args(data_root: Path, out_dir: Path) -> list[str]:
             "run.checkpoint_every=2", f"run.out_dir={out_dir}", "train.max_iters=6"]
 
 
-def run_script(script: str, args: list[str], timeout: float = 240, **kw):
-    """Run an entry script with the test interpreter; returns the CompletedProcess."""
+def run_script(script: str, args: list[str], timeout: float = 240, threads: int = 1, **kw):
+    """Run an entry script with the test interpreter (``threads`` intra-op threads); returns the
+    CompletedProcess."""
     import subprocess
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 

@@ -200,7 +200,8 @@ def run_folder_of(checkpoint: Path) -> Path:
 
 def read_checkpoint(path: Path, what: str = "checkpoint", mmap: bool = False) -> dict:
     """The dictionary saved in a checkpoint file, or a :class:`CheckpointError` naming the file.
-    ``mmap=True`` maps the tensors instead of reading them: cheap when only the metadata is needed."""
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the metadata or some of
+    the tensors are needed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # a truncated or foreign file

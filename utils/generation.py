@@ -126,7 +126,8 @@ def load_trained(path: str | None, default_dir: Path, what: str, kind: str) -> t
     run info also holds what the run computed once (``mean_train_spectrum`` for diffusion runs)."""
     run = Path(path) if path else newest_finished_run(default_dir, what)
     checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
-    state = read_checkpoint(checkpoint, f"{what} checkpoint")
+    # mapped, not read: only the weights used are paged in, not the optimizer state beside them
+    state = read_checkpoint(checkpoint, f"{what} checkpoint", mmap=True)
     config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
     return config, state[WEIGHTS_KEY[kind]], checkpoint, state[RUN_INFO_KEY]
 
