@@ -302,6 +302,7 @@ def test_redshift_weights_are_each_pixels_median_inverse_variance():
     assert w[9] == pytest.approx(np.median(np.r_[0.0, 0.0, ivar[[0, *range(3, 9)], 9]]))
     clean = np.delete(np.arange(40), [5, 7, 9])
     assert np.allclose(w[clean], np.median(ivar[:, clean], 0))
+    assert np.array_equal(redshift_weights(np.zeros((3, 40))), np.ones(40))  # nothing known: uniform
     with pytest.raises(ValueError, match="galaxies, pixels"):
         redshift_weights(ivar[0])
 

@@ -194,11 +194,13 @@ class RedshiftFitter:
 def redshift_weights(ivar: np.ndarray) -> np.ndarray:
     """The redshift fit's pixel weights for a set of measured spectra ``(G, L)``: each pixel's
     median inverse variance over the galaxies, so that sky lines and pixels masked in most spectra
-    weigh little and no single galaxy's noise sets them (``RedshiftFitter(weights=...)``)."""
+    weigh little and no single galaxy's noise sets them (``RedshiftFitter(weights=...)``). Where no
+    pixel has a positive median (no usable inverse variances at all), every pixel weighs the same."""
     ivar = np.asarray(ivar, dtype=np.float64)
     if ivar.ndim != 2 or not len(ivar):
         raise ValueError(f"ivar must be (galaxies, pixels) with at least one galaxy, got shape {ivar.shape}")
-    return np.median(np.nan_to_num(ivar, nan=0.0, posinf=0.0, neginf=0.0), axis=0)
+    weights = np.median(np.nan_to_num(ivar, nan=0.0, posinf=0.0, neginf=0.0), axis=0)
+    return weights if np.any(weights > 0) else np.ones_like(weights)
 
 def line_weights(loglam: np.ndarray, z: np.ndarray, strength: float, width_kms: float = 300.0) -> np.ndarray:
     """``(B, L)`` pixel weights of spectra at redshifts ``z`` ``(B,)`` on the grid ``loglam``
