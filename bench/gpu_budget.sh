@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# Does the standard preset's CPU hour limit its emission lines? (README "Targets": the GPU-budget rows)
-#   bash bench/gpu_budget.sh CONTRASTIVE_CHECKPOINT OUT_DIR [ITERS] [MINUTES] [MOCK_GALAXIES]
-# On a lent GPU, three diffusion models of the standard preset train side by side on the standard
+# Does the standard preset's CPU hour limit its emission lines? (README "On a GPU")
+#   bash bench/gpu_budget.sh CONTRASTIVE_CHECKPOINT OUT_DIR [ITERS] [MINUTES] [MOCK_GALAXIES] [RUNS]
+# On a lent GPU, diffusion models of the standard preset train side by side on the standard
 # mock, all from the same contrastive image encoder (the CPU run's, carried as CONTRASTIVE_CHECKPOINT):
 #   x1     the CPU run's iteration count (ITERS, default 10048) and learning-rate decay: the device control
 #   x2     twice the iterations, the per-epoch decay square-rooted so that the last learning rate is the same
 #   x2_lw5 the same with the line-weighted loss and the photometry token (train.line_weight=5, model.photometry=true)
-# Each stops at MINUTES of training at the latest (default 6). Their final checkpoints come back in OUT_DIR
-# stripped to what generate.py reads (EMA weights and run info); generate.py then samples them on the
-# validation split on the CPU, beside the CPU run's model. Needs the non-torch dependencies as wheels in
+# RUNS (default "x1 x2 x2_lw5") picks which of them train. Each stops at MINUTES of training at the
+# latest (default 6). Their final checkpoints come back in OUT_DIR stripped to what generate.py reads
+# (EMA weights and run info); generate.py then samples them on the validation split on the CPU, beside
+# the CPU run's model. Needs the non-torch dependencies as wheels in
 # .whl/ when the machine has no registry (as bench/gpu_check.sh).
 # Measured once (bench/gpu_budget_h100.json, README "On a GPU"): on one H100 the three runs side by side
 # made 17-19 iterations/s each by the training clock, so x1 needs about 9 and x2 18 minutes of training,
-# more than one 10-minute command of a lent machine; that run stopped all three at 6 minutes.
+# more than one 10-minute command of a lent machine; that run stopped all three at 6 minutes. One run
+# alone (RUNS=x2) was not timed.
 set -u
 CON=${1:?contrastive checkpoint}
 OUT_DIR=${2:?output folder}
 ITERS=${3:-10048}
 MINUTES=${4:-6}
 MOCK_N=${5:-10000}
+RUNS=${6:-x1 x2 x2_lw5}
+for name in $RUNS; do
+  case $name in x1|x2|x2_lw5) ;; *) echo "unknown run '$name' in RUNS (expected x1, x2, x2_lw5)" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_NUM_THREADS=4
 if [ -d .whl ]; then
@@ -30,7 +36,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 ROOT=data/mock_ugriz
 WORK=/tmp/gpu_budget
-rm -rf "$WORK"
+rm -rf "$WORK" "$WORK".*.log  # nothing of an earlier run is mixed in
 start=$(date +%s)
 [ -f $ROOT/catalog.fits ] || python3 -m utils.mock --root $ROOT --n "$MOCK_N" --ugriz >"$WORK.mock.log" 2>&1 \
   || { tail -5 "$WORK.mock.log"; exit 1; }
@@ -40,15 +46,18 @@ md5sum $ROOT/catalog.fits $ROOT/flux.npy $ROOT/images_ugriz.npy
 # twice the iterations with the same last learning rate: decay ** (1/2) per epoch
 DECAY2=$(python3 -c "print(round(0.92 ** 0.5, 6))")
 common="--preset standard data.source=folder data.root=$ROOT model.image_init=$CON train.max_minutes=$MINUTES"
-python3 train_generative.py $common train.max_iters=$ITERS run.out_dir=$WORK/x1 >"$WORK.x1.log" 2>&1 &
-python3 train_generative.py $common train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2 \
-  run.out_dir=$WORK/x2 >"$WORK.x2.log" 2>&1 &
-python3 train_generative.py $common train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2 \
-  train.line_weight=5 model.photometry=true run.out_dir=$WORK/x2_lw5 >"$WORK.x2_lw5.log" 2>&1 &
+for name in $RUNS; do
+  case $name in
+    x1) extra="train.max_iters=$ITERS" ;;
+    x2) extra="train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2" ;;
+    x2_lw5) extra="train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2 train.line_weight=5 model.photometry=true" ;;
+  esac
+  python3 train_generative.py $common $extra run.out_dir=$WORK/$name >"$WORK.$name.log" 2>&1 &
+done
 wait
 echo "training: $(( $(date +%s) - start )) s since the start"
 
-for name in x1 x2 x2_lw5; do
+for name in $RUNS; do
   echo "== $name"
   grep -a -o "validation at iteration [0-9]* .*mse_ratio=[0-9.]*\|run finished.*\|budget.*reached.*\|Error.*" \
     "$WORK.$name.log" | tail -6
@@ -65,6 +74,6 @@ torch.save({"ema_model": state["ema_model"], "run_info": state["run_info"]}, sys
 print(f"{path} -> {sys.argv[2]}")
 PY
 done
-tar -cf "$OUT_DIR/logs.tar" -C /tmp gpu_budget.x1.log gpu_budget.x2.log gpu_budget.x2_lw5.log \
-  $(cd /tmp && ls gpu_budget/*/*/log.txt gpu_budget/*/*/metrics.json 2>/dev/null)
+tar -cf "$OUT_DIR/logs.tar" -C /tmp $(cd /tmp && ls gpu_budget.*.log gpu_budget/*/*/log.txt \
+  gpu_budget/*/*/metrics.json 2>/dev/null)
 echo "all: $(( $(date +%s) - start )) s"
