@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 from astropy.io import fits
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.dataset import open_survey  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.evaluation import property_stats  # noqa: E402
 from utils.report import COMPARED, reference_values, sample_properties  # noqa: E402
 from utils.science import RedshiftFitter, measure, redshift_weights  # noqa: E402
 
@@ -82,16 +82,18 @@ def estimates(out: dict, prop: str) -> dict[str, np.ndarray]:
 
 def compare(est: dict[str, np.ndarray], truth: np.ndarray, boot: int, seed: int = 0) -> dict[str, dict]:
     """Spearman correlation of each estimate with the truth, and its paired difference to the
-    first estimate with a bootstrap standard error over galaxies."""
+    first estimate with a bootstrap standard error over galaxies (the correlation generate.py
+    reports: utils.evaluation.property_stats)."""
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(truth), len(truth)) for _ in range(boot)]
-    corr = lambda x, i: spearmanr(x[i], truth[i], nan_policy="omit")[0]  # noqa: E731
+    corr = lambda x, i: property_stats(x[i], truth[i])["corr"]  # noqa: E731
     every = np.arange(len(truth))
     base = next(iter(est.values()))
+    base_corr, base_boot = corr(base, every), np.array([corr(base, i) for i in draws])
     result = {}
     for name, x in est.items():
-        diffs = [corr(x, i) - corr(base, i) for i in draws]
-        result[name] = {"corr": float(corr(x, every)), "minus_median": float(corr(x, every) - corr(base, every)),
+        diffs = np.array([corr(x, i) for i in draws]) - base_boot
+        result[name] = {"corr": float(corr(x, every)), "minus_median": float(corr(x, every) - base_corr),
                         "se": float(np.std(diffs, ddof=1))}
     return result
 

@@ -306,6 +306,7 @@ def test_redshift_weights_are_each_pixels_median_inverse_variance():
     with pytest.raises(ValueError, match="galaxies, pixels"):
         redshift_weights(ivar[0])
 
+
 def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k):
     """A generate.py output folder as bench/point_estimates.py reads it (spectra.fits, config.yml)."""
     import yaml
