@@ -206,3 +206,42 @@ def test_velocity_dispersion_broadens_only_beyond_the_template_resolution():
     width = np.sqrt(np.trapezoid(wide * (wave - 5500) ** 2, wave) / np.trapezoid(wide, wave))
     expected = np.hypot(0.5, 5500 * np.sqrt(300.0 ** 2 - TEMPLATE_SIGMA_KMS ** 2) / 299792.458)
     assert width == pytest.approx(expected, rel=0.03)
+
+
+def test_training_copies_leave_the_first_galaxies_and_the_held_out_splits_alone(tmp_path):
+    plain = open_survey(generate_mock(tmp_path / "plain", 12, seed=5, progress=False))
+    copied = open_survey(generate_mock(tmp_path / "copied", 12, seed=5, progress=False, train_copies=2))
+    n, split = len(plain), np.asarray(plain.catalog["split"])
+    n_train = int(np.sum(split == "train"))
+    assert n_train > 0 and len(copied) == n + 2 * n_train
+    assert copied.meta["train_copies"] == 2 and plain.meta["train_copies"] == 0
+    # the first galaxies are drawn alike (to float rounding: numpy's vectorised maths may round the last bit
+    # differently in longer arrays): spectra, images, catalog and their splits
+    assert np.allclose(copied.flux[:n], plain.flux, rtol=1e-5, atol=1e-4)
+    assert np.mean(np.abs(copied.images["gri"][:n].astype(int) - plain.images["gri"])) < 0.01
+    for name in ("objid", "split", "true_bpt"):
+        assert np.array_equal(np.asarray(copied.catalog[name])[:n], np.asarray(plain.catalog[name])), name
+    for name in ("z", "mag_r", "fibermag_g", "true_ew_halpha", "true_dn4000", "veldisp", "r_disc_arcsec"):
+        assert np.allclose(np.asarray(copied.catalog[name])[:n], np.asarray(plain.catalog[name]), rtol=1e-5), name
+    # the copies are new training galaxies near their sources, with their own images and lines
+    extra = copied.catalog[n:]
+    assert set(np.asarray(extra["split"])) == {"train"} and len(np.unique(copied.catalog["objid"])) == len(copied)
+    src = np.tile(np.flatnonzero(split == "train"), 2)
+    z_src = np.asarray(plain.catalog["z"])[src]
+    assert np.all(np.abs(np.asarray(extra["z"]) - z_src) < 0.1 * (1 + z_src))
+    assert not np.allclose(copied.flux[n:], plain.flux[src])
+    assert not np.array_equal(np.asarray(extra["true_ew_halpha"]), np.asarray(plain.catalog["true_ew_halpha"])[src])
+
+
+def test_a_mock_with_other_training_copies_is_refused_not_reused(tmp_path):
+    from utils.errors import UserError
+    from utils.mock import ensure_mock
+
+    root = generate_mock(tmp_path / "m", 12, seed=5, progress=False)
+    before = (root / "catalog.fits").read_bytes()
+    assert ensure_mock(root, 12, 5, train_copies=0) == root
+    with pytest.raises(UserError, match=r"0 training copies.*data.mock_train_copies"):
+        ensure_mock(root, 12, 5, train_copies=1)
+    assert (root / "catalog.fits").read_bytes() == before
+    with pytest.raises(ValueError, match="train_copies"):
+        generate_mock(tmp_path / "bad", 12, seed=5, progress=False, train_copies=-1)

@@ -70,7 +70,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
         "sampling.max_objects", "sampling.n_samples", "sampling.steps", "sampling.top_k", "sampling.batch_galaxies",
         "sampling.knn", "sampling.baseline_train_max")},
     **{key: NON_NEGATIVE for key in (
-        "data.mock_seed", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
+        "data.mock_seed", "data.mock_train_copies", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
         "train.line_weight",
         "run.seed", "sampling.eta", "sampling.figures", "sampling.calibration_objects")},
     "train.lr": (1e-12, None, "> 0"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from utils.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
 from utils.mock_physics import (FJ_SCATTER, FJ_ZERO, HALPHA_SCATTER_DEX, MOCK_LINES, FibreSpectra,
                                 draw_lines, stellar_mass)
+from utils.errors import UserError
 from utils.photometry import FIBRE_DIAMETER, PIXEL_SCALE, aperture_weights
 from utils.science import LINES, bpt_class, dn4000
 from utils.spectra import neurips_loglam
@@ -64,6 +66,8 @@ RGB_Q = 8.0
 JPEG_QUALITY = 75
 CHUNK = 500
 OBJID_OFFSET = 1_000_000_000
+#: object ids of training copies (add_training_copies) start here, clear of every resampled galaxy's
+COPY_OBJID_OFFSET = 2_000_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,14 +120,15 @@ class MockGalaxies:
     def mags(self) -> np.ndarray:
         return -2.5 * np.log10(self.maggies)
 
+    def __add__(self, other: "MockGalaxies") -> "MockGalaxies":
+        """The galaxies of both, these first."""
+        return MockGalaxies(*(np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
+
 
 def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
     """The real galaxies with their template fits; more than there are are resampled.
 
-    Resampled objects are copies of a random real galaxy with the redshift perturbed by
-    0.01 (1 + z) (kept inside :data:`Z_RANGE`), every template coefficient scaled by a
-    log-normal factor of 10 % scatter, and a position offset of up to 0.5 deg; their catalog
-    magnitudes are those of the perturbed template fit.
+    Resampled objects are perturbed copies of a random real galaxy (:func:`resample_galaxies`).
     """
     real = load_real_catalog()
     kc = kcorrect_sdss()
@@ -141,17 +146,35 @@ def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
         pick = np.sort(rng.choice(n_base, size=n_objects, replace=False))
         return MockGalaxies(*(getattr(base, f)[pick] for f in MockGalaxies.__dataclass_fields__))
     extra = n_objects - n_base
-    src = rng.integers(0, n_base, size=extra)
-    z_new = np.clip(base.z[src] + 0.01 * (1 + base.z[src]) * rng.standard_normal(extra), Z_RANGE[0] + 1e-3,
-                    Z_RANGE[1] - 1e-3)
-    c_new = base.coeffs[src] * np.exp(0.1 * rng.standard_normal((extra, base.coeffs.shape[1])))
-    m_new = np.einsum("nbk,nk->nb", kc.Amatrix(z_new), c_new)
-    ra_new = (base.ra[src] + rng.uniform(-0.5, 0.5, extra)) % 360.0
-    dec_new = np.clip(base.dec[src] + rng.uniform(-0.5, 0.5, extra), -90, 90)
     ids = OBJID_OFFSET + 10 * len(real) + np.arange(extra, dtype=np.int64)
-    cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
-    return MockGalaxies(cat(base.objid, ids), cat(base.ra, ra_new), cat(base.dec, dec_new), cat(base.z, z_new),
-                        cat(base.coeffs, c_new), cat(base.maggies, m_new), cat(base.source_row, src))
+    return base + resample_galaxies(base, rng.integers(0, n_base, size=extra), ids, rng)
+
+
+def resample_galaxies(gal: MockGalaxies, src: np.ndarray, objid: np.ndarray, rng: np.random.Generator) -> MockGalaxies:
+    """New galaxies resampled from ``gal[src]``: the redshift perturbed by 0.01 (1 + z) (kept
+    inside :data:`Z_RANGE`), every template coefficient scaled by a log-normal factor of 10 %
+    scatter, a position offset of up to 0.5 deg; catalog magnitudes from the perturbed template
+    fit; object ids ``objid``."""
+    extra = len(src)
+    z_new = np.clip(gal.z[src] + 0.01 * (1 + gal.z[src]) * rng.standard_normal(extra), Z_RANGE[0] + 1e-3,
+                    Z_RANGE[1] - 1e-3)
+    c_new = gal.coeffs[src] * np.exp(0.1 * rng.standard_normal((extra, gal.coeffs.shape[1])))
+    m_new = np.einsum("nbk,nk->nb", kcorrect_sdss().Amatrix(z_new), c_new)
+    ra_new = (gal.ra[src] + rng.uniform(-0.5, 0.5, extra)) % 360.0
+    dec_new = np.clip(gal.dec[src] + rng.uniform(-0.5, 0.5, extra), -90, 90)
+    return MockGalaxies(np.asarray(objid, dtype=np.int64), ra_new, dec_new, z_new, c_new, m_new, gal.source_row[src])
+
+
+def add_training_copies(gal: MockGalaxies, split: np.ndarray, copies: int, seed: int) -> tuple[MockGalaxies, np.ndarray]:
+    """Append ``copies`` resampled copies (:func:`resample_galaxies`) of every training galaxy,
+    all in the training split, so that the validation and test galaxies and everything drawn for
+    the first ``len(gal)`` galaxies stay as they are; returns the galaxies and their splits."""
+    if copies == 0:
+        return gal, split
+    src = np.tile(np.flatnonzero(split == "train"), copies)
+    ids = COPY_OBJID_OFFSET + np.arange(len(src), dtype=np.int64)
+    copied = gal + resample_galaxies(gal, src, ids, np.random.default_rng([seed, 4]))
+    return copied, np.concatenate([split, np.full(len(src), "train", dtype=split.dtype)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +349,7 @@ TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{
 
 def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0, ugriz: bool = False,
                   val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True,
-                  fibre: str = "sdss", halpha_scatter_dex: float = HALPHA_SCATTER_DEX) -> Path:
+                  fibre: str = "sdss", halpha_scatter_dex: float = HALPHA_SCATTER_DEX, train_copies: int = 0) -> Path:
     """Generate the mock survey into ``root`` in the dataset format (see utils.dataset).
 
     Parameters
@@ -338,24 +361,33 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
     fibre : 'sdss' (3" diameter) or 'boss' (2").
     halpha_scatter_dex : the star-forming H-alpha's scatter about its disc's prediction
         (utils.mock_physics.draw_lines); only a ceiling measurement changes it.
+    train_copies : add this many resampled copies of every training galaxy to the training split
+        (:func:`add_training_copies`: new shapes, noise and lines); the first ``n_objects``
+        galaxies, and so the validation and test splits, are the same whatever it is.
     """
     if fibre not in FIBRE_DIAMETER:
         raise ValueError(f"unknown fibre '{fibre}': expected one of {tuple(FIBRE_DIAMETER)}")
+    if int(train_copies) != train_copies or train_copies < 0:
+        raise ValueError(f"train_copies must be a whole number >= 0, got {train_copies!r}")
     gal = sample_galaxies(n_objects, seed)
+    n_first = len(gal)
+    gal, split = add_training_copies(gal, assign_split(gal.objid, val_fraction, test_fraction), int(train_copies), seed)
     n = len(gal)
     loglam = neurips_loglam()
     wave = 10.0 ** loglam
     physics = neurips_fibre_spectra()
-    split = assign_split(gal.objid, val_fraction, test_fraction)
     writer = DatasetWriter(root, n, loglam, images=("gri", "ugriz") if ugriz else ("gri",), source="mock")
     bt_all = bulge_fractions(gal, physics.old)
     props = galaxy_physics(gal, bt_all, seed)
     true = {name: np.zeros(n) for name in TRUE_COLUMNS}
     fibre_bands = np.zeros((n, len(BANDS)))
     bar = tqdm(total=n, desc="mock survey", unit="gal", disable=not progress)
-    for start in range(0, n, CHUNK):
-        sl = slice(start, min(start + CHUNK, n))
-        rng = np.random.default_rng([seed, 2, start // CHUNK])
+    # the copies' chunks draw from their own streams, so the first n_first galaxies are drawn alike with or without them
+    chunks = [(start, min(start + CHUNK, n_first), [seed, 2, start // CHUNK]) for start in range(0, n_first, CHUNK)]
+    chunks += [(start, min(start + CHUNK, n), [seed, 5, (start - n_first) // CHUNK]) for start in range(n_first, n, CHUNK)]
+    for start, stop, stream in chunks:
+        sl = slice(start, stop)
+        rng = np.random.default_rng(stream)
         part = MockGalaxies(*(getattr(gal, f)[sl] for f in MockGalaxies.__dataclass_fields__))
         rendered = render_images(part, bt_all[sl], rng, FIBRE_DIAMETER[fibre])
         bulge, disc = physics.components(part.z, part.coeffs, props["veldisp"][sl])
@@ -394,19 +426,30 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
         catalog[name] = true[name].astype(np.int16 if name in ("true_bpt", "agn") else np.float32)
     catalog.meta["SEED"] = seed
     catalog.meta["FIBRE"] = FIBRE_DIAMETER[fibre]
-    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects, "fibre_arcsec": FIBRE_DIAMETER[fibre],
+    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects, "train_copies": int(train_copies),
+                                               "fibre_arcsec": FIBRE_DIAMETER[fibre],
                                                "generator": "utils.mock (kcorrect templates, fibre spectra, "
                                                             "drawn emission lines)"})
 
 
-def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False) -> Path:
-    """Generate the mock survey at ``root`` unless a dataset is already there."""
+def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False, train_copies: int = 0) -> Path:
+    """Generate the mock survey at ``root`` unless a dataset is already there; one that is there
+    must have the requested number of training copies (a mock without that record has none)."""
     root = Path(root)
     if (root / "catalog.fits").exists():
+        try:
+            have = json.loads((root / "meta.json").read_text()).get("train_copies", 0)
+        except (OSError, ValueError, AttributeError):
+            return root  # a missing or broken meta.json: opening the dataset reports it
+        if have != train_copies:
+            raise UserError(f"the mock survey at '{root}' has {have} training copies per galaxy (meta.json "
+                            f"'train_copies'), the configuration asks for {train_copies} (data.mock_train_copies): "
+                            f"set it to {have}, or point data.root at a new folder")
         return root
-    logger.info("mock survey not found at %s: generating %s galaxies (seed %d)", root,
-                n_objects if n_objects else "all real", seed)
-    return generate_mock(root, n_objects, seed, ugriz=ugriz)
+    logger.info("mock survey not found at %s: generating %s galaxies (seed %d)%s", root,
+                n_objects if n_objects else "all real", seed,
+                f" and {train_copies} copies of each training galaxy" if train_copies else "")
+    return generate_mock(root, n_objects, seed, ugriz=ugriz, train_copies=train_copies)
 
 
 def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
@@ -445,7 +488,7 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
 
     real = load_real_catalog()
     real_mag = -2.5 * np.log10(np.asarray(real["maggies"]))
-    gal = sample_galaxies(len(survey), int(survey.meta.get("seed", 0)))
+    gal = sample_galaxies(survey.meta.get("n_requested", len(survey)), int(survey.meta.get("seed", 0)))
     pick = rng.choice(len(gal), size=min(1500, len(gal)), replace=False)
     grid = np.arange(3.52, 4.02, 1e-4)
     spec = TemplateSpectra().observed(gal.z[pick], gal.coeffs[pick], grid)
@@ -510,12 +553,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=None, help="number of galaxies (default: every real one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ugriz", action="store_true", help="also store 5-band float images")
+    parser.add_argument("--train-copies", type=int, default=0,
+                        help="add this many resampled copies of every training galaxy to the training split")
     parser.add_argument("--fibre", choices=tuple(FIBRE_DIAMETER), default="sdss",
                         help="fibre diameter of the spectra: sdss 3\" (default) or boss 2\"")
     parser.add_argument("--figures", default=None, help="write the mock figures into this folder")
     args = parser.parse_args(argv)
     if not Path(args.root, "catalog.fits").exists():
-        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz, fibre=args.fibre)
+        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz, fibre=args.fibre, train_copies=args.train_copies)
     if args.figures:
         mock_figures(args.root, args.figures)
 

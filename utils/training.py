@@ -56,7 +56,8 @@ def load_survey(config: dict):
     if data["source"] == "mock" and idist.get_rank() == 0:
         from utils.mock import ensure_mock  # here, not at the top: the mock's imports cost every script ~1 s
 
-        ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz")
+        ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz",
+                    train_copies=data["mock_train_copies"])
     if idist.get_world_size() > 1:
         idist.barrier()
     return open_survey(data["root"])
