@@ -59,7 +59,7 @@ def run(config: dict) -> Path:
     results = evaluate(samples, scores, truth_arr, s["top_k"], baseline)
     if known:
         par = drawn.params
-        ivar = np.stack([dataset.flux(i)[1] for i in range(len(dataset))])
+        ivar = dataset.all_flux()[1]
     else:
         cat = dataset.survey.catalog[dataset.rows]
         par = photometric_params(results["ranked"][:, 0], dataset.wave, np.asarray(cat["mag_r"]),

@@ -43,10 +43,9 @@ def main() -> None:
     grid = SpectraDataset.from_config(survey, "val", config["data"])  # the networks' input sizes
     pair = build_models(pair, grid.n_pixels, grid.n_channels, default_device())
     val, drawn = calibration_draws(pair, survey, config, args.galaxies)
-    ivar = np.stack([val.flux(i)[1] for i in range(len(val))])
     props, reference = calibration_inputs(val.invert(drawn.samples, drawn.params[:, None]), val.wave,
                                           val.invert(drawn.truth, drawn.params), val.survey.catalog[val.rows],
-                                          redshift_weights(ivar))
+                                          redshift_weights(val.all_flux()[1]))
     quantities = {PIXELS: (drawn.samples, drawn.truth), **{p: (props[p], reference[p]) for p in COVERED}}
     halves = (np.arange(len(val)) % 2 == 0, np.arange(len(val)) % 2 == 1)
     folds = []

@@ -82,7 +82,7 @@ def spectral_oracle(survey, val_rows: np.ndarray, k: int, preprocessing: str, do
     idx = catalog_neighbours(features(cat[train.rows], False), features(cat[val.rows], False), k)
     truth = np.stack([val.spectrum(i)[0] for i in range(len(val))])
     mean_train = np.mean([train.spectrum(i)[0] for i in range(len(train))], axis=0)
-    flux, ivar = map(np.stack, zip(*(val.flux(i) for i in range(len(val)))))
+    flux, ivar = val.all_flux()
     sigma = np.where(ivar > 0, 1 / np.sqrt(np.where(ivar > 0, ivar, 1)), 0.0)
     rng = np.random.default_rng(0)
     redrawn = [preprocess(flux + rng.normal(size=flux.shape) * sigma, val.wave, preprocessing)[0] for _ in range(20)]

@@ -8,7 +8,7 @@ sampling.calibration_objects=0``). For Dn4000 and the four lines' equivalent wid
 every sample like generate.py does (utils.report) and compares point estimates of the N samples
 by their Spearman correlation with the reference values generate.py judges against (a mock's
 intrinsic truth, else the true spectrum's): the median of all N (what generate.py reports), their
-mean, the median of the k best-ranked by the contrastive network (the FITS header's TOPK) and of
+mean and their mean without the lowest and highest 20%, the median of the k best-ranked by the contrastive network (the FITS header's TOPK) and of
 k drawn at random (the ranking's fair comparison), the best-ranked sample alone and one drawn at
 random, and the property measured on the mean spectrum of the N. Each row gives the paired difference to the median with its bootstrap
 standard error over galaxies. Outputs of the test split are refused: estimators are chosen on
@@ -67,6 +67,18 @@ def read_output(folder: Path, root: str | None) -> dict:
             fitter=fitter).table(), "reference": reference, "top_k": top_k, "n": samples.shape[1]}
 
 
+def trimmed_mean(values: np.ndarray, cut: float = 0.2) -> np.ndarray:
+    """``(G,)`` mean of each row's finite values of ``values`` ``(G, N)`` without the lowest and
+    the highest ``cut`` share of them (floor of it); NaN for a row without finite values."""
+    ordered = np.sort(values, 1)  # NaN last
+    n = np.isfinite(values).sum(1, keepdims=True)
+    drop = np.floor(cut * n)
+    rank = np.arange(values.shape[1])[None]
+    keep = (rank >= drop) & (rank < n - drop)
+    with np.errstate(invalid="ignore"):
+        return np.where(keep, ordered, 0.0).sum(1) / keep.sum(1)
+
+
 def estimates(out: dict, prop: str) -> dict[str, np.ndarray]:
     """Point estimates ``{name: (G,)}`` of ``prop`` from the ranked samples' values ``(G, N)``."""
     values, k = out["props"][prop], out["top_k"]
@@ -74,6 +86,7 @@ def estimates(out: dict, prop: str) -> dict[str, np.ndarray]:
     # fair comparison (a median of k is noisier than one of N whatever the ranking)
     shuffled = np.take_along_axis(values, np.random.default_rng(0).random(values.shape).argsort(1), 1)
     return {"median of all N": np.nanmedian(values, 1), "mean of all N": np.nanmean(values, 1),
+            "20%-trimmed mean of all N": trimmed_mean(values),
             f"median of the top {k}": np.nanmedian(values[:, :k], 1),
             f"median of {k} at random": np.nanmedian(shuffled[:, :k], 1),
             "the top-ranked sample": values[:, 0], "one sample at random": shuffled[:, 0],

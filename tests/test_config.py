@@ -128,7 +128,7 @@ def test_presets_of_both_trainers_prepare_the_same_data(preset):
 
     argv = ["--preset", preset] if preset else []
     con, gen = load_config(PARAMS, argv), load_config(GEN_PARAMS, argv)
-    for key in ("root", "source", "mock_objects", "mock_seed", *DATA_KEYS):
+    for key in ("root", "source", "mock_objects", "mock_seed", "mock_train_copies", *DATA_KEYS):
         assert con["data"][key] == gen["data"][key], key
     if preset == "standard":  # issue 15: at least 300 test galaxies; ugriz images in their own mock folder
         assert gen["sampling"]["max_objects"] >= 300 and gen["data"]["image"] == "ugriz"

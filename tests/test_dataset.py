@@ -134,6 +134,17 @@ def test_dataset_items_and_inversion(tiny_mock, kind):
     assert batch["spectrum"].shape == (4, 1, 3598)
 
 
+def test_all_flux_stacks_every_item_in_order(tiny_mock):
+    s = open_survey(tiny_mock)
+    ds = SpectraDataset(s, "val", downsample=4)
+    flux, ivar = ds.all_flux()
+    assert flux.shape == ivar.shape == (len(ds), 3598 // 4) and len(ds) > 1
+    for i in (0, len(ds) - 1):
+        assert np.array_equal(flux[i], ds.flux(i)[0]) and np.array_equal(ivar[i], ds.flux(i)[1])
+    empty = ds.like(np.zeros(0, dtype=np.int64)).all_flux()
+    assert empty[0].shape == empty[1].shape == (0, 3598 // 4)
+
+
 def test_dataset_stats_standardise_train_images(tiny_mock):
     s = open_survey(tiny_mock)
     ds = SpectraDataset(s, "train", image="gri", train=False)

@@ -8,7 +8,8 @@ import speclite.filters
 import torch
 
 from utils.dataset import open_survey
-from utils.mock import generate_mock, sample_galaxies, sky_spectrum
+from utils.errors import UserError
+from utils.mock import ensure_mock, generate_mock, sample_galaxies, sky_spectrum
 from utils.templates import TemplateSpectra
 from utils.science import dn4000
 from utils.spectra import neurips_loglam
@@ -208,7 +209,7 @@ def test_velocity_dispersion_broadens_only_beyond_the_template_resolution():
     assert width == pytest.approx(expected, rel=0.03)
 
 
-def test_training_copies_leave_the_first_galaxies_and_the_held_out_splits_alone(tmp_path):
+def test_training_copies_leave_the_first_galaxies_and_the_held_out_splits_alone_and_are_checked(tmp_path):
     plain = open_survey(generate_mock(tmp_path / "plain", 12, seed=5, progress=False))
     copied = open_survey(generate_mock(tmp_path / "copied", 12, seed=5, progress=False, train_copies=2))
     n, split = len(plain), np.asarray(plain.catalog["split"])
@@ -232,12 +233,8 @@ def test_training_copies_leave_the_first_galaxies_and_the_held_out_splits_alone(
     assert not np.allclose(copied.flux[n:], plain.flux[src])
     assert not np.array_equal(np.asarray(extra["true_ew_halpha"]), np.asarray(plain.catalog["true_ew_halpha"])[src])
 
-
-def test_a_mock_with_other_training_copies_is_refused_not_reused(tmp_path):
-    from utils.errors import UserError
-    from utils.mock import ensure_mock
-
-    root = generate_mock(tmp_path / "m", 12, seed=5, progress=False)
+    # a mock folder with other copies than asked for is refused, not reused, and left as it is
+    root = plain.root
     before = (root / "catalog.fits").read_bytes()
     assert ensure_mock(root, 12, 5, train_copies=0) == root
     with pytest.raises(UserError, match=r"0 training copies.*data.mock_train_copies"):

@@ -335,7 +335,7 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
 
     survey = open_survey(tiny_mock)
     ds = SpectraDataset(survey, None, downsample=4)
-    flux, ivar = (np.stack([ds.flux(i)[j] for i in range(len(ds))]) for j in (0, 1))
+    flux, ivar = ds.all_flux()
     rng = np.random.default_rng(0)
     own = flux[:, None] + rng.normal(0, 0.02 * np.abs(flux).mean(), (len(ds), 6, flux.shape[1]))
     other = np.roll(flux, 7, axis=0)[:, None].repeat(2, 1)  # the two best-ranked: another galaxy's spectrum
@@ -347,9 +347,13 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
     truth = np.asarray(survey.catalog["true_ew_halpha"], float)[ds.rows]
     assert np.array_equal(out["reference"]["ew_halpha"], truth) and out["top_k"] == 2 and out["n"] == 8
     est = estimates(out, "ew_halpha")
-    assert list(est) == ["median of all N", "mean of all N", "median of the top 2", "median of 2 at random",
-                         "the top-ranked sample", "one sample at random", "of the mean spectrum"]
+    assert list(est) == ["median of all N", "mean of all N", "20%-trimmed mean of all N", "median of the top 2",
+                         "median of 2 at random", "the top-ranked sample", "one sample at random",
+                         "of the mean spectrum"]
     values = out["props"]["ew_halpha"]  # (G, N), ranked order kept
+    finite = np.isfinite(values).all(1)  # eight values: the lowest and the highest one dropped
+    assert finite.any() and np.allclose(est["20%-trimmed mean of all N"][finite],
+                                        np.sort(values[finite], 1)[:, 1:-1].mean(1))
     assert values.shape == (len(ds), 8) and np.allclose(est["median of the top 2"], np.median(values[:, :2], 1))
     assert np.array_equal(est["the top-ranked sample"], values[:, 0], equal_nan=True)
     assert all(v in row for v, row in zip(est["one sample at random"], values) if np.isfinite(v))
@@ -369,3 +373,51 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="spectra.fits: not found"):
         read_output(tmp_path / "empty", None)
+
+
+def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path):
+    """bench/compare_outputs.py: statistics on the galaxies both outputs hold, matched by object id
+    whatever their order, against the mock's intrinsic truth (not the file's measured values); the
+    difference is other - base with a bootstrap standard error; a variant whose point values follow
+    the truth better gains correlation; test outputs and unknown galaxies are refused."""
+    import yaml
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from bench.compare_outputs import compare, read_columns
+    from utils.dataset import open_survey
+    from utils.errors import UserError
+    from utils.report import COMPARED
+
+    catalog = open_survey(tiny_mock).catalog
+    g, rng = len(catalog), np.random.default_rng(1)
+    truth = {p: np.asarray(catalog[f"true_{p}"], float) for p in COMPARED}
+    z = np.asarray(catalog["z"], float)
+
+    def write(folder, noise, order, split="val", objid=np.asarray(catalog["objid"])):
+        folder.mkdir()
+        (folder / "config.yml").write_text(yaml.safe_dump({"data": {"root": str(tiny_mock)},
+                                                           "sampling": {"split": split, "catalog": None}}))
+        cols = {"objid": objid, "mse_mean": noise * np.ones(g) + rng.uniform(0, 1e-3, g),
+                "z_gen": z + rng.normal(0, noise * 0.05, g), "z_true": z}
+        for p in COMPARED:  # the file's measured values are noise: the catalog's truth must be used
+            cols[f"{p}_gen"] = truth[p] / np.nanstd(truth[p]) + rng.normal(0, noise, g)
+            cols[f"{p}_true"] = rng.normal(size=g)
+        hdu = fits.table_to_hdu(Table({k: v[order] for k, v in cols.items()}))
+        hdu.name = "SPECTRA"
+        fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(folder / "spectra.fits")
+
+    write(tmp_path / "base", 1.0, np.arange(g))
+    write(tmp_path / "other", 0.02, rng.permutation(g)[: g - 8])  # shuffled, 8 galaxies fewer
+    result = compare(read_columns(tmp_path / "base"), read_columns(tmp_path / "other"), boot=100)
+    halpha = result["ew_halpha corr"]
+    assert halpha["galaxies"] == g - 8 and halpha["other"] > 0.9 > halpha["base"]
+    assert halpha["difference"] == pytest.approx(halpha["other"] - halpha["base"]) and 0 < halpha["se"] < 0.2
+    assert result["MSE mean of N"]["difference"] == pytest.approx(-0.98, abs=0.01)
+    assert result["z sigma_NMAD"]["difference"] < 0
+    write(tmp_path / "test", 0.2, np.arange(g), split="test")
+    with pytest.raises(UserError, match="split is 'test'"):
+        read_columns(tmp_path / "test")
+    write(tmp_path / "foreign", 0.2, np.arange(g), objid=np.arange(g) + 7)
+    with pytest.raises(UserError, match="not in the catalog"):
+        read_columns(tmp_path / "foreign")

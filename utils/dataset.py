@@ -428,6 +428,13 @@ class SpectraDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         return self.grid.rebin(np.asarray(self.survey.flux[row]), np.asarray(self.survey.ivar[row]))
 
+    def all_flux(self) -> tuple[np.ndarray, np.ndarray]:
+        """Flux and ivar of every item, in order, each ``(N, L')`` (:meth:`flux` stacked)."""
+        if not len(self):
+            return np.zeros((0, self.n_pixels), np.float32), np.zeros((0, self.n_pixels), np.float32)
+        flux, ivar = zip(*(self.flux(i) for i in range(len(self))))
+        return np.stack(flux), np.stack(ivar)
+
     def image(self, i: int) -> torch.Tensor:
         """The network input image ``(C, 64, 64)`` of item ``i``."""
         return self.transform(self._raw_image(i))

@@ -125,19 +125,28 @@ class MockGalaxies:
         return MockGalaxies(*(np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
 
 
+@lru_cache(maxsize=1)
+def _real_galaxies() -> tuple[MockGalaxies, int]:
+    """The real galaxies with a usable template fit, and how many real galaxies were read (computed
+    once per process: the catalog read and the fits take a few seconds)."""
+    real = load_real_catalog()
+    z = np.asarray(real["z"])
+    coeffs = kcorrect_sdss().fit_coeffs(redshift=z, maggies=np.asarray(real["maggies"]),
+                                        ivar=np.asarray(real["maggies_ivar"]))
+    good = coeffs.sum(1) > 0
+    base = MockGalaxies(objid=OBJID_OFFSET + np.flatnonzero(good).astype(np.int64), ra=np.asarray(real["ra"])[good],
+                        dec=np.asarray(real["dec"])[good], z=z[good], coeffs=coeffs[good].astype(np.float64),
+                        maggies=np.asarray(real["maggies"])[good], source_row=np.flatnonzero(good))
+    return base, len(real)
+
+
 def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
     """The real galaxies with their template fits; more than there are are resampled.
 
     Resampled objects are perturbed copies of a random real galaxy (:func:`resample_galaxies`).
     """
-    real = load_real_catalog()
-    kc = kcorrect_sdss()
-    z = np.asarray(real["z"])
-    coeffs = kc.fit_coeffs(redshift=z, maggies=np.asarray(real["maggies"]), ivar=np.asarray(real["maggies_ivar"]))
-    good = coeffs.sum(1) > 0
-    base = MockGalaxies(objid=OBJID_OFFSET + np.flatnonzero(good).astype(np.int64), ra=np.asarray(real["ra"])[good],
-                        dec=np.asarray(real["dec"])[good], z=z[good], coeffs=coeffs[good].astype(np.float64),
-                        maggies=np.asarray(real["maggies"])[good], source_row=np.flatnonzero(good))
+    cached, n_real = _real_galaxies()
+    base = MockGalaxies(*(getattr(cached, f).copy() for f in MockGalaxies.__dataclass_fields__))  # callers may edit
     n_base = len(base)
     if n_objects is None or n_objects == n_base:
         return base
@@ -146,7 +155,7 @@ def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
         pick = np.sort(rng.choice(n_base, size=n_objects, replace=False))
         return MockGalaxies(*(getattr(base, f)[pick] for f in MockGalaxies.__dataclass_fields__))
     extra = n_objects - n_base
-    ids = OBJID_OFFSET + 10 * len(real) + np.arange(extra, dtype=np.int64)
+    ids = OBJID_OFFSET + 10 * n_real + np.arange(extra, dtype=np.int64)
     return base + resample_galaxies(base, rng.integers(0, n_base, size=extra), ids, rng)
 
 
@@ -211,7 +220,7 @@ def _sersic_b(n: float) -> float:
 
 
 def sersic_stamps(r_e: torch.Tensor, q: torch.Tensor, pa: torch.Tensor, offset: torch.Tensor, n: float,
-                  size: int = IMAGE_SIZE) -> torch.Tensor:
+                  size: int = IMAGE_SIZE, batch: int = 32) -> torch.Tensor:
     """Unit-flux Sersic profiles ``(B, size, size)`` convolved with the PSF.
 
     Parameters
@@ -220,18 +229,25 @@ def sersic_stamps(r_e: torch.Tensor, q: torch.Tensor, pa: torch.Tensor, offset: 
     q : ``(B,)`` axis ratio; pa : ``(B,)`` position angle in radians.
     offset : ``(B, 2)`` centre offset from the stamp centre in pixels.
     n : Sersic index (4 for a de Vaucouleurs bulge, 1 for an exponential disc).
+    batch : profiles rendered at a time on the oversampled grid (small blocks stay in the CPU's
+        cache: about twice as fast as all at once; the result is the same).
     """
     fine = size * OVERSAMPLE
     axis = (torch.arange(fine, dtype=torch.float32) + 0.5) / OVERSAMPLE - size / 2
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    x = xx[None] - offset[:, 0, None, None]
-    y = yy[None] - offset[:, 1, None, None]
-    c, s = torch.cos(pa)[:, None, None], torch.sin(pa)[:, None, None]
-    major = x * c + y * s
-    minor = (-x * s + y * c) / q[:, None, None]
-    r = torch.sqrt(major ** 2 + minor ** 2 + 1e-6) / r_e[:, None, None]
-    profile = torch.exp(-_sersic_b(n) * (r ** (1.0 / n) - 1.0))
-    profile = F.avg_pool2d(profile[:, None], OVERSAMPLE)
+    b_n = _sersic_b(n)
+    parts = []
+    for start in range(0, len(r_e), batch):
+        sl = slice(start, start + batch)
+        x = xx[None] - offset[sl, 0, None, None]
+        y = yy[None] - offset[sl, 1, None, None]
+        c, s = torch.cos(pa[sl])[:, None, None], torch.sin(pa[sl])[:, None, None]
+        major = x * c + y * s
+        minor = (-x * s + y * c) / q[sl, None, None]
+        r = torch.sqrt(major ** 2 + minor ** 2 + 1e-6) / r_e[sl, None, None]
+        profile = torch.exp(-b_n * ((r if n == 1 else r ** (1.0 / n)) - 1.0))
+        parts.append(F.avg_pool2d(profile[:, None], OVERSAMPLE))
+    profile = torch.cat(parts) if parts else torch.zeros(0, 1, size, size)
     profile = profile / profile.sum((2, 3), keepdim=True)
     return psf_convolve(profile)[:, 0]
 
