@@ -120,6 +120,10 @@ class MockGalaxies:
     def mags(self) -> np.ndarray:
         return -2.5 * np.log10(self.maggies)
 
+    def __getitem__(self, index) -> "MockGalaxies":
+        """The galaxies at ``index`` (a slice gives views, an index array copies)."""
+        return MockGalaxies(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
     def __add__(self, other: "MockGalaxies") -> "MockGalaxies":
         """The galaxies of both, these first."""
         return MockGalaxies(*(np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__))
@@ -146,14 +150,14 @@ def sample_galaxies(n_objects: int | None, seed: int) -> MockGalaxies:
     Resampled objects are perturbed copies of a random real galaxy (:func:`resample_galaxies`).
     """
     cached, n_real = _real_galaxies()
-    base = MockGalaxies(*(getattr(cached, f).copy() for f in MockGalaxies.__dataclass_fields__))  # callers may edit
+    base = cached[np.arange(len(cached))]  # a copy: callers may edit it
     n_base = len(base)
     if n_objects is None or n_objects == n_base:
         return base
     rng = np.random.default_rng([seed, 1])
     if n_objects < n_base:
         pick = np.sort(rng.choice(n_base, size=n_objects, replace=False))
-        return MockGalaxies(*(getattr(base, f)[pick] for f in MockGalaxies.__dataclass_fields__))
+        return base[pick]
     extra = n_objects - n_base
     ids = OBJID_OFFSET + 10 * n_real + np.arange(extra, dtype=np.int64)
     return base + resample_galaxies(base, rng.integers(0, n_base, size=extra), ids, rng)
@@ -405,7 +409,7 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
     for start, stop, stream in chunks:
         sl = slice(start, stop)
         rng = np.random.default_rng(stream)
-        part = MockGalaxies(*(getattr(gal, f)[sl] for f in MockGalaxies.__dataclass_fields__))
+        part = gal[sl]
         rendered = render_images(part, bt_all[sl], rng, FIBRE_DIAMETER[fibre])
         bulge, disc = physics.components(part.z, part.coeffs, props["veldisp"][sl])
         continuum = rendered.fibre_bulge[:, None] * bulge + rendered.fibre_disc[:, None] * disc
