@@ -20,14 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
-from astropy.io import fits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.dataset import open_survey  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import property_stats, redshift_stats  # noqa: E402
+from utils.export import read_validation_output  # noqa: E402
 from utils.report import COMPARED, reference_values  # noqa: E402
 
 #: per-galaxy columns read from each spectra.fits
@@ -38,32 +36,9 @@ def read_columns(folder: Path, root: str | None = None) -> dict[str, np.ndarray]
     """The per-galaxy columns of one validation output of generate.py, with ``<property>_true``
     and ``z_true`` replaced by the reference generate.py judged against (utils.report.reference_values)
     from the catalog of ``root`` (default: the output's data.root)."""
-    fits_path, config_path = folder / "spectra.fits", folder / "config.yml"
-    for path in (fits_path, config_path):
-        if not path.is_file():
-            raise UserError(f"{path}: not found; give a folder generate.py wrote (spectra.fits and config.yml)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    sampling = config.get("sampling") or {}
-    if sampling.get("split") != "val" or sampling.get("catalog"):
-        raise UserError(f"{config_path}: sampling.split is {sampling.get('split')!r}"
-                        f"{' with a catalog' if sampling.get('catalog') else ''}; comparisons are made on 'val' "
-                        "outputs with known spectra, never on the test split")
-    with fits.open(fits_path) as hdus:
-        table = hdus["SPECTRA"].data
-        missing = [c for c in COLUMNS if c not in table.columns.names]
-        if missing:
-            raise UserError(f"{fits_path}: no column {missing[0]!r}; it needs the science evaluation "
-                            "(sampling.science=true) on galaxies with known spectra")
-        cols = {c: np.asarray(table[c]) for c in COLUMNS}
-    root = root or (config.get("data") or {}).get("root")
-    catalog = open_survey(root, check_values=False).catalog
-    where = {o: i for i, o in enumerate(np.asarray(catalog["objid"]))}
-    missing = [o for o in cols["objid"] if o not in where]
-    if missing:
-        raise UserError(f"{fits_path}: {len(missing)} galaxies (e.g. objid {missing[0]}) are not in the catalog of "
-                        f"{root}; pass the dataset generate.py read with --root")
-    measured = {p: cols[f"{p}_true"] for p in COMPARED}
-    reference, _ = reference_values(measured, catalog[np.array([where[o] for o in cols["objid"]])])
+    out = read_validation_output(folder, COLUMNS, root)
+    cols = dict(out.columns)
+    reference, _ = reference_values({p: cols[f"{p}_true"] for p in COMPARED}, out.catalog)
     cols.update({f"{p}_true": np.asarray(reference[p], float) for p in COMPARED})
     cols["z_true"] = np.asarray(reference.get("z", cols["z_true"]), float)
     return cols

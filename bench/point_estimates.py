@@ -22,49 +22,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
-from astropy.io import fits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.dataset import open_survey  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import property_stats  # noqa: E402
+from utils.export import read_validation_output  # noqa: E402
 from utils.report import COMPARED, reference_values, sample_properties  # noqa: E402
 from utils.science import RedshiftFitter, measure, redshift_weights  # noqa: E402
 
 
 def read_output(folder: Path, root: str | None) -> dict:
     """The samples (ranked, best first), truth and reference values of one generate.py output."""
-    fits_path, config_path = folder / "spectra.fits", folder / "config.yml"
-    for path in (fits_path, config_path):
-        if not path.is_file():
-            raise UserError(f"{path}: not found; give a folder generate.py wrote (spectra.fits and config.yml)")
-    config = yaml.safe_load(config_path.read_text())
-    sampling = (config or {}).get("sampling") or {}
-    if sampling.get("catalog"):
-        raise UserError(f"{config_path}: sampling.catalog is set; point estimates need galaxies with known spectra")
-    if sampling.get("split") != "val":
-        raise UserError(f"{config_path}: sampling.split is {sampling.get('split')!r}; point estimates are chosen "
-                        "on 'val' outputs, never on the test split")
-    with fits.open(fits_path) as hdus:
-        table, header, wave = hdus["SPECTRA"].data, hdus["SPECTRA"].header, np.asarray(hdus["WAVELENGTH"].data, float)
-        if "true_flux" not in table.columns.names:
-            raise UserError(f"{fits_path}: no true_flux column; the galaxies need measured spectra")
-        samples = np.asarray(table["samples"], np.float64)
-        truth, ivar = np.asarray(table["true_flux"], np.float64), np.asarray(table["true_ivar"], np.float64)
-        objid, top_k = np.asarray(table["objid"]), int(header["TOPK"])
-    catalog = open_survey(root or config["data"]["root"], check_values=False).catalog
-    where = {o: i for i, o in enumerate(np.asarray(catalog["objid"]))}
-    missing = [o for o in objid if o not in where]
-    if missing:
-        raise UserError(f"{fits_path}: {len(missing)} galaxies (e.g. objid {missing[0]}) are not in the catalog "
-                        f"of {root or config['data']['root']}; pass the dataset generate.py read with --root")
-    rows = np.array([where[o] for o in objid])
-    fitter = RedshiftFitter(wave, weights=redshift_weights(ivar))
-    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog[rows])
-    return {"props": sample_properties(samples, wave, fitter), "mean_props": measure(samples.mean(1), wave,
-            fitter=fitter).table(), "reference": reference, "top_k": top_k, "n": samples.shape[1]}
+    out = read_validation_output(folder, ("samples", "true_flux", "true_ivar"), root, purpose="point estimates")
+    samples = np.asarray(out.columns["samples"], np.float64)
+    truth, ivar = np.asarray(out.columns["true_flux"], np.float64), np.asarray(out.columns["true_ivar"], np.float64)
+    fitter = RedshiftFitter(out.wave, weights=redshift_weights(ivar))
+    reference, _ = reference_values(measure(truth, out.wave, fitter=fitter).table(), out.catalog)
+    return {"props": sample_properties(samples, out.wave, fitter), "mean_props": measure(samples.mean(1), out.wave,
+            fitter=fitter).table(), "reference": reference, "top_k": int(out.header["TOPK"]), "n": samples.shape[1]}
 
 
 def trimmed_mean(values: np.ndarray, cut: float = 0.2) -> np.ndarray:

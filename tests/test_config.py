@@ -65,6 +65,15 @@ def test_calibrating_on_the_evaluated_split_is_refused():
     assert catalog["sampling"]["calibration_objects"] == 5  # a catalog is evaluated, not the split
 
 
+def test_antithetic_noise_needs_a_deterministic_sampler():
+    """Mirrored starting noises pay only where a sample is a function of its starting noise."""
+    for args in (["sampling.sampler=ddpm"], ["sampling.sampler=ddim", "sampling.eta=0.5"]):
+        with pytest.raises(ConfigError, match="'sampling.antithetic': got true, expected false with a stochastic"):
+            load_config(GEN_PARAMS, args + ["sampling.antithetic=true"])
+    for args in (["sampling.sampler=ddim", "sampling.eta=0"], ["sampling.sampler=dpmpp2m", "sampling.eta=1"]):
+        assert load_config(GEN_PARAMS, args + ["sampling.antithetic=true"])["sampling"]["antithetic"] is True
+
+
 def test_ambiguous_leaf_key_is_refused():
     with pytest.raises(ConfigError, match="'n_samples' is ambiguous: write one of sampling.n_samples, val.n_samples"):
         load_config(GEN_PARAMS, ["n_samples=3"])

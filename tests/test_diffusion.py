@@ -151,6 +151,32 @@ def test_sampling_is_reproducible_with_a_generator():
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp2m"])
+def test_antithetic_starting_noise_mirrors_pairs(name):
+    """sampling.antithetic: the last N // 2 starting noises of a galaxy are the negatives of its
+    first ones; on Gaussian data, where a deterministic sampler's x_0 is linear in x_T, every
+    mirrored pair averages to the same value, the data mean (to the 10 steps' discretisation), which
+    independent pairs do not."""
+    from utils.generation import starting_noise
+
+    plain = starting_noise(3, 5, 4, torch.Generator().manual_seed(7))
+    assert torch.equal(plain, torch.randn((15, 1, 4), generator=torch.Generator().manual_seed(7)))
+    mirrored = starting_noise(3, 5, 4, torch.Generator().manual_seed(7), antithetic=True).reshape(3, 5, 4)
+    assert torch.equal(mirrored[:, 3:], -mirrored[:, :2]) and not torch.equal(mirrored[0], mirrored[1])
+    assert (mirrored[:, 2] != 0).all()  # odd N: the middle draw has no partner
+
+    d = GaussianDiffusion(cosine_betas(250), prediction="v")
+    mu = torch.tensor([-0.5, 0.0, 0.8]).double().reshape(1, 1, 3)
+    oracle = GaussianOracle(d, mu, torch.tensor([0.3, 0.5, 0.8]).double().reshape(1, 1, 3))
+    g = torch.Generator().manual_seed(0)
+    pair_means = {}
+    for antithetic in (True, False):
+        x = starting_noise(200, 2, 3, g, antithetic=antithetic)
+        pair_means[antithetic] = SAMPLERS[name](oracle, x, d, None, steps=10).double().reshape(200, 2, 3).mean(1)
+    assert pair_means[True].std(0).max() < 1e-5 and torch.allclose(pair_means[True][0], mu[0, 0], atol=1e-3)
+    assert pair_means[False].std(0).min() > 0.1
+
+
 def test_timestep_subset():
     assert timestep_subset(250, None) == list(range(249, -1, -1))
     sub = timestep_subset(250, 25)

@@ -223,6 +223,11 @@ def check_consistency(config: dict) -> None:
         raise ConfigError(f"config key 'sampling.calibration_objects': got {s['calibration_objects']}, expected 0 "
                           f"when sampling.split is 'val' (the calibration is fitted on validation galaxies, so they "
                           f"cannot also judge it)")
+    if s.get("antithetic") and (s.get("sampler") == "ddpm" or (s.get("sampler") == "ddim" and s.get("eta"))):
+        raise ConfigError(f"config key 'sampling.antithetic': got true, expected false with a stochastic sampler "
+                          f"(sampling.sampler {s.get('sampler')!r}, sampling.eta {s.get('eta')}): mirrored starting "
+                          f"noises pay only where a sample is a function of its starting noise (ddim with eta 0, "
+                          f"dpmpp2m)")
     m = config.get("model", {})
     if m.get("photometry") and config.get("data", {}).get("image") != "ugriz":
         raise ConfigError(f"config key 'model.photometry': got true, expected false unless data.image is 'ugriz' "

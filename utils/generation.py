@@ -41,11 +41,14 @@ DATA_KEYS = ("image", "preprocessing", "downsample")
 @torch.no_grad()
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, config: dict, generator: torch.Generator | None = None,
-                      eta: float = 0.0, guidance: float = 1.0, photometry: torch.Tensor | None = None) -> torch.Tensor:
+                      eta: float = 0.0, guidance: float = 1.0, photometry: torch.Tensor | None = None,
+                      antithetic: bool = False) -> torch.Tensor:
     """``n_samples`` spectra per image, ``(G, N, L)``: the image context (with the images'
     ``(G, F)`` photometry, for a model built with it) is computed once per galaxy and all
     G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
-    guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0."""
+    guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0.
+    ``antithetic``: the last N // 2 starting noises of each galaxy are the negatives of its first
+    ones (:func:`starting_noise`; meant for a deterministic sampler)."""
     model.eval()
     device = images.device
     with autocast(config, device):
@@ -53,8 +56,7 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
     if context is not None:
         context = context.repeat_interleave(n_samples, dim=0)
     g = images.shape[0]
-    shape = (g * n_samples, 1, model.length)
-    noise = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    noise = starting_noise(g, n_samples, model.length, generator, antithetic).to(device)
 
     def denoiser(x, t, ctx):
         with autocast(config, device):
@@ -67,6 +69,22 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
     x0 = get_sampler(sampler)(denoiser, noise, diffusion, context, generator=generator, steps=steps, eta=eta,
                               clip=clip_value(config))
     return x0.float().reshape(g, n_samples, -1)
+
+
+def starting_noise(galaxies: int, n_samples: int, length: int, generator: torch.Generator | None = None,
+                   antithetic: bool = False) -> torch.Tensor:
+    """Standard normal starting points ``(galaxies * n_samples, 1, length)``, galaxy by galaxy.
+
+    ``antithetic`` draws ceil(N / 2) per galaxy and appends the negatives of the first N // 2:
+    every sample is still a draw from the model, but a deterministic sampler's mirrored pairs
+    cancel the part of the samples' scatter that is odd in the noise, so summaries over a
+    galaxy's N samples (their median, mean, quantiles) vary less from one draw to the next."""
+    drawn = (n_samples + 1) // 2 if antithetic else n_samples
+    noise = torch.randn((galaxies, drawn, 1, length), generator=generator,
+                        device=generator.device if generator is not None else "cpu")
+    if antithetic:
+        noise = torch.cat([noise, -noise[:, :n_samples // 2]], dim=1)
+    return noise.reshape(galaxies * n_samples, 1, length)
 
 
 def run_mean_spectrum(run_dir: Path, train_set) -> np.ndarray:
@@ -291,7 +309,8 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
             images = batch["image"].to(device)
             drawn = sample_for_images(pair.denoiser, pair.diffusion, images, s["n_samples"], s["sampler"], s["steps"],
                                       cfg, generator, eta=s["eta"], guidance=s["guidance"],
-                                      photometry=photometry_of(pair.denoiser, dataset, batch, device))
+                                      photometry=photometry_of(pair.denoiser, dataset, batch, device),
+                                      antithetic=s["antithetic"])
             scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
             samples.append(drawn.cpu().numpy())
             truth.append(batch["spectrum"][:, 0].numpy())
