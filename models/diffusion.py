@@ -47,11 +47,27 @@ def linear_betas(timesteps: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
 
 
-def make_betas(schedule: str, timesteps: int) -> np.ndarray:
+def shift_betas(betas: np.ndarray, shift: float, max_beta: float = MAX_BETA) -> np.ndarray:
+    """The schedule whose signal-to-noise ratio abar / (1 - abar) is ``shift``^2 times that of
+    ``betas`` at every step (as if the data were scaled by ``shift``; Hoogeboom et al. 2023 shift
+    the cosine schedule this way): abar' = s^2 abar / (1 - abar + s^2 abar), betas clipped at
+    ``max_beta``; ``shift`` 1 returns ``betas``. A shift above 1 spends more steps at noise levels
+    small against the data, where a spectrum's fine features (lines) are decided."""
+    if not shift > 0:
+        raise ValueError(f"the schedule's shift must be > 0, got {shift}")
+    if shift == 1:
+        return np.asarray(betas, dtype=np.float64)
+    alpha_bar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    shifted = shift ** 2 * alpha_bar / (1.0 - alpha_bar + shift ** 2 * alpha_bar)
+    return np.clip(1.0 - shifted / np.concatenate([[1.0], shifted[:-1]]), 0.0, max_beta)
+
+
+def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> np.ndarray:
+    """The ``schedule``'s betas for ``timesteps`` steps, its SNR scaled by ``shift``^2 (:func:`shift_betas`)."""
     if schedule == "cosine":
-        return cosine_betas(timesteps)
+        return shift_betas(cosine_betas(timesteps), shift)
     if schedule == "linear":
-        return linear_betas(timesteps)
+        return shift_betas(linear_betas(timesteps), shift)
     raise ValueError(f"unknown noise schedule '{schedule}': expected 'cosine' or 'linear'")
 
 
@@ -100,8 +116,9 @@ class GaussianDiffusion:
             setattr(self, name, torch.tensor(value, dtype=torch.float32))
 
     @classmethod
-    def from_config(cls, schedule: str, timesteps: int, prediction: str = "eps") -> "GaussianDiffusion":
-        return cls(make_betas(schedule, timesteps), prediction)
+    def from_config(cls, schedule: str, timesteps: int, prediction: str = "eps", shift: float = 1.0
+                    ) -> "GaussianDiffusion":
+        return cls(make_betas(schedule, timesteps, shift), prediction)
 
     # forward process --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

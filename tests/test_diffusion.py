@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine
 
 from conftest import only_run, run_script, tiny_generative_args
-from models.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+from models.diffusion import MAX_BETA, GaussianDiffusion, cosine_betas, linear_betas, make_betas
 from models.samplers import SAMPLERS, timestep_subset
 from models.unet import ConditionalUNet1D, SinusoidalEmbedding
 
@@ -31,6 +31,30 @@ def test_cosine_schedule_definition():
     for t in (0, 10, 100, 200):  # below the beta clip the product telescopes to f(t+1) / f(0)
         assert abar[t] == pytest.approx(f(t + 1) / f(0), rel=1e-9)
     assert betas.max() <= 0.999 and betas.min() > 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_shifted_schedule_scales_the_signal_to_noise_ratio(schedule):
+    """diffusion.shift s: abar' / (1 - abar') = s^2 abar / (1 - abar) at every step below the beta
+    clip, so a larger shift spends more steps at low noise; 1 is the plain schedule; s <= 0 refused."""
+    from utils.builders import build_diffusion
+
+    plain = make_betas(schedule, 250)
+    assert np.array_equal(make_betas(schedule, 250, 1.0), plain)
+    snr = lambda betas: (lambda a: a / (1 - a))(np.cumprod(1 - betas))  # noqa: E731
+    for shift in (0.5, 3.0):
+        shifted = make_betas(schedule, 250, shift)
+        below_clip = np.cumprod(plain < MAX_BETA) & np.cumprod(shifted < MAX_BETA)
+        assert below_clip.sum() > 200
+        assert np.allclose(snr(shifted)[below_clip.astype(bool)], shift ** 2 * snr(plain)[below_clip.astype(bool)],
+                           rtol=1e-9)
+        assert ((snr(shifted) > 28).mean() > (snr(plain) > 28).mean()) == (shift > 1)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        make_betas(schedule, 250, 0.0)
+    config = {"diffusion": {"schedule": schedule, "timesteps": 250, "prediction": "v", "shift": 3.0}}
+    assert np.allclose(build_diffusion(config).float64["betas"], make_betas(schedule, 250, 3.0))
+    del config["diffusion"]["shift"]  # runs saved before the key existed: the plain schedule
+    assert np.allclose(build_diffusion(config).float64["betas"], plain)
 
 
 def test_q_sample_moments():

@@ -198,6 +198,48 @@ def test_research_loop_matches_batched_ddpm(prediction):
     assert not torch.allclose(loop, other[0], atol=1e-2)
 
 
+def test_views_spread_a_galaxys_samples_over_the_flips_of_its_image():
+    """sampling.views: sample j of a galaxy is conditioned on view j mod V of its image, so with
+    the same starting noises it equals the sample j that the flipped image alone gives; one view
+    is the plain image's sampling."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.diffusion import GaussianDiffusion, cosine_betas
+    from models.unet import ConditionalUNet1D
+    from utils.generation import VIEWS, sample_for_images
+
+    torch.manual_seed(0)
+    model = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8,
+                              context_pos=True).eval()
+    for p in model.parameters():  # the zero-initialised projections would hide the image
+        torch.nn.init.normal_(p, std=0.2)
+    # an encoder whose 2 x 2 feature cells are the image's quadrants (a random one barely reads its
+    # image): a flip permutes the cells, and the token positions tell them apart
+    mix = torch.randn(64, 3)
+    model.image_encoder.features = lambda imgs: torch.einsum("ck,bkhw->bchw", mix, F.adaptive_avg_pool2d(imgs, 2))
+    diffusion = GaussianDiffusion(cosine_betas(20), prediction="v")
+    quadrants = torch.randn(2, 3, 2, 2).repeat_interleave(32, -1).repeat_interleave(32, -2)
+    images = torch.randn(2, 3, 64, 64) + quadrants
+    config = {"run": {"precision": "fp32"}, "data": {"preprocessing": "log"}}
+
+    def draw(imgs, views):
+        return sample_for_images(model, diffusion, imgs, 6, "ddim", 5, config, torch.Generator().manual_seed(3),
+                                 views=views)
+
+    spread = draw(images, 4)
+    for v, dims in enumerate(VIEWS):
+        alone = draw(images.flip(dims) if dims else images, 1)
+        for j in (v, v + 4):
+            if j < 6:
+                assert torch.allclose(spread[:, j], alone[:, j], atol=1e-5)
+        if dims:
+            assert not torch.allclose(spread[:, v], draw(images, 1)[:, v], atol=1e-2)
+    assert torch.equal(draw(images, 1), draw(images, 1))
+    with pytest.raises(ValueError, match="views must be in 1..4"):
+        draw(images, 5)
+
+
 @pytest.mark.slow
 def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs, tmp_path, monkeypatch):
     """bench/validate_generative.py with the run's own settings gives the run's last validation;

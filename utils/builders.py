@@ -52,8 +52,8 @@ def build_generative_model(config: dict, length: int, image_channels: int) -> Co
 
 
 def build_diffusion(config: dict) -> GaussianDiffusion:
-    d = config["diffusion"]  # runs saved before the prediction key existed predicted the noise
-    return GaussianDiffusion.from_config(d["schedule"], d["timesteps"], d.get("prediction", "eps"))
+    d = config["diffusion"]  # runs saved before the prediction and shift keys existed: eps, no shift
+    return GaussianDiffusion.from_config(d["schedule"], d["timesteps"], d.get("prediction", "eps"), d.get("shift", 1.0))
 
 
 def clip_value(config: dict) -> float | None:

@@ -42,19 +42,25 @@ DATA_KEYS = ("image", "preprocessing", "downsample")
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, config: dict, generator: torch.Generator | None = None,
                       eta: float = 0.0, guidance: float = 1.0, photometry: torch.Tensor | None = None,
-                      antithetic: bool = False) -> torch.Tensor:
+                      antithetic: bool = False, views: int = 1) -> torch.Tensor:
     """``n_samples`` spectra per image, ``(G, N, L)``: the image context (with the images'
     ``(G, F)`` photometry, for a model built with it) is computed once per galaxy and all
     G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
     guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0.
     ``antithetic``: the last N // 2 starting noises of each galaxy are the negatives of its first
-    ones (:func:`starting_noise`; meant for a deterministic sampler)."""
+    ones (:func:`starting_noise`; meant for a deterministic sampler). ``views`` > 1 spreads each
+    galaxy's samples over that many flips of its image (:data:`VIEWS`; sample j is conditioned on
+    view j mod ``views``), so that the encoder's view-dependent errors average out over the N."""
     model.eval()
     device = images.device
+    if not 1 <= views <= len(VIEWS):
+        raise ValueError(f"views must be in 1..{len(VIEWS)}, got {views}")
     with autocast(config, device):
-        context = model.encode(images, photometry)
-    if context is not None:
-        context = context.repeat_interleave(n_samples, dim=0)
+        contexts = [model.encode(images.flip(VIEWS[v]) if VIEWS[v] else images, photometry) for v in range(views)]
+    context = None
+    if contexts[0] is not None:  # (G * N, ...): galaxy-major, the views cycling within each galaxy
+        stacked = torch.stack(contexts, 1)  # (G, V, ...)
+        context = stacked[:, torch.arange(n_samples, device=stacked.device) % views].flatten(0, 1)
     g = images.shape[0]
     noise = starting_noise(g, n_samples, model.length, generator, antithetic).to(device)
 
@@ -69,6 +75,11 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
     x0 = get_sampler(sampler)(denoiser, noise, diffusion, context, generator=generator, steps=steps, eta=eta,
                               clip=clip_value(config))
     return x0.float().reshape(g, n_samples, -1)
+
+
+#: the image views of ``sampling.views``, as the dims each flips: the centre-cropped image, then its
+#: left-right, up-down and both flips (the flips of the training augmentation, utils.dataset)
+VIEWS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-1, -2))
 
 
 def starting_noise(galaxies: int, n_samples: int, length: int, generator: torch.Generator | None = None,
@@ -310,7 +321,7 @@ def draw(pair: TrainedPair, dataset: SpectraDataset, config: dict, known: bool, 
             drawn = sample_for_images(pair.denoiser, pair.diffusion, images, s["n_samples"], s["sampler"], s["steps"],
                                       cfg, generator, eta=s["eta"], guidance=s["guidance"],
                                       photometry=photometry_of(pair.denoiser, dataset, batch, device),
-                                      antithetic=s["antithetic"])
+                                      antithetic=s["antithetic"], views=s["views"])
             scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
             samples.append(drawn.cpu().numpy())
             truth.append(batch["spectrum"][:, 0].numpy())
