@@ -307,14 +307,14 @@ def test_redshift_weights_are_each_pixels_median_inverse_variance():
         redshift_weights(ivar[0])
 
 
-def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k):
+def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k, preprocessing="scale"):
     """A generate.py output folder as bench/point_estimates.py reads it (spectra.fits, config.yml)."""
     import yaml
     from astropy.io import fits
     from astropy.table import Table
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yml").write_text(yaml.safe_dump({"data": {"root": str(root)},
+    (folder / "config.yml").write_text(yaml.safe_dump({"data": {"root": str(root), "preprocessing": preprocessing},
                                                        "sampling": {"split": split, "catalog": None}}))
     table = Table({"objid": objid, "samples": samples.astype(np.float32), "true_flux": truth.astype(np.float32),
                    "true_ivar": ivar.astype(np.float32)})
@@ -373,6 +373,45 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="spectra.fits: not found"):
         read_output(tmp_path / "empty", None)
+
+
+def test_pool_models_draws_fair_shares_and_judges_them_like_generate(tiny_mock, tmp_path):
+    """bench/pool_models.py: the pool takes N / k samples of each output at random (not the
+    best-ranked first ones); samples equal to the truth give an MSE of 0 and the truth's measured
+    properties; outputs of other galaxies are refused."""
+    from bench.pool_models import columns, pool, read_samples
+    from utils.dataset import SpectraDataset, open_survey
+    from utils.errors import UserError
+    from utils.report import COMPARED
+    from utils.science import RedshiftFitter, measure, redshift_weights
+
+    survey = open_survey(tiny_mock)
+    ds = SpectraDataset(survey, None, downsample=4, preprocessing="log")
+    flux, ivar = ds.all_flux()
+    objid = np.asarray(survey.catalog["objid"])[ds.rows]
+    for name, factor in (("a", 1.0), ("b", 2.0)):  # b's samples are twice the truth: recognisable
+        samples = factor * flux[:, None].repeat(6, 1) * np.linspace(1, 1.01, 6)[None, :, None]
+        _write_output(tmp_path / name, tiny_mock, "val", samples, flux, ivar, objid, ds.wave, top_k=2,
+                      preprocessing="log")
+    a, b = read_samples(tmp_path / "a", None), read_samples(tmp_path / "b", None)
+    assert a["preprocessing"] == "log"
+    mixed = pool([a, b], 5, seed=3)["samples"]  # 3 of a's, 2 of b's per galaxy
+    ratio = mixed[:, :, 100] / flux[:, None, 100]
+    assert mixed.shape == (len(ds), 5, flux.shape[1])
+    assert np.all(ratio[:, :3] < 1.02) and np.all(ratio[:, 3:] > 1.9)
+    assert len({tuple(np.round(r, 6)) for r in ratio[:, :3]}) > 1  # a random draw, not always the first three
+
+    exact = dict(a, samples=flux[:, None].repeat(4, 1))
+    cols = columns(exact)
+    assert np.allclose(cols["mse_mean"], 0, atol=1e-10)
+    measured = measure(flux, ds.wave, fitter=RedshiftFitter(ds.wave, weights=redshift_weights(ivar))).table()
+    for p in COMPARED:
+        assert np.allclose(cols[f"{p}_gen"], measured[p], equal_nan=True)
+        assert np.array_equal(cols[f"{p}_true"], np.asarray(survey.catalog[f"true_{p}"], float)[ds.rows])
+    off = dict(b, samples=2 * flux[:, None].repeat(4, 1))  # twice the flux: log(2) in every pixel
+    assert np.allclose(columns(off)["mse_mean"], np.log(2) ** 2, rtol=1e-4)
+    with pytest.raises(UserError, match="different galaxies"):
+        pool([a, dict(b, objid=b["objid"][::-1])], 4)
 
 
 def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path):

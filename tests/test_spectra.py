@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.spectra import (LOG_NORM_WINDOW, NEURIPS_NPIX, apj_wave, deprocess, neurips_loglam, preprocess,
-                           rebin)
+from utils.spectra import (LOG_NORM_WINDOW, NEURIPS_NPIX, apj_wave, deprocess, neurips_loglam, preprocess, rebin,
+                           reprocess)
 
 
 def test_grids():
@@ -34,6 +34,10 @@ def test_preprocess_inverts(spectra, kind):
     # one galaxy's params broadcast over several samples
     several = np.stack([x[0], x[0]])
     assert np.allclose(deprocess(several, params[0], kind), flux[0][None], rtol=1e-5, atol=1e-4)
+    # reprocess: other spectra (samples) in a galaxy's units, the inverse of deprocess
+    samples = x[:, None] + np.random.default_rng(1).normal(0, 0.05, (6, 3, x.shape[1])).astype(np.float32)
+    assert np.allclose(reprocess(deprocess(samples, params[:, None], kind), params[:, None], kind), samples, atol=1e-5)
+    assert np.array_equal(reprocess(flux, params, kind), x)
 
 
 def test_scale_maps_to_minus_one_one(spectra):

@@ -99,18 +99,28 @@ def preprocess(flux: np.ndarray, wave: np.ndarray, kind: str) -> tuple[np.ndarra
     """
     flux = np.asarray(flux, dtype=np.float64)
     if kind == "scale":
-        lo, hi = flux.min(-1), flux.max(-1)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        x = 2.0 * (flux - lo[..., None]) / span[..., None] - 1.0
-        params = np.stack([lo, hi], -1)
+        params = np.stack([flux.min(-1), flux.max(-1)], -1)
     elif kind == "log":
         norm = log_norm(flux, wave)
         norm = np.where(norm > 0, norm, np.abs(flux).mean(-1) + 1e-30)
-        x = np.log(np.maximum(flux / norm[..., None], LOG_FLOOR))
         params = np.stack([norm, np.zeros_like(norm)], -1)
     else:
         raise ValueError(f"unknown preprocessing '{kind}': expected one of {PREPROCESSINGS}")
-    return x.astype(np.float32), params
+    return reprocess(flux, params, kind), params
+
+
+def reprocess(flux: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
+    """``(..., L)`` spectra in 1e-17 erg/s/cm^2/A normalised with given ``params`` ``(..., 2)``
+    (:func:`preprocess`'s, broadcasting like :func:`deprocess`'s): for example samples in the
+    units of their galaxy's true spectrum. Inverts :func:`deprocess`; float32."""
+    flux = np.asarray(flux, dtype=np.float64)
+    params = np.asarray(params, dtype=np.float64)
+    if kind == "scale":
+        lo, hi = params[..., 0:1], params[..., 1:2]
+        return (2.0 * (flux - lo) / np.where(hi > lo, hi - lo, 1.0) - 1.0).astype(np.float32)
+    if kind == "log":
+        return np.log(np.maximum(flux / params[..., 0:1], LOG_FLOOR)).astype(np.float32)
+    raise ValueError(f"unknown preprocessing '{kind}': expected one of {PREPROCESSINGS}")
 
 
 def deprocess(x: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
