@@ -83,12 +83,18 @@ def main() -> None:
     except UserError as err:
         sys.exit(f"error: {err}")
     n = next(iter(result.values()))["galaxies"]
-    print(f"{n} galaxies; other - base +- bootstrap SE ({args.boot} resamples)\n")
-    print("| statistic | base | other | other - base |\n|---|---|---|---|")
+    report(result, f"{n} galaxies; other - base +- bootstrap SE ({args.boot} resamples)", "other", args.out)
+
+
+def report(result: dict[str, dict], title: str, other: str, out: Path | None) -> None:
+    """Print :func:`compare`'s result as a Markdown table under ``title``, the variant's column
+    named ``other``; also write it as JSON to ``out`` when given."""
+    print(f"{title}\n")
+    print(f"| statistic | base | {other} | {other} - base |\n|---|---|---|---|")
     for k, r in result.items():
         print(f"| {k} | {r['base']:.5g} | {r['other']:.5g} | {r['difference']:+.5f} +- {r['se']:.5f} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ statistic for BASE and the pool, and pool - BASE with a bootstrap standard error
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare_outputs import compare, read_columns  # noqa: E402
+from bench.compare_outputs import compare, read_columns, report  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import median_and_interval  # noqa: E402
 from utils.export import read_validation_output  # noqa: E402
@@ -104,13 +103,8 @@ def main() -> None:
     except UserError as err:
         sys.exit(f"error: {err}")
     g = next(iter(result.values()))["galaxies"]
-    print(f"{g} galaxies; a pool of {n} samples from {len(args.outputs)} outputs against the base's {n}; "
-          f"pool - base +- bootstrap SE ({args.boot} resamples)\n")
-    print("| statistic | base | pool | pool - base |\n|---|---|---|---|")
-    for k, r in result.items():
-        print(f"| {k} | {r['base']:.5g} | {r['other']:.5g} | {r['difference']:+.5f} +- {r['se']:.5f} |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, f"{g} galaxies; a pool of {n} samples from {len(args.outputs)} outputs against the base's {n}; "
+           f"pool - base +- bootstrap SE ({args.boot} resamples)", "pool", args.out)
 
 
 if __name__ == "__main__":
