@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import property_stats, redshift_stats  # noqa: E402
-from utils.export import read_validation_output  # noqa: E402
+from utils.export import ValidationOutput, read_validation_output  # noqa: E402
 from utils.report import COMPARED, reference_values  # noqa: E402
 
 #: per-galaxy columns read from each spectra.fits
@@ -36,8 +36,12 @@ def read_columns(folder: Path, root: str | None = None) -> dict[str, np.ndarray]
     """The per-galaxy columns of one validation output of generate.py, with ``<property>_true``
     and ``z_true`` replaced by the reference generate.py judged against (utils.report.reference_values)
     from the catalog of ``root`` (default: the output's data.root)."""
-    out = read_validation_output(folder, COLUMNS, root)
-    cols = dict(out.columns)
+    return columns_of(read_validation_output(folder, COLUMNS, root))
+
+
+def columns_of(out: ValidationOutput) -> dict[str, np.ndarray]:
+    """:func:`read_columns` of an output already read (with at least :data:`COLUMNS`)."""
+    cols = {c: out.columns[c] for c in COLUMNS}
     reference, _ = reference_values({p: cols[f"{p}_true"] for p in COMPARED}, out.catalog)
     cols.update({f"{p}_true": np.asarray(reference[p], float) for p in COMPARED})
     cols["z_true"] = np.asarray(reference.get("z", cols["z_true"]), float)

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.compare_outputs import compare, read_columns, report  # noqa: E402
+from bench.compare_outputs import COLUMNS, columns_of, compare, report  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluation import median_and_interval  # noqa: E402
 from utils.export import read_validation_output  # noqa: E402
@@ -96,8 +96,9 @@ def main() -> None:
     try:
         if len(args.outputs) < 2:
             raise UserError("give at least two outputs to pool")
-        base = read_columns(args.base, args.root)
-        n = int(read_validation_output(args.base, ("samples",), args.root).columns["samples"].shape[1])
+        base_output = read_validation_output(args.base, (*COLUMNS, "samples"), args.root)
+        n = int(base_output.columns["samples"].shape[1])
+        base = columns_of(base_output)
         pooled = pool([read_samples(f, args.root) for f in args.outputs], n, args.seed)
         result = compare(base, columns(pooled), args.boot)
     except UserError as err:
