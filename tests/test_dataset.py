@@ -84,6 +84,19 @@ def test_nan_flux_and_missing_column_are_named(tmp_path):
         open_survey(tmp_path / "nowhere")
 
 
+def test_unknown_split_values_are_named_plainly(tmp_path):
+    root = _write(tmp_path / "d")
+    cat = Table.read(root / "catalog.fits")
+    cat["split"] = cat["split"].astype("U8")
+    cat["split"][[2, 5]] = ["tset", "holdout"]
+    cat.write(root / "catalog.fits", overwrite=True)
+    with pytest.raises(DataError) as err:
+        open_survey(root)
+    message = str(err.value)
+    assert "catalog.fits" in message and "'holdout', 'tset'" in message and "train, val, test" in message
+    assert "np.str_" not in message
+
+
 def test_missing_image_kind_is_named(tmp_path):
     s = open_survey(_write(tmp_path / "d"))
     with pytest.raises(DataError, match="images_ugriz.npy"):

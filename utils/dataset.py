@@ -257,9 +257,10 @@ def open_survey(root: str | Path, check_values: bool = True) -> Survey:
     missing = [c for c in CATALOG_COLUMNS if c not in catalog.colnames]
     if missing:
         raise DataError(f"dataset file '{cat_path}' lacks column(s) {', '.join(missing)}")
-    splits = set(np.unique(np.asarray(catalog["split"]).astype(str))) - set(SPLITS)
+    splits = sorted(set(np.asarray(catalog["split"]).astype(str).tolist()) - set(SPLITS))
     if splits:
-        raise DataError(f"dataset file '{cat_path}': unknown split value(s) {sorted(splits)}; expected {SPLITS}")
+        raise DataError(f"dataset file '{cat_path}': unknown split value(s) {', '.join(map(repr, splits))}; "
+                        f"expected one of {', '.join(SPLITS)}")
     n = len(catalog)
     meta_path = root / "meta.json"
     if not meta_path.is_file():
