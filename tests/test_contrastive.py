@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import ROOT, only_run, run_script, tiny_contrastive_args
 from models.contrastive import build_contrastive, nt_xent, retrieval_metrics, true_ranks
 from models.encoders import ResNet, SpectrumEncoder
+from utils.checkpoints import LOCK_FILE
 
 
 def naive_nt_xent(zi, zs, t):
@@ -100,7 +101,7 @@ def test_train_script_end_to_end(tiny_mock, tmp_path):
     run = only_run(out)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iteration"] == 6 and {"loss", "top1_batch", "top5_batch", "median_rank"} <= set(metrics["val"])
-    assert (run / "config.yml").exists() and (run / "log.txt").exists()
+    assert (run / "config.yml").exists() and (run / "log.txt").exists() and not (run / LOCK_FILE).exists()
     assert list((run / "figures").glob("retrieval_*.png"))
     assert list((run / "checkpoints").glob("latest_*.pt")) and len(list((run / "checkpoints").glob("best_*.pt"))) == 2
 
@@ -128,12 +129,14 @@ def test_kill_and_resume_continues_iteration_and_lr(tiny_mock, tmp_path):
     saved_iter = state["trainer"]["iteration"]
     saved_lr = state["optimizer"]["param_groups"][0]["lr"]
     assert saved_lr < 1e-3 and not list((run / "checkpoints").glob("*.tmp"))
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == proc.pid  # the killed trainer's, left behind
     resumed = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out) + [
         f"train.max_iters={saved_iter + 4}", "train.lr_decay=0.5", f"run.resume={run}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (run / "log.txt").read_text()
     assert f"at iteration {saved_iter} " in log and f"learning rate {saved_lr:.6g}" in log
     assert json.loads((run / "metrics.json").read_text())["iteration"] == saved_iter + 4
+    assert "no longer runs" in resumed.stderr and not (run / LOCK_FILE).exists()  # taken over, then released
 
 
 @pytest.mark.slow

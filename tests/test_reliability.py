@@ -3,6 +3,11 @@ resume targets, bad configuration values, a foreign ``<root>.partial``."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +15,9 @@ import torch
 from ignite.engine import Engine, Events
 
 from conftest import ROOT
-from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
-                               SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index)
+from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, LOCK_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
+                               SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index,
+                               release_run_folder)
 from utils.config import ConfigError, load_config
 from utils.training import attach_training, run_training
 
@@ -172,6 +178,50 @@ def test_bad_resume_targets_are_rejected_before_anything_is_written(tmp_path):
         with pytest.raises(CheckpointError, match=message):
             prepare_run(config, "generative")
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_path, caplog):
+    """A resume started while another trainer still works in the run folder stops before it writes
+    or sweeps anything; once that trainer is gone its lock is taken over, and released at the end."""
+    run = tmp_path / "run"
+    trainer, _, _, data, config = toy_run(run, [], max_iters=4)
+    run_training(trainer, data, config)
+    (run / "config.yml").write_text("")  # toy_run makes no config.yml; a trainer's run folder has one
+    (run / CHECKPOINT_DIR / "tmp_save_in_progress").write_bytes(b"x")  # what the other trainer is writing
+    config = load_config(CONTRASTIVE, [f"run.resume={run}"])
+    lock = run / LOCK_FILE
+    host = socket.gethostname()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for holder, message in (({"pid": other.pid, "host": host, "since": "then"}, rf"in use by process {other.pid}"),
+                                ({"pid": 1234, "host": host + "-elsewhere", "since": "then"}, "delete that file")):
+            lock.write_text(json.dumps(holder))
+            before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+            with pytest.raises(CheckpointError, match=message):
+                prepare_run(config, "contrastive")
+            assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+            assert json.loads(lock.read_text()) == holder
+    finally:
+        other.kill()
+        other.wait()
+    lock.write_text(json.dumps({"pid": other.pid, "host": host, "since": "then"}))  # its process is gone now
+    with caplog.at_level(logging.WARNING):
+        run_dir, checkpoint = prepare_run(config, "contrastive")
+    assert run_dir == run and checkpoint is not None and "no longer runs" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not (run / CHECKPOINT_DIR / "tmp_save_in_progress").exists()  # swept only once the folder is ours
+    assert prepare_run(config, "contrastive")[0] == run  # this process's own claim stands
+    release_run_folder(lock)
+    assert not lock.exists()
+
+
+def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    config = load_config(CONTRASTIVE, [f"run.out_dir={tmp_path / 'runs'}"])
+    folders = [prepare_run(config, "contrastive")[0] for _ in range(3)]
+    assert len(set(folders)) == 3 and all((f / LOCK_FILE).exists() for f in folders)
+    for folder in folders:
+        release_run_folder(folder / LOCK_FILE)
+        assert not (folder / LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -10,10 +10,12 @@ resumed runs adopt it (no pile-up of old files) and generate.py picks the best c
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +36,8 @@ BEST_PREFIX = "best"
 INDEX_FILE = "index.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yml"
+#: present while a trainer works in the run folder: its process id, host and start time
+LOCK_FILE = "RUNNING.json"
 #: the mean preprocessed training spectrum (L,), the naive predictor every evaluation compares with
 MEAN_SPECTRUM_FILE = "mean_train_spectrum.npy"
 MEAN_SPECTRUM_KEY = "mean_train_spectrum"
@@ -44,7 +48,8 @@ WEIGHTS_KEY = {"contrastive": "model", "generative": "ema_model"}
 
 
 class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable, of the wrong kind or does not fit the model."""
+    """A checkpoint that is missing, unreadable, of the wrong kind or does not fit the model, or a run
+    folder that another trainer is using."""
 
 
 class NonFiniteError(UserError):
@@ -254,11 +259,92 @@ def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
     return checkpoint, run_dir
 
 
-def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
-    """Create (or reuse, when resuming) the run folder; write the resolved config there.
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
-    Returns ``(run_dir, checkpoint_to_resume_or_None)``. A bad ``run.resume`` is rejected before
-    any file is written. Only rank 0 touches the disk; the path is broadcast to the other ranks.
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock file's ``{'pid', 'host', 'since'}``, or None when it is unreadable."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def claim_run_folder(run_dir: Path) -> Path:
+    """Mark ``run_dir`` as used by this process (``LOCK_FILE``), so that a second trainer started
+    on the same folder (a resume while the run still goes on) stops before it touches anything.
+
+    A lock left by a process that no longer runs on this host is taken over with a warning; one
+    held by a live process, or written on another host (which cannot be checked from here), is
+    refused with :class:`CheckpointError`. The lock is released when the run finishes
+    (:func:`release_run_folder`) or this process exits.
+    """
+    lock = run_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder["pid"] == me["pid"] and holder.get("host") == me["host"]:
+                return lock  # this process's own claim (a second run in the same process)
+            if holder is not None and holder.get("host") != me["host"]:
+                raise CheckpointError(f"run folder '{run_dir}' is marked as in use by process {holder['pid']} on "
+                                      f"host '{holder.get('host')}' since {holder.get('since')} ('{lock}'): if no "
+                                      f"trainer runs there any more, delete that file and start again") from None
+            if holder is not None and _process_alive(holder["pid"]):
+                raise CheckpointError(f"run folder '{run_dir}' is in use by process {holder['pid']} (since "
+                                      f"{holder.get('since')}): wait for it to end or stop it; two trainers in one "
+                                      f"run folder would overwrite each other's checkpoints (if that process is not "
+                                      f"a trainer, delete '{lock}')") from None
+            logger.warning("run folder %s: taking over the lock of a trainer that no longer runs (%s)", run_dir,
+                           f"process {holder['pid']}, since {holder.get('since')}" if holder else "unreadable lock")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        atexit.register(release_run_folder, lock)
+        return lock
+    raise CheckpointError(f"run folder '{run_dir}': could not take its lock '{lock}' (another trainer keeps taking it)")
+
+
+def release_run_folder(lock: Path) -> None:
+    """Remove ``lock`` if this process holds it (the run finished or the process ends)."""
+    holder = _lock_holder(lock)
+    if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+def new_run_folder(out_dir: Path) -> Path:
+    """A new, empty run folder ``out_dir/<date-time>`` (``-1``, ``-2``... when that exists, also when
+    two trainers start in the same second: the folder is created atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = stamp_now()
+    for n in range(1000):
+        run_dir = out_dir / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+    raise CheckpointError(f"no free run folder name under '{out_dir}' for {stamp}")
+
+
+def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
+    """Create (or reuse, when resuming) the run folder, claim it for this process
+    (:func:`claim_run_folder`) and write the resolved config there.
+
+    Returns ``(run_dir, checkpoint_to_resume_or_None)``. A bad ``run.resume``, or a run folder
+    another trainer is using, is rejected before any file is written. Only rank 0 touches the
+    disk; the path is broadcast to the other ranks.
     """
     resume = config["run"]["resume"]
     checkpoint = None
@@ -266,12 +352,8 @@ def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
         if resume:
             checkpoint, run_dir = resume_target(resume, kind)
         else:
-            stamp = stamp_now()
-            run_dir = Path(config["run"]["out_dir"]) / stamp
-            n = 1
-            while run_dir.exists():
-                run_dir = Path(config["run"]["out_dir"]) / f"{stamp}-{n}"
-                n += 1
+            run_dir = new_run_folder(Path(config["run"]["out_dir"]))
+        claim_run_folder(run_dir)
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         (run_dir / "figures").mkdir(exist_ok=True)
         sweep_stale_files(run_dir / CHECKPOINT_DIR)
