@@ -204,6 +204,12 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     finally:
         other.kill()
         other.wait()
+    lock.write_text("{")  # unreadable and new: another trainer is writing it this instant
+    with pytest.raises(CheckpointError, match="being claimed"):
+        prepare_run(config, "contrastive")
+    assert lock.read_text() == "{"
+    os.utime(lock, (0, 0))  # unreadable and old: left by a trainer killed while writing it
+    assert prepare_run(config, "contrastive")[0] == run and json.loads(lock.read_text())["pid"] == os.getpid()
     lock.write_text(json.dumps({"pid": other.pid, "host": host, "since": "then"}))  # its process is gone now
     with caplog.at_level(logging.WARNING):
         run_dir, checkpoint = prepare_run(config, "contrastive")

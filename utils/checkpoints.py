@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,8 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yml"
 #: present while a trainer works in the run folder: its process id, host and start time
 LOCK_FILE = "RUNNING.json"
+#: an unreadable lock younger than this many seconds is being written by another trainer
+LOCK_GRACE_S = 10.0
 #: the mean preprocessed training spectrum (L,), the naive predictor every evaluation compares with
 MEAN_SPECTRUM_FILE = "mean_train_spectrum.npy"
 MEAN_SPECTRUM_KEY = "mean_train_spectrum"
@@ -269,6 +272,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return math.inf
+
+
 def _lock_holder(lock: Path) -> dict | None:
     """The lock file's ``{'pid', 'host', 'since'}``, or None when it is unreadable."""
     try:
@@ -282,9 +292,10 @@ def claim_run_folder(run_dir: Path) -> Path:
     """Mark ``run_dir`` as used by this process (``LOCK_FILE``), so that a second trainer started
     on the same folder (a resume while the run still goes on) stops before it touches anything.
 
-    A lock left by a process that no longer runs on this host is taken over with a warning; one
-    held by a live process, or written on another host (which cannot be checked from here), is
-    refused with :class:`CheckpointError`. The lock is released when the run finishes
+    A lock left by a process that no longer runs on this host (or an unreadable one older than
+    ``LOCK_GRACE_S``) is taken over with a warning; one held by a live process, written on another
+    host (which cannot be checked from here) or unreadable and younger (being written) is refused
+    with :class:`CheckpointError`. The lock is released when the run finishes
     (:func:`release_run_folder`) or this process exits.
     """
     lock = run_dir / LOCK_FILE
@@ -300,6 +311,9 @@ def claim_run_folder(run_dir: Path) -> Path:
                 raise CheckpointError(f"run folder '{run_dir}' is marked as in use by process {holder['pid']} on "
                                       f"host '{holder.get('host')}' since {holder.get('since')} ('{lock}'): if no "
                                       f"trainer runs there any more, delete that file and start again") from None
+            if holder is None and _age_seconds(lock) < LOCK_GRACE_S:  # another trainer is writing it right now
+                raise CheckpointError(f"run folder '{run_dir}' is being claimed by another trainer ('{lock}' was "
+                                      f"written just now): start this one again once that one has begun") from None
             if holder is not None and _process_alive(holder["pid"]):
                 raise CheckpointError(f"run folder '{run_dir}' is in use by process {holder['pid']} (since "
                                       f"{holder.get('since')}): wait for it to end or stop it; two trainers in one "
