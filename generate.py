@@ -13,14 +13,13 @@ that is above 0 (utils.calibration). Writes into ``sampling.out_dir/<timestamp>/
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from utils.builders import GENERATIVE_PARAMS
-from utils.checkpoints import METRICS_FILE, write_json
+from utils.checkpoints import METRICS_FILE, new_stamped_folder, write_json
 from utils.config import cli, load_config, save_config
 from utils.dataset import SpectraDataset
 from utils.baselines import compute_baselines
@@ -45,8 +44,8 @@ def run(config: dict) -> Path:
     pair = build_models(pair, dataset.n_pixels, dataset.n_channels, device)
     gen_path, con_path = pair.gen_path, pair.con_path
     steps = pair.diffusion.num_timesteps if s["sampler"] == "ddpm" else s["steps"]  # DDPM walks every step
-    out_dir = Path(s["out_dir"]) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    (out_dir / "figures").mkdir(parents=True)
+    out_dir = new_stamped_folder(Path(s["out_dir"]))
+    (out_dir / "figures").mkdir()
     save_config(config, out_dir / "config.yml")
     logger.info("diffusion model %s; contrastive network %s; %d galaxies x %d samples (%s, %s steps) -> %s",
                 gen_path, con_path, len(dataset), s["n_samples"], s["sampler"], steps, out_dir)

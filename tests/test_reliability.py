@@ -15,6 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from conftest import ROOT
+from utils import checkpoints
 from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, LOCK_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
                                SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index,
                                release_run_folder)
@@ -221,10 +222,14 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     assert not lock.exists()
 
 
-def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "stamp_now", lambda: "20261127-120000")  # every start in one second
+    (tmp_path / "runs" / "20261127-120000").mkdir(parents=True)  # e.g. a generate.py output of that second
     config = load_config(CONTRASTIVE, [f"run.out_dir={tmp_path / 'runs'}"])
     folders = [prepare_run(config, "contrastive")[0] for _ in range(3)]
-    assert len(set(folders)) == 3 and all((f / LOCK_FILE).exists() for f in folders)
+    assert [f.name for f in folders] == [f"20261127-120000-{n}" for n in (1, 2, 3)]
+    assert all((f / LOCK_FILE).exists() for f in folders)
+    assert checkpoints.new_stamped_folder(tmp_path / "runs").name == "20261127-120000-4"
     for folder in folders:
         release_run_folder(folder / LOCK_FILE)
         assert not (folder / LOCK_FILE).exists()

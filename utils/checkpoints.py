@@ -337,9 +337,9 @@ def release_run_folder(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def new_run_folder(out_dir: Path) -> Path:
-    """A new, empty run folder ``out_dir/<date-time>`` (``-1``, ``-2``... when that exists, also when
-    two trainers start in the same second: the folder is created atomically)."""
+def new_stamped_folder(out_dir: Path) -> Path:
+    """A new, empty folder ``out_dir/<date-time>`` for a run or a generate.py output (``-1``,
+    ``-2``... when that exists, also when two start in the same second: it is created atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = stamp_now()
     for n in range(1000):
@@ -349,7 +349,7 @@ def new_run_folder(out_dir: Path) -> Path:
         except FileExistsError:
             continue
         return run_dir
-    raise CheckpointError(f"no free run folder name under '{out_dir}' for {stamp}")
+    raise CheckpointError(f"no free folder name under '{out_dir}' for {stamp}")
 
 
 def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
@@ -366,7 +366,7 @@ def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
         if resume:
             checkpoint, run_dir = resume_target(resume, kind)
         else:
-            run_dir = new_run_folder(Path(config["run"]["out_dir"]))
+            run_dir = new_stamped_folder(Path(config["run"]["out_dir"]))
         claim_run_folder(run_dir)
         (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         (run_dir / "figures").mkdir(exist_ok=True)
