@@ -218,7 +218,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not (run / CHECKPOINT_DIR / "tmp_save_in_progress").exists()  # swept only once the folder is ours
     assert prepare_run(config, "contrastive")[0] == run  # this process's own claim stands
-    release_run_folder(lock)
+    release_run_folder(run)
     assert not lock.exists()
 
 
@@ -231,7 +231,7 @@ def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, mon
     assert all((f / LOCK_FILE).exists() for f in folders)
     assert checkpoints.new_stamped_folder(tmp_path / "runs").name == "20261127-120000-4"
     for folder in folders:
-        release_run_folder(folder / LOCK_FILE)
+        release_run_folder(folder)
         assert not (folder / LOCK_FILE).exists()
 
 

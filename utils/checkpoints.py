@@ -288,6 +288,10 @@ def _lock_holder(lock: Path) -> dict | None:
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
 
+def _is_mine(holder: dict) -> bool:
+    return holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname()
+
+
 def claim_run_folder(run_dir: Path) -> Path:
     """Mark ``run_dir`` as used by this process (``LOCK_FILE``), so that a second trainer started
     on the same folder (a resume while the run still goes on) stops before it touches anything.
@@ -296,25 +300,26 @@ def claim_run_folder(run_dir: Path) -> Path:
     ``LOCK_GRACE_S``) is taken over with a warning; one held by a live process, written on another
     host (which cannot be checked from here) or unreadable and younger (being written) is refused
     with :class:`CheckpointError`. The lock is released when the run finishes
-    (:func:`release_run_folder`) or this process exits.
+    (:func:`release_run_folder`) or this process exits. Returns the lock file.
     """
     lock = run_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now().isoformat(timespec="seconds")}
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and holder["pid"] == me["pid"] and holder.get("host") == me["host"]:
+            if holder is None:
+                if _age_seconds(lock) < LOCK_GRACE_S:  # another trainer is writing it right now
+                    raise CheckpointError(f"run folder '{run_dir}' is being claimed by another trainer ('{lock}' "
+                                          f"was written just now): start this one again once that one has begun"
+                                          ) from None
+            elif _is_mine(holder):
                 return lock  # this process's own claim (a second run in the same process)
-            if holder is not None and holder.get("host") != me["host"]:
+            elif holder.get("host") != socket.gethostname():
                 raise CheckpointError(f"run folder '{run_dir}' is marked as in use by process {holder['pid']} on "
                                       f"host '{holder.get('host')}' since {holder.get('since')} ('{lock}'): if no "
                                       f"trainer runs there any more, delete that file and start again") from None
-            if holder is None and _age_seconds(lock) < LOCK_GRACE_S:  # another trainer is writing it right now
-                raise CheckpointError(f"run folder '{run_dir}' is being claimed by another trainer ('{lock}' was "
-                                      f"written just now): start this one again once that one has begun") from None
-            if holder is not None and _process_alive(holder["pid"]):
+            elif _process_alive(holder["pid"]):
                 raise CheckpointError(f"run folder '{run_dir}' is in use by process {holder['pid']} (since "
                                       f"{holder.get('since')}): wait for it to end or stop it; two trainers in one "
                                       f"run folder would overwrite each other's checkpoints (if that process is not "
@@ -324,16 +329,18 @@ def claim_run_folder(run_dir: Path) -> Path:
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        atexit.register(release_run_folder, lock)
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now().isoformat(timespec="seconds")}, handle)
+        atexit.register(release_run_folder, run_dir)
         return lock
     raise CheckpointError(f"run folder '{run_dir}': could not take its lock '{lock}' (another trainer keeps taking it)")
 
 
-def release_run_folder(lock: Path) -> None:
-    """Remove ``lock`` if this process holds it (the run finished or the process ends)."""
+def release_run_folder(run_dir: Path) -> None:
+    """Remove ``run_dir``'s lock if this process holds it (the run finished or the process ends)."""
+    lock = run_dir / LOCK_FILE
     holder = _lock_holder(lock)
-    if holder is not None and holder["pid"] == os.getpid() and holder.get("host") == socket.gethostname():
+    if holder is not None and _is_mine(holder):
         lock.unlink(missing_ok=True)
 
 

@@ -23,9 +23,9 @@ from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
 
-from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, LOCK_FILE, METRICS_FILE, RUN_INFO_KEY,
-                               NonFiniteError, RunInfo, SafeDiskSaver, adopt_saved, load_checkpoint, prepare_run,
-                               release_run_folder, write_json)
+from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY, NonFiniteError,
+                               RunInfo, SafeDiskSaver, adopt_saved, load_checkpoint, prepare_run, release_run_folder,
+                               write_json)
 from utils.config import load_config
 from utils.dataset import SpectraDataset, open_survey
 from utils.errors import UserError
@@ -278,7 +278,7 @@ def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, 
                        "val": {k: v for k, v in engine.state.val_metrics.items() if not k.startswith("_")}}
             write_json(run_dir / METRICS_FILE, summary)
             logger.info("run finished: %s", run_dir / METRICS_FILE)
-            release_run_folder(run_dir / LOCK_FILE)
+            release_run_folder(run_dir)
 
     if resume_from is not None:
         load_checkpoint(resume_from, to_save)
