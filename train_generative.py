@@ -89,6 +89,7 @@ def run(local_rank: int, config: dict) -> None:
         with autocast(config, device):
             loss = diffusion.training_loss(forward, x0, images=images, weight=weight,
                                            weight_below=config["train"]["line_weight_below"],
+                                           min_snr_gamma=config["train"]["min_snr_gamma"],
                                            photometry=photometry_of(model, train_set, batch, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -164,25 +164,44 @@ class GaussianDiffusion:
         """Timesteps drawn uniformly from {0, ..., T - 1} (never a fixed t: SPEC 6)."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) of x_t, per item (float32)."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1.0 - abar)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023), per item: the x_0 error weighted by
+        min(SNR_t, gamma), written for this diffusion's target: min(SNR, gamma) / SNR for the
+        noise, min(SNR, gamma) / (SNR + 1) for the velocity. Low-noise steps, which the
+        plain loss weighs most in x_0 terms, are capped at gamma."""
+        snr = self.snr(t)
+        return torch.clamp(snr, max=gamma) / (snr if self.prediction == "eps" else snr + 1.0)
+
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                      weight_below: float = 1.0, **model_kwargs) -> torch.Tensor:
+                      weight_below: float = 1.0, min_snr_gamma: float = 0.0, **model_kwargs
+                      ) -> torch.Tensor:
         """MSE between the network output and its target (the noise, or the velocity) at
         uniformly drawn t (a scalar). ``weight`` (broadcastable to ``x0``, positive) weights the
         pixels' squared errors; a network that could fit every pixel exactly has the same optimum
         under any positive weights, so they only say where a finite network should try hardest.
         It applies to the items drawn at t < ``weight_below`` x T (the low-noise end; 1: all),
-        the others weigh every pixel alike."""
+        the others weigh every pixel alike. ``min_snr_gamma`` > 0 also weights each item by
+        :meth:`min_snr_weight` (0: every step alike, the paper's loss)."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        if weight is None:
+        if weight is None and min_snr_gamma <= 0:
             return F.mse_loss(output.float(), target.float())
-        weight = torch.broadcast_to(weight.float(), x0.shape)
+        items = (-1, *[1] * (x0.dim() - 1))
+        weight = torch.ones(x0.shape, device=x0.device) if weight is None else \
+            torch.broadcast_to(weight.float(), x0.shape)
         if weight_below < 1.0:
-            noisy = (t >= weight_below * self.num_timesteps).reshape(-1, *[1] * (x0.dim() - 1))
+            noisy = (t >= weight_below * self.num_timesteps).reshape(items)
             weight = torch.where(noisy, torch.ones_like(weight), weight)
+        if min_snr_gamma > 0:
+            weight = weight * self.min_snr_weight(t, min_snr_gamma).reshape(items)
         return (weight * (output.float() - target.float()) ** 2).mean()

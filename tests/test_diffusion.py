@@ -165,6 +165,37 @@ def test_network_output_recovers_data_and_noise(prediction):
         GaussianDiffusion(cosine_betas(10), prediction="x0")
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_cap_the_data_error_weight_at_gamma(prediction):
+    """train.min_snr_gamma: whatever the network predicts, the weighted loss is the x_0 error
+    weighted by min(SNR_t, gamma) (Hang et al. 2023), so low-noise steps stop dominating."""
+    d = GaussianDiffusion(cosine_betas(250), prediction=prediction)
+    x0, noise = torch.rand(250, 1, 16) * 2 - 1, torch.randn(250, 1, 16)
+    t = torch.arange(250)
+    xt = d.q_sample(x0, t, noise)
+    wrong_output = torch.randn(250, 1, 16)
+    wrong = lambda x, tt, **kw: wrong_output  # noqa: E731
+    x0_error = (d.split_output(xt, t, wrong_output)[0] - x0).double() ** 2
+    snr = d.snr(t).double()
+    assert snr[0] > 5 > snr[-1] and torch.all(snr[1:] < snr[:-1])
+    for gamma in (0.5, 5.0):
+        expected = (torch.clamp(snr, max=gamma).reshape(-1, 1, 1) * x0_error).mean()
+        got = d.training_loss(wrong, x0, t=t, noise=noise, min_snr_gamma=gamma).double()
+        assert torch.allclose(got, expected, rtol=1e-3), (gamma, got, expected)
+    # it differs from the plain loss, and multiplies the pixel weights
+    plain = d.training_loss(wrong, x0, t=t, noise=noise)
+    capped = d.training_loss(wrong, x0, t=t, noise=noise, min_snr_gamma=5.0)
+    assert not torch.allclose(plain, capped, rtol=1e-2)
+    weight = torch.rand(250, 1, 16) + 0.5
+    step = d.min_snr_weight(t, 5.0).reshape(-1, 1, 1)
+    target = noise if prediction == "eps" else d.velocity(x0, t, noise)
+    assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, weight=weight, min_snr_gamma=5.0),
+                          (step * weight * (wrong_output - target) ** 2).mean())
+    # an uncapped gamma leaves the noise loss alone (its x_0 weight is the SNR itself)
+    if prediction == "eps":
+        assert torch.allclose(d.training_loss(wrong, x0, t=t, noise=noise, min_snr_gamma=1e12), plain)
+
+
 def test_sampling_is_reproducible_with_a_generator():
     d = GaussianDiffusion(cosine_betas(30))
     oracle = GaussianOracle(d, torch.zeros(1, 1, 4).double(), torch.ones(1, 1, 4).double())

@@ -57,9 +57,11 @@ def trained_runs(tiny_mock, tmp_path_factory):
     c = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "contrastive") +
                    ["data.downsample=16", "train.max_iters=3"])
     assert c.returncode == 0, c.stderr[-3000:]
-    # a velocity-predicting model (the quick preset's); tests/test_diffusion.py trains the paper's noise predictor
+    # a velocity-predicting model (the quick preset's) with the min-SNR loss weights;
+    # tests/test_diffusion.py trains the paper's noise predictor on the plain loss
     g = run_script("train_generative.py", tiny_generative_args(tiny_mock, out / "generative") +
-                   ["train.max_iters=3", "diffusion.prediction=v", f"model.image_init={only_run(out / 'contrastive')}"])
+                   ["train.max_iters=3", "diffusion.prediction=v", "train.min_snr_gamma=5",
+                    f"model.image_init={only_run(out / 'contrastive')}"])
     assert g.returncode == 0, g.stderr[-3000:]
     assert "v prediction" in (only_run(out / "generative") / "log.txt").read_text()
     return only_run(out / "contrastive"), only_run(out / "generative")

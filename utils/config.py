@@ -71,7 +71,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
         "sampling.knn", "sampling.baseline_train_max")},
     **{key: NON_NEGATIVE for key in (
         "data.mock_seed", "data.mock_train_copies", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
-        "train.line_weight",
+        "train.line_weight", "train.min_snr_gamma",
         "run.seed", "sampling.eta", "sampling.figures", "sampling.calibration_objects")},
     "train.lr": (1e-12, None, "> 0"),
     "diffusion.shift": (1e-6, None, "> 0"),
