@@ -44,7 +44,7 @@ def run(config: dict) -> Path:
     pair = build_models(pair, dataset.n_pixels, dataset.n_channels, device)
     gen_path, con_path = pair.gen_path, pair.con_path
     steps = pair.diffusion.num_timesteps if s["sampler"] == "ddpm" else s["steps"]  # DDPM walks every step
-    out_dir = new_stamped_folder(Path(s["out_dir"]))
+    out_dir = new_stamped_folder(Path(s["out_dir"]), "sampling.out_dir")
     (out_dir / "figures").mkdir()
     save_config(config, out_dir / "config.yml")
     logger.info("diffusion model %s; contrastive network %s; %d galaxies x %d samples (%s, %s steps) -> %s",

@@ -161,6 +161,11 @@ def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs,
         f"sampling.contrastive_run={tmp_path / 'nothing'}"])
     with pytest.raises(UserError, match="nothing' does not exist"):
         find_models(config)
+    # the folder of runs (run.out_dir) instead of one run: the error names the newest run in it
+    config = load_config(GENERATIVE_PARAMS, gen_args(tiny_mock, trained_runs, tmp_path) + [
+        f"sampling.contrastive_run={trained_runs[0].parent}"])
+    with pytest.raises(UserError, match=f"holds run folders.*newest: '{trained_runs[0]}'"):
+        find_models(config)
     config = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", f"run.out_dir={tmp_path / 'none'}"])
     with pytest.raises(UserError, match="no finished diffusion model run"):
         find_models(config)

@@ -222,6 +222,21 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     assert not lock.exists()
 
 
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
+    """A file where run.out_dir or sampling.out_dir should be: one line naming the key and the
+    path, and the file left as it was."""
+    in_the_way = tmp_path / "outputs"
+    in_the_way.write_text("not a folder")
+    for where, key in ((in_the_way, "sampling.out_dir"), (in_the_way / "below", "run.out_dir")):
+        with pytest.raises(CheckpointError, match=f"{key} '{where}' cannot be used as an output folder: "
+                                                  f"{'it is a file' if where == in_the_way else 'Not a directory'}"):
+            checkpoints.new_stamped_folder(where, key)
+    assert in_the_way.read_text() == "not a folder"
+    config = load_config(CONTRASTIVE, [f"run.out_dir={in_the_way}"])
+    with pytest.raises(CheckpointError, match="run.out_dir"):
+        prepare_run(config, "contrastive")
+
+
 def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "stamp_now", lambda: "20261127-120000")  # every start in one second
     (tmp_path / "runs" / "20261127-120000").mkdir(parents=True)  # e.g. a generate.py output of that second

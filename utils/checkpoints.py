@@ -191,6 +191,10 @@ def find_checkpoint(path: str | Path) -> Path:
         files = sorted(folder.glob(f"{prefix}_*.pt"), key=lambda p: p.stat().st_mtime)
         if files:
             return files[-1]
+    runs = sorted(p.name for p in path.iterdir() if (p / CHECKPOINT_DIR).is_dir())
+    if runs:  # a folder of runs (run.out_dir), not a run
+        raise CheckpointError(f"'{path}' holds run folders, not a run's checkpoints: name one of them "
+                              f"(newest: '{path / runs[-1]}') or a checkpoint file")
     raise CheckpointError(f"no checkpoint (*.pt) found in '{folder}'")
 
 
@@ -344,10 +348,15 @@ def release_run_folder(run_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def new_stamped_folder(out_dir: Path) -> Path:
+def new_stamped_folder(out_dir: Path, key: str = "run.out_dir") -> Path:
     """A new, empty folder ``out_dir/<date-time>`` for a run or a generate.py output (``-1``,
-    ``-2``... when that exists, also when two start in the same second: it is created atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``-2``... when that exists, also when two start in the same second: it is created atomically).
+    ``key`` names the setting ``out_dir`` came from, for the error when it cannot be a folder."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission, a read-only disk
+        reason = "it is a file" if out_dir.is_file() else (err.strerror or str(err))
+        raise CheckpointError(f"{key} '{out_dir}' cannot be used as an output folder: {reason}") from None
     stamp = stamp_now()
     for n in range(1000):
         run_dir = out_dir / (stamp if n == 0 else f"{stamp}-{n}")
