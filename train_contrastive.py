@@ -107,7 +107,7 @@ def run(local_rank: int, config: dict) -> None:
                     to_save={"model": model, "optimizer": optimizer},
                     validate=make_validate(model, val_set, config, device, run_dir), best_key="loss",
                     resume_from=start.resume, loader=start.loader)
-    run_training(trainer, start.loader, config)
+    run_training(trainer, start.loader, config, run_dir)
 
 
 def main(argv: Sequence[str]) -> None:

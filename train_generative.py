@@ -104,7 +104,7 @@ def run(local_rank: int, config: dict) -> None:
                     validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
                     best_key="mse_mean", resume_from=start.resume, loader=start.loader,
                     run_extras={MEAN_SPECTRUM_KEY: baseline})
-    run_training(trainer, start.loader, config)
+    run_training(trainer, start.loader, config, run_dir)
 
 
 def main(argv: Sequence[str]) -> None:

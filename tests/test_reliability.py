@@ -14,7 +14,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from conftest import ROOT
+from conftest import ROOT, tiny_contrastive_args
 from utils import checkpoints
 from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, LOCK_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
                                SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index,
@@ -220,6 +220,54 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     assert prepare_run(config, "contrastive")[0] == run  # this process's own claim stands
     release_run_folder(run)
     assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_with_one_line_naming_how_to_resume(tiny_mock, tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: exit code 130, no traceback, the newest
+    checkpoint and the run.resume that continues from it named, the folder's lock released."""
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    args = tiny_contrastive_args(tiny_mock, out) + ["train.max_iters=100000", "val.every=100000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe: progress bars must not block the child
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_contrastive.py"), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+        try:
+            deadline = time.monotonic() + 120
+            while not list(out.glob(f"*/{CHECKPOINT_DIR}/*.pt")) and time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+                time.sleep(0.2)
+            time.sleep(1.0)  # some more iterations
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            proc.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr
+    run = next(out.iterdir())
+    message = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1, stderr[-2000:]
+    newest = find_checkpoint(run)
+    assert message[0].startswith("error: training interrupted at iteration ")
+    assert f"newest checkpoint '{newest}'; continue with run.resume={run}" in message[0]
+    assert not (run / LOCK_FILE).exists()
+    saved_at = read_checkpoint(newest)["trainer"]["iteration"]
+    stopped_at = int(message[0].split("iteration ")[1].split()[0])
+    assert 2 <= saved_at <= stopped_at
+
+
+def test_interrupted_before_the_first_checkpoint_says_so(tmp_path):
+    from ignite.engine import State
+
+    from utils.training import interrupted_message
+    state = State(iteration=1, epoch=1)
+    assert interrupted_message(state, None) == "training interrupted at iteration 1 (epoch 1)"
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    assert "no checkpoint was saved yet" in interrupted_message(state, tmp_path)
 
 
 def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):

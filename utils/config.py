@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, Interrupted, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +353,9 @@ def cli(main: Callable[[Sequence[str]], Any]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says more: utils.training.run_training)
+        print("\nerror: interrupted", file=sys.stderr)
+        raise SystemExit(Interrupted.exit_code) from None
 
 
 def _print_resolved(argv: Sequence[str]) -> None:

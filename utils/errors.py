@@ -13,3 +13,9 @@ class ConfigError(UserError):
     """A bad configuration key or value (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C (SIGINT) stopped a run: exit code 130, as a shell reports an interrupted command."""
+
+    exit_code = 130

@@ -24,11 +24,11 @@ from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
 
 from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY, NonFiniteError,
-                               RunInfo, SafeDiskSaver, adopt_saved, load_checkpoint, prepare_run, release_run_folder,
-                               write_json)
+                               RunInfo, SafeDiskSaver, adopt_saved, find_checkpoint, load_checkpoint, prepare_run,
+                               release_run_folder, write_json)
 from utils.config import load_config
 from utils.dataset import SpectraDataset, open_survey
-from utils.errors import UserError
+from utils.errors import Interrupted, UserError
 from utils.runtime import keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -340,18 +340,35 @@ def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
         parallel.run(run, config)
 
 
-def run_training(trainer: Engine, loader, config: dict) -> None:
-    """Run to ``train.max_iters`` (when set) or ``train.max_epochs``, continuing a resumed state."""
+def run_training(trainer: Engine, loader, config: dict, run_dir: Path | None = None) -> None:
+    """Run to ``train.max_iters`` (when set) or ``train.max_epochs``, continuing a resumed state.
+    Ctrl-C stops it with :class:`Interrupted`, which names the last checkpoint of ``run_dir`` and
+    the ``run.resume`` that continues from it (the files on disk are left as they are)."""
     max_iters = config["train"]["max_iters"] or None
     max_epochs = None if max_iters else config["train"]["max_epochs"]
     state = trainer.state
-    if state.iteration:  # resumed: the configured budget decides, whatever the checkpoint's was
-        if (max_iters and state.iteration >= max_iters) or (max_epochs and state.epoch >= max_epochs):
-            logger.info("checkpoint is already at iteration %d (epoch %d): nothing left to train; finishing the "
-                        "run (validation, metrics.json)", state.iteration, state.epoch)
-            trainer.fire_event(Events.COMPLETED)
-            return
-        state.max_iters, state.max_epochs = max_iters, max_epochs
-        trainer.run(loader)
-    else:
-        trainer.run(loader, max_epochs=max_epochs, max_iters=max_iters)
+    try:
+        if state.iteration:  # resumed: the configured budget decides, whatever the checkpoint's was
+            if (max_iters and state.iteration >= max_iters) or (max_epochs and state.epoch >= max_epochs):
+                logger.info("checkpoint is already at iteration %d (epoch %d): nothing left to train; finishing the "
+                            "run (validation, metrics.json)", state.iteration, state.epoch)
+                trainer.fire_event(Events.COMPLETED)
+                return
+            state.max_iters, state.max_epochs = max_iters, max_epochs
+            trainer.run(loader)
+        else:
+            trainer.run(loader, max_epochs=max_epochs, max_iters=max_iters)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(trainer.state, run_dir)) from None
+
+
+def interrupted_message(state, run_dir: Path | None) -> str:
+    """What Ctrl-C left: the iteration it stopped at, the newest checkpoint, how to continue."""
+    where = f"training interrupted at iteration {state.iteration} (epoch {state.epoch})"
+    if run_dir is None:
+        return where
+    try:
+        last = find_checkpoint(run_dir)
+    except UserError:
+        return f"{where}; no checkpoint was saved yet in '{run_dir}' (run.checkpoint_every)"
+    return f"{where}; newest checkpoint '{last}'; continue with run.resume={run_dir}"
