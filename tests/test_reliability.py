@@ -20,6 +20,7 @@ from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, LOCK_FILE, RUN_INFO_K
                                SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index,
                                release_run_folder)
 from utils.config import ConfigError, load_config
+from utils.errors import Interrupted
 from utils.training import attach_training, run_training
 
 CONTRASTIVE = ROOT / "params_contrastive.yml"
@@ -106,7 +107,7 @@ def test_old_checkpoint_survives_a_failed_save(tmp_path, monkeypatch):
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="interrupted at iteration 4"):  # Ctrl-C as the trainer reports it
         run_training(trainer, data, config)
     monkeypatch.undo()
     assert "latest_checkpoint_2.pt" in checkpoint_files(tmp_path)
@@ -268,6 +269,22 @@ def test_interrupted_before_the_first_checkpoint_says_so(tmp_path):
     assert interrupted_message(state, None) == "training interrupted at iteration 1 (epoch 1)"
     (tmp_path / CHECKPOINT_DIR).mkdir()
     assert "no checkpoint was saved yet" in interrupted_message(state, tmp_path)
+
+
+def test_a_dataset_the_run_cannot_use_is_refused_before_a_run_folder_is_made(tiny_mock, tmp_path):
+    from utils.errors import UserError
+    from utils.training import start_run
+
+    runs = tmp_path / "runs"
+    base = [f"data.root={tiny_mock}", "data.source=folder", "data.num_workers=0", f"run.out_dir={runs}"]
+    with pytest.raises(UserError, match=r"train split has \d+ objects, fewer than train.batch_size=1000"):
+        start_run(load_config(CONTRASTIVE, base + ["train.batch_size=1000"]), 4, "contrastive")
+    with pytest.raises(UserError, match="does not exist"):
+        start_run(load_config(CONTRASTIVE, base + [f"data.root={tmp_path / 'no_survey'}"]), 4, "contrastive")
+    assert not runs.exists()
+    start = start_run(load_config(CONTRASTIVE, base + ["train.batch_size=8"]), 4, "contrastive")
+    assert start.run_dir.parent == runs and 0 < len(start.val_set) <= 4
+    release_run_folder(start.run_dir)
 
 
 def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):

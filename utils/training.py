@@ -319,15 +319,17 @@ class RunStart:
 
 
 def start_run(config: dict, val_size: int, kind: str) -> RunStart:
-    """The prologue of every trainer: run folder, logging, seed, device, data; the validation set
-    cut to a fixed subset of ``val_size`` galaxies."""
-    run_dir, resume = prepare_run(config, kind)
-    setup_logging(run_dir)
+    """The prologue of every trainer: seed, data, then run folder and logging, device; the
+    validation set cut to a fixed subset of ``val_size`` galaxies. The data are opened first, so
+    that a dataset the run cannot use is refused before a run folder is made."""
     manual_seed(config["run"]["seed"] + idist.get_rank())
     survey = load_survey(config)
     train_set, val_set = datasets(config, survey)
     val_set = subset(val_set, val_size, seed=config["run"]["seed"])
-    return RunStart(run_dir, resume, idist.device(), train_set, val_set, train_loader(config, train_set))
+    loader = train_loader(config, train_set)
+    run_dir, resume = prepare_run(config, kind)
+    setup_logging(run_dir)
+    return RunStart(run_dir, resume, idist.device(), train_set, val_set, loader)
 
 
 def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
