@@ -173,8 +173,17 @@ def test_bad_resume_targets_are_rejected_before_anything_is_written(tmp_path):
     other_kind = run / CHECKPOINT_DIR / "latest_checkpoint_1.pt"
     torch.save({RUN_INFO_KEY: {"kind": "contrastive", "config": {}}}, other_kind)
     config = load_config(ROOT / "params_generative.yml", [])
+    # the right kind, but another network width and band set than this run's (the learning rate may change)
+    other_model = run / CHECKPOINT_DIR / "latest_checkpoint_2.pt"
+    trained = load_config(ROOT / "params_generative.yml", ["model.width=32", "data.image=ugriz", "train.lr=1",
+                                                           "model.grad_checkpoint=true"])
+    torch.save({RUN_INFO_KEY: {"kind": "generative", "config": trained}}, other_model)
+    assert checkpoints.resume_mismatches(trained, config) == [
+        "data.image (checkpoint 'ugriz', this run 'gri')", "model.width (checkpoint 32, this run 64)"]
     for target, message in ((dataset / "flux.npy", "cannot be read"), (foreign, "not written by this project"),
-                            (other_kind, "is a contrastive checkpoint, expected a generative one")):
+                            (other_kind, "is a contrastive checkpoint, expected a generative one"),
+                            (other_model, r"trained with other settings: data.image \(checkpoint 'ugriz', this run "
+                                          r"'gri'\); model.width \(checkpoint 32, this run 64\)")):
         before = sorted(p.name for p in tmp_path.rglob("*"))
         config["run"]["resume"] = str(target)
         with pytest.raises(CheckpointError, match=message):

@@ -26,7 +26,7 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
-from utils.config import load_defaults, save_config
+from utils.config import flatten, load_defaults, save_config
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -253,12 +253,34 @@ def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # run folders
 # --------------------------------------------------------------------------------------------
-def resume_target(resume: str | Path, kind: str) -> tuple[Path, Path]:
+#: settings a resumed run must share with its checkpoint: they fix the networks' shapes or what
+#: their inputs and outputs mean (train.*, val.*, run.*, sampling.* and the data folder may change)
+RESUME_FIXED = ("model.", "diffusion.", "data.image", "data.preprocessing", "data.downsample")
+#: ... except these: memory only, or read only when a run starts afresh
+RESUME_FREE = ("model.grad_checkpoint", "model.image_init")
+
+
+def resume_mismatches(saved: dict, config: dict) -> list[str]:
+    """``key: checkpoint value, this run value`` for every :data:`RESUME_FIXED` setting in which
+    ``config`` differs from the checkpoint's ``saved`` configuration (keys an older version did not
+    save are not compared)."""
+    before, now = flatten(saved), flatten(config)
+    return [f"{key} (checkpoint {before[key]!r}, this run {value!r})" for key, value in now.items()
+            if key.startswith(RESUME_FIXED) and key not in RESUME_FREE and key in before
+            and str(before[key]) != str(value)]
+
+
+def resume_target(resume: str | Path, kind: str, config: dict | None = None) -> tuple[Path, Path]:
     """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
-    file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder."""
+    file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder, and
+    trained with the :data:`RESUME_FIXED` settings of ``config`` (when given)."""
     checkpoint = find_checkpoint(resume)
     state = read_checkpoint(checkpoint, "run.resume checkpoint", mmap=True)  # the weights are loaded later, once
-    checkpoint_kind(state, checkpoint, kind, "run.resume checkpoint")
+    saved = checkpoint_kind(state, checkpoint, kind, "run.resume checkpoint")
+    differ = resume_mismatches(saved, config) if config is not None else []
+    if differ:
+        raise CheckpointError(f"run.resume checkpoint '{checkpoint}' was trained with other settings: "
+                              f"{'; '.join(differ)}; resume with the checkpoint's settings or start a new run")
     run_dir = run_folder_of(checkpoint)
     if checkpoint.parent.name != CHECKPOINT_DIR or not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"run.resume checkpoint '{checkpoint}' is not inside a run folder "
@@ -380,7 +402,7 @@ def prepare_run(config: dict, kind: str) -> tuple[Path, Path | None]:
     checkpoint = None
     if idist.get_rank() == 0:
         if resume:
-            checkpoint, run_dir = resume_target(resume, kind)
+            checkpoint, run_dir = resume_target(resume, kind, config)
         else:
             run_dir = new_stamped_folder(Path(config["run"]["out_dir"]))
         claim_run_folder(run_dir)

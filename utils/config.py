@@ -87,12 +87,12 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, path + "."))
+            out.update(flatten(value, path + "."))
         else:
             out[path] = value
     return out
@@ -186,7 +186,7 @@ def _resolve_key(key: str, flat_defaults: dict[str, Any]) -> str:
 
 def apply_overrides(config: dict, overrides: dict[str, Any], defaults: dict, source: str) -> None:
     """Apply flat ``{dotted_or_leaf_key: value}`` overrides to ``config`` in place, checked."""
-    flat_defaults = _flatten(defaults)
+    flat_defaults = flatten(defaults)
     for key, value in overrides.items():
         path = _resolve_key(key, flat_defaults)
         if isinstance(value, dict):
@@ -309,16 +309,16 @@ def load_config(defaults_path: str | Path, argv: Sequence[str] | None = None) ->
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"unknown preset '{preset}': expected one of {', '.join(sorted(presets)) or '(none defined)'}")
-        apply_overrides(config, _flatten(presets[preset]), defaults, f"preset {preset}")
+        apply_overrides(config, flatten(presets[preset]), defaults, f"preset {preset}")
     for name in files:
-        apply_overrides(config, _flatten(_read_yaml(Path(name))), defaults, f"file {name}")
+        apply_overrides(config, flatten(_read_yaml(Path(name))), defaults, f"file {name}")
     for key, raw in pairs:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         apply_overrides(config, {key: value}, defaults, "command line")
-    for path, value in _flatten(config).items():
+    for path, value in flatten(config).items():
         check_choice(path, value)
         check_range(path, value)
     check_consistency(config)
@@ -330,7 +330,7 @@ def describe(defaults: dict, presets: dict, path: str | Path) -> str:
     """Human-readable list of keys, defaults and presets (for ``--help``)."""
     lines = [f"usage: python {Path(sys.argv[0]).name} [--preset NAME] [--config FILE] [section.key=value ...]",
              f"defaults from {path}:"]
-    for key, value in _flatten(defaults).items():
+    for key, value in flatten(defaults).items():
         allowed = choices().get(key)
         extra = f"   (one of {', '.join(map(str, allowed))})" if allowed else ""
         lines.append(f"  {key} = {value!r}{extra}")
