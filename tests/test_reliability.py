@@ -191,6 +191,14 @@ def test_bad_resume_targets_are_rejected_before_anything_is_written(tmp_path):
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+def test_weights_that_do_not_fit_the_model_are_named(tmp_path):
+    """A checkpoint whose saved settings cannot tell (an older version's) still fails in one line."""
+    path = tmp_path / "latest_checkpoint_1.pt"
+    torch.save({"model": torch.nn.Linear(3, 3).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=f"'{path}' does not fit this configuration .*size mismatch"):
+        checkpoints.load_checkpoint(path, {"model": torch.nn.Linear(2, 2)})
+
+
 def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_path, caplog):
     """A resume started while another trainer still works in the run folder stops before it writes
     or sweeps anything; once that trainer is gone its lock is taken over, and released at the end."""

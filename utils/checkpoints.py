@@ -245,9 +245,10 @@ def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
     except CheckpointError as err:
         raise CheckpointError(f"checkpoint '{path}': {err}") from None
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0]
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2])  # torch's heading and its first mismatch
         raise CheckpointError(f"checkpoint '{path}' does not fit this configuration (different model "
-                              f"settings?): {first}") from None
+                              f"settings?): {detail}") from None
 
 
 # --------------------------------------------------------------------------------------------
