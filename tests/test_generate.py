@@ -180,6 +180,35 @@ def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs,
         find_models(mismatch)
 
 
+def test_a_catalog_of_images_without_spectra(tiny_mock, tmp_path):
+    """sampling.catalog: images whose spectra are unknown (NaN flux) are generated for, with no
+    truth; a NaN pixel in the images the models read is refused, naming the file and row."""
+    import shutil
+
+    from utils.builders import GENERATIVE_PARAMS
+    from utils.config import load_config
+    from utils.dataset import DataError
+    from utils.generation import generation_set
+
+    catalog = tmp_path / "catalog"
+    shutil.copytree(tiny_mock, catalog)
+    np.save(catalog / "flux.npy", np.full_like(np.load(catalog / "flux.npy"), np.nan))
+    config = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
+                                             "data.image=ugriz", f"sampling.catalog={catalog}"])
+    survey = open_survey(tiny_mock)
+    dataset, known = generation_set(config, survey)
+    assert not known and len(dataset) == len(survey.catalog)
+    assert float(dataset[0]["spectrum"].abs().sum()) == 0.0  # no truth to read
+    images = np.load(catalog / "images_ugriz.npy")
+    images[5, 1, 3, 3] = np.nan
+    np.save(catalog / "images_ugriz.npy", images)
+    with pytest.raises(DataError, match=r"images_ugriz.npy' has non-finite values \(first in row 5\)"):
+        generation_set(config, survey)
+    gri = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
+                                          f"sampling.catalog={catalog}"])
+    assert len(generation_set(gri, survey)[0]) == len(survey.catalog)  # the gri images it reads are whole
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_research_loop_matches_batched_ddpm(prediction):
     """bench/generate_speed.py times the research code's loop on a few galaxies and takes its

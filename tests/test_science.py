@@ -39,6 +39,19 @@ def test_template_fit_recovers_redshift(downsample):
     assert np.all(chi2 > 0)
 
 
+def test_a_spectrum_without_finite_pixels_has_no_redshift():
+    """All-NaN flux (a sample of an image with NaN pixels) gets NaN, not the fit of zeros; a few
+    NaN pixels count as zero flux and leave the redshift."""
+    wave = grid(16)
+    z, flux = template_galaxies(wave, 3, seed=2)
+    holed = flux.copy()
+    holed[1, 10:13] = np.nan
+    holed[2] = np.nan
+    found, chi2 = RedshiftFitter(wave).fit(holed)
+    assert np.isnan(found[2]) and np.isnan(chi2[2])
+    assert np.all(np.isfinite(found[:2])) and np.all(np.abs(found[:2] - z[:2]) / (1 + z[:2]) < 2e-3)
+
+
 def test_nnls_by_subsets_equals_scipy_nnls():
     wave = grid(16)
     fitter = RedshiftFitter(wave, z_range=(0.05, 0.15))

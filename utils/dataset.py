@@ -228,7 +228,8 @@ def _load_array(path: Path, expected_rows: int | None, shape: tuple | None = Non
     return arr
 
 
-def _check_finite(path: Path, arr: np.ndarray, chunk: int = 4096) -> None:
+def check_finite(path: Path, arr: np.ndarray, chunk: int = 4096) -> None:
+    """Raise :class:`DataError` naming ``path`` and the first row of ``arr`` with a NaN or infinity."""
     for start in range(0, len(arr), chunk):
         block = np.asarray(arr[start:start + chunk])
         bad = ~np.isfinite(block)
@@ -282,10 +283,10 @@ def open_survey(root: str | Path, check_values: bool = True) -> Survey:
     if not images:
         raise DataError(f"dataset folder '{root}' has no image array ({' or '.join(IMAGE_FILES.values())})")
     if check_values:
-        _check_finite(root / "flux.npy", flux)
-        _check_finite(root / "ivar.npy", ivar)
+        check_finite(root / "flux.npy", flux)
+        check_finite(root / "ivar.npy", ivar)
         if "ugriz" in images:
-            _check_finite(root / IMAGE_FILES["ugriz"], images["ugriz"])
+            check_finite(root / IMAGE_FILES["ugriz"], images["ugriz"])
     return Survey(root, catalog, loglam, flux, ivar, images, meta, mask)
 
 

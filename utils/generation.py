@@ -26,7 +26,7 @@ from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_K
                                best_checkpoint, checkpoint_kind, default_runs, find_checkpoint, newest_finished_run,
                                read_checkpoint)
 from utils.calibration import Calibration
-from utils.dataset import SpectraDataset, open_survey
+from utils.dataset import IMAGE_FILES, SpectraDataset, check_finite, open_survey
 from utils.errors import UserError
 from utils.report import calibrate
 from utils.runtime import autocast, unwrap
@@ -269,7 +269,9 @@ def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
     """The galaxies to generate for and whether their true spectra are known."""
     s, d = config["sampling"], config["data"]
     if s["catalog"]:
-        images = open_survey(s["catalog"], check_values=False)
+        images = open_survey(s["catalog"], check_values=False)  # its flux may be NaN: spectra not known
+        if d["image"] in images.images:  # a NaN pixel would turn every sample of its galaxy into NaN
+            check_finite(images.root / IMAGE_FILES[d["image"]], images.images[d["image"]])
         images.meta["image_stats"] = survey.meta["image_stats"]  # normalise like the training images
         if len(images.loglam) != len(survey.loglam) or not np.allclose(images.loglam, survey.loglam):
             raise UserError(f"sampling.catalog '{s['catalog']}' has a different wavelength grid from data.root")

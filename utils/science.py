@@ -175,7 +175,8 @@ class RedshiftFitter:
 
     def fit(self, flux: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
         """Best redshifts ``(M,)`` and their chi^2 per degree of freedom ``(M,)`` (with uniform
-        weights, in squared flux units)."""
+        weights, in squared flux units). Non-finite pixels count as zero flux; a spectrum without
+        one finite pixel gets NaN for both."""
         flux = np.atleast_2d(np.asarray(flux))
         z, chi = np.empty(len(flux)), np.empty(len(flux))
         dof = max(1, len(self.loglam) - 5)
@@ -188,6 +189,8 @@ class RedshiftFitter:
             shift = (np.where(inside, _parabola_shift(chi2.T, np.clip(i, 1, len(self.z) - 2), 0.5), 0.0)
                      if len(self.z) >= 3 else np.zeros(len(i)))
             z[start:start + chunk] = 10 ** (self.log1pz[i] + shift * step) - 1
+        empty = ~np.isfinite(flux).any(axis=1)
+        z[empty], chi[empty] = np.nan, np.nan
         return z, chi
 
 
