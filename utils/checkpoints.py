@@ -262,7 +262,7 @@ RESUME_FREE = ("model.grad_checkpoint", "model.image_init")
 
 
 def resume_mismatches(saved: dict, config: dict) -> list[str]:
-    """``key: checkpoint value, this run value`` for every :data:`RESUME_FIXED` setting in which
+    """``key (checkpoint value, this run value)`` for every :data:`RESUME_FIXED` setting in which
     ``config`` differs from the checkpoint's ``saved`` configuration (keys an older version did not
     save are not compared)."""
     before, now = flatten(saved), flatten(config)

@@ -88,6 +88,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested configuration as ``{"section.key": value}`` (lists stay values)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
