@@ -261,10 +261,11 @@ def test_ctrl_c_stops_training_with_one_line_naming_how_to_resume(tiny_mock, tmp
                 time.sleep(0.2)
             time.sleep(1.0)  # some more iterations
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 130
+            code = proc.wait(timeout=60)
         finally:
             proc.kill()
     stderr = (tmp_path / "stderr.txt").read_text()
+    assert code == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     run = next(out.iterdir())
     message = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -276,6 +277,34 @@ def test_ctrl_c_stops_training_with_one_line_naming_how_to_resume(tiny_mock, tmp
     saved_at = read_checkpoint(newest)["trainer"]["iteration"]
     stopped_at = int(message[0].split("iteration ")[1].split()[0])
     assert 2 <= saved_at <= stopped_at
+
+
+def test_ctrl_c_during_a_save_waits_for_the_save(tmp_path):
+    """A SIGINT that arrives while a checkpoint is written is held until the file is complete,
+    then raised; where SIGINT is ignored (a background job) nothing is raised."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    saver = SafeDiskSaver(tmp_path)
+    real_save = torch.save
+
+    def save_receiving_ctrl_c(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        return real_save(obj, f, *args, **kwargs)
+
+    try:
+        torch.save = save_receiving_ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            saver({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 1}}, "latest_checkpoint_1.pt")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        saver({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 2}}, "latest_checkpoint_2.pt")
+    finally:
+        torch.save = real_save
+        signal.signal(signal.SIGINT, previous)
+    assert read_checkpoint(tmp_path / "latest_checkpoint_1.pt")["trainer"]["iteration"] == 1  # complete
+    assert read_index(tmp_path)["latest_checkpoint_1.pt"]["iteration"] == 1
+    assert read_checkpoint(tmp_path / "latest_checkpoint_2.pt")["trainer"]["iteration"] == 2
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_interrupted_before_the_first_checkpoint_says_so(tmp_path):

@@ -15,9 +15,12 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -109,6 +112,27 @@ def _non_finite(obj: Any, where: str = "") -> str | None:
     return None
 
 
+@contextmanager
+def deferred_interrupt():
+    """Hold back Ctrl-C (SIGINT) until the block has finished, then raise it as KeyboardInterrupt.
+    A ``torch.save`` cut short by it fails inside torch's zip writer (a RuntimeError in place of
+    the interrupt, or an abort of the whole process at exit), so saves are not interrupted. Only in
+    the main thread and only where Python's own Ctrl-C handler is installed (not where SIGINT is
+    ignored, e.g. a background job)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 class SafeDiskSaver(DiskSaver):
     """Ignite's atomic ``DiskSaver`` that (1) refuses checkpoints with non-finite tensors, (2)
     deletes the files it is asked to remove only after the next checkpoint is complete, and (3)
@@ -123,6 +147,10 @@ class SafeDiskSaver(DiskSaver):
         if bad:
             raise NonFiniteError(f"'{bad}' holds NaN or inf: checkpoint {filename} not written; the finite "
                                  f"checkpoints in '{self.dirname}' are kept")
+        with deferred_interrupt():  # Ctrl-C inside torch.save can abort the process: let the save finish
+            self._save(checkpoint, filename, metadata)
+
+    def _save(self, checkpoint: Mapping, filename: str, metadata: Mapping | None) -> None:
         super().__call__(checkpoint, filename, metadata)
         pending, self._pending = [f for f in self._pending if f != filename], []
         for name in pending:
