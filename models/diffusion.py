@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 #: the cosine schedule's offset s (Nichol & Dhariwal 2021) and its beta ceiling
 COSINE_S = 0.008
@@ -194,14 +193,14 @@ class GaussianDiffusion:
             noise = torch.randn_like(x0)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        if weight is None and min_snr_gamma <= 0:
-            return F.mse_loss(output.float(), target.float())
+        squared = (output.float() - target.float()) ** 2
         items = (-1, *[1] * (x0.dim() - 1))
-        weight = torch.ones(x0.shape, device=x0.device) if weight is None else \
-            torch.broadcast_to(weight.float(), x0.shape)
-        if weight_below < 1.0:
-            noisy = (t >= weight_below * self.num_timesteps).reshape(items)
-            weight = torch.where(noisy, torch.ones_like(weight), weight)
+        if weight is not None:
+            weight = torch.broadcast_to(weight.float(), x0.shape)
+            if weight_below < 1.0:
+                noisy = (t >= weight_below * self.num_timesteps).reshape(items)
+                weight = torch.where(noisy, torch.ones_like(weight), weight)
+            squared = weight * squared
         if min_snr_gamma > 0:
-            weight = weight * self.min_snr_weight(t, min_snr_gamma).reshape(items)
-        return (weight * (output.float() - target.float()) ** 2).mean()
+            squared = squared * self.min_snr_weight(t, min_snr_gamma).reshape(items)
+        return squared.mean()

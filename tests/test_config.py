@@ -133,7 +133,7 @@ def test_allowed_values_come_from_the_implementing_modules(monkeypatch):
 def test_presets_of_both_trainers_prepare_the_same_data(preset):
     """generate.py refuses models trained on differently prepared data: each preset must give the
     contrastive network and the diffusion model the same dataset, bands, preprocessing and grid."""
-    from utils.generation import DATA_KEYS
+    from utils.checkpoints import DATA_KEYS
 
     argv = ["--preset", preset] if preset else []
     con, gen = load_config(PARAMS, argv), load_config(GEN_PARAMS, argv)

@@ -282,9 +282,11 @@ def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # run folders
 # --------------------------------------------------------------------------------------------
+#: data settings that a trained model fixes and the data it reads must share
+DATA_KEYS = ("image", "preprocessing", "downsample")
 #: settings a resumed run must share with its checkpoint: they fix the networks' shapes or what
 #: their inputs and outputs mean (train.*, val.*, run.*, sampling.* and the data folder may change)
-RESUME_FIXED = ("model.", "diffusion.", "data.image", "data.preprocessing", "data.downsample")
+RESUME_FIXED = ("model.", "diffusion.", *(f"data.{key}" for key in DATA_KEYS))
 #: ... except these: memory only, or read only when a run starts afresh
 RESUME_FREE = ("model.grad_checkpoint", "model.image_init")
 
@@ -299,14 +301,14 @@ def resume_mismatches(saved: dict, config: dict) -> list[str]:
             and str(before[key]) != str(value)]
 
 
-def resume_target(resume: str | Path, kind: str, config: dict | None = None) -> tuple[Path, Path]:
+def resume_target(resume: str | Path, kind: str, config: dict) -> tuple[Path, Path]:
     """``(checkpoint, run folder)`` for ``run.resume``, checked before anything is written: the
     file must be a readable checkpoint written by the ``kind`` trainer, inside a run folder, and
-    trained with the :data:`RESUME_FIXED` settings of ``config`` (when given)."""
+    trained with the :data:`RESUME_FIXED` settings of ``config``."""
     checkpoint = find_checkpoint(resume)
     state = read_checkpoint(checkpoint, "run.resume checkpoint", mmap=True)  # the weights are loaded later, once
     saved = checkpoint_kind(state, checkpoint, kind, "run.resume checkpoint")
-    differ = resume_mismatches(saved, config) if config is not None else []
+    differ = resume_mismatches(saved, config)
     if differ:
         raise CheckpointError(f"run.resume checkpoint '{checkpoint}' was trained with other settings: "
                               f"{'; '.join(differ)}; resume with the checkpoint's settings or start a new run")

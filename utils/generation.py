@@ -22,9 +22,9 @@ from models.samplers import get_sampler
 from models.unet import ConditionalUNet1D
 from utils.builders import (CONTRASTIVE_PARAMS, build_contrastive_model, build_diffusion, build_generative_model,
                             clip_value)
-from utils.checkpoints import (MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_KEY, WEIGHTS_KEY, CheckpointError,
-                               best_checkpoint, checkpoint_kind, default_runs, find_checkpoint, newest_finished_run,
-                               read_checkpoint)
+from utils.checkpoints import (DATA_KEYS, MEAN_SPECTRUM_FILE, MEAN_SPECTRUM_KEY, RUN_INFO_KEY, WEIGHTS_KEY,
+                               CheckpointError, best_checkpoint, checkpoint_kind, default_runs, find_checkpoint,
+                               newest_finished_run, read_checkpoint)
 from utils.calibration import Calibration
 from utils.dataset import IMAGE_FILES, SpectraDataset, check_finite, open_survey
 from utils.errors import UserError
@@ -33,9 +33,6 @@ from utils.runtime import autocast, unwrap
 from utils.training import subset
 
 logger = logging.getLogger(__name__)
-
-#: data settings that a trained model fixes and the data must share
-DATA_KEYS = ("image", "preprocessing", "downsample")
 
 
 @torch.no_grad()
