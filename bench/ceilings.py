@@ -1,7 +1,7 @@
-"""What an image can tell about a mock galaxy's spectrum at best: oracle retrievals on the validation split.
+"""What an image can tell about a mock galaxy's spectrum at best: oracle retrievals on the validation (or test) split.
 
-    python bench/ceilings.py [--root data/mock] [--k 25] [--galaxies 0] [--out bench/ceilings_val.json]
-                             [--preprocessing log] [--scatter-free]
+    python bench/ceilings.py [--root data/mock] [--k 25] [--galaxies 0] [--split val] [--out FILE.json]
+                             [--preprocessing log] [--scatter-free] [--regression]
 
 The image of a mock galaxy is made from its ugriz light profiles: everything it holds about the
 spectrum is in the galaxy's colours, magnitude, bulge share and sizes (plus noise and pixels).
@@ -42,6 +42,11 @@ from those plus the colours and r inside the fibre's circle at the image centre 
 say about the light the fibre sees). Smoother than the 25-neighbour median, and the last two see
 only what the noisy images show (10% of the training galaxies stop its training; the validation
 galaxies are only evaluated).
+
+``--split test`` evaluates the same predictors on the test galaxies (generate.py's subset with
+``--galaxies``), to read a test result against what those galaxies' images can tell; nothing is
+fitted or chosen on them (the predictors learn from the training split only), and no setting
+of the project may be chosen by these numbers.
 """
 from __future__ import annotations
 
@@ -175,9 +180,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/mock")
     ap.add_argument("--k", type=int, default=25)
-    ap.add_argument("--galaxies", type=int, default=0, help="validation galaxies (0: all; generate.py's subset "
+    ap.add_argument("--galaxies", type=int, default=0, help="galaxies of the split (0: all; generate.py's subset "
                                                              "of the same size otherwise)")
-    ap.add_argument("--out", default="bench/ceilings_val.json")
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="the galaxies evaluated (test: to read a test result, never to choose)")
+    ap.add_argument("--out", default=None, help="JSON output (default: bench/ceilings_<split>.json)")
     ap.add_argument("--preprocessing", choices=("scale", "log"), help="also the spectral oracle in these units")
     ap.add_argument("--downsample", type=int, default=16)
     ap.add_argument("--scatter-free", action="store_true", help="also the lines without the H-alpha scatter")
@@ -187,37 +194,39 @@ def main() -> None:
     cat = survey.catalog
     if "true_ew_halpha" not in cat.colnames:
         raise SystemExit(f"{a.root}: not a mock survey with true properties (no true_ew_halpha column)")
-    val = survey.rows("val")
+    evaluated = survey.rows(a.split)
+    if len(evaluated) == 0:
+        raise SystemExit(f"{a.root}: no galaxies in the {a.split} split")
     if a.galaxies:
-        val = subset_rows(val, a.galaxies, seed=0)
-    train_cat, val_cat = cat[survey.rows("train")], cat[val]
-    truth = catalog_truth(val_cat) | {"z": np.asarray(val_cat["z"], dtype=float)}
-    predictions = {"colours, r, B/T, sizes": oracle(train_cat, val_cat, a.k, False),
-                   "the same + true z": oracle(train_cat, val_cat, a.k, True)}
+        evaluated = subset_rows(evaluated, a.galaxies, seed=0)
+    train_cat, eval_cat = cat[survey.rows("train")], cat[evaluated]
+    truth = catalog_truth(eval_cat) | {"z": np.asarray(eval_cat["z"], dtype=float)}
+    predictions = {"colours, r, B/T, sizes": oracle(train_cat, eval_cat, a.k, False),
+                   "the same + true z": oracle(train_cat, eval_cat, a.k, True)}
     if a.regression:
         train_truth = catalog_truth(train_cat) | {"z": np.asarray(train_cat["z"], dtype=float)}
         predictions["MLP: colours, r, B/T, sizes"] = regression(features(train_cat, False), train_truth,
-                                                                features(val_cat, False))
-        predictions["MLP: colours, r"] = regression(colour_features(train_cat), train_truth, colour_features(val_cat))
+                                                                features(eval_cat, False))
+        predictions["MLP: colours, r"] = regression(colour_features(train_cat), train_truth, colour_features(eval_cat))
         # total colours and r first, then the fibre circle's
         photometry = {split: image_photometry(survey, rows) for split, rows in
-                      (("train", survey.rows("train")), ("val", val))}
+                      (("train", survey.rows("train")), ("evaluated", evaluated))}
         total = len(BANDS)
         predictions["MLP: image photometry"] = regression(photometry["train"][:, :total], train_truth,
-                                                          photometry["val"][:, :total])
-        predictions["MLP: + fibre aperture"] = regression(photometry["train"], train_truth, photometry["val"])
+                                                          photometry["evaluated"][:, :total])
+        predictions["MLP: + fibre aperture"] = regression(photometry["train"], train_truth, photometry["evaluated"])
     if a.scatter_free:
-        predictions["all but the H-alpha scatter"] = scatter_free(survey, val)
+        predictions["all but the H-alpha scatter"] = scatter_free(survey, evaluated)
     stats, _ = compare(predictions, truth)
     counts = np.bincount(truth["bpt"], minlength=len(BPT_CLASSES))
-    result = {"root": a.root, "k": a.k, "n_galaxies": len(val), "majority_rate": float(counts.max() / len(val)),
-              "predictors": stats}
+    result = {"root": a.root, "split": a.split, "k": a.k, "n_galaxies": len(evaluated),
+              "majority_rate": float(counts.max() / len(evaluated)), "predictors": stats}
     if a.preprocessing:
         result["spectral_mse"] = {"preprocessing": a.preprocessing, "downsample": a.downsample,
-                                  **spectral_oracle(survey, val, a.k, a.preprocessing, a.downsample)}
-    Path(a.out).write_text(json.dumps(result, indent=1))
+                                  **spectral_oracle(survey, evaluated, a.k, a.preprocessing, a.downsample)}
+    Path(a.out or f"bench/ceilings_{a.split}.json").write_text(json.dumps(result, indent=1))
     keys = ("z_sigma_nmad", "dn4000_corr", "ew_halpha_corr", "ew_oiii_5007_corr", "ew_nii_6584_corr", "bpt_accuracy")
-    print(f"{len(val)} validation galaxies, {a.k} nearest training galaxies in true catalog values; "
+    print(f"{len(evaluated)} {a.split} galaxies, {a.k} nearest training galaxies in true catalog values; "
           f"BPT majority-class rate {result['majority_rate']:.3f}")
     print(f"{'features':<28}" + "".join(f"{k:>22}" for k in keys))
     for name, s in stats.items():

@@ -473,3 +473,81 @@ def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path
     write(tmp_path / "foreign", 0.2, np.arange(g), objid=np.arange(g) + 7)
     with pytest.raises(UserError, match="not in the catalog"):
         read_columns(tmp_path / "foreign")
+
+
+def test_sample_count_curve_recovers_the_infinite_sample_correlation():
+    """bench/point_estimates.py --curve: samples that scatter about each galaxy's model value give
+    a correlation that rises with the samples pooled; the fit of rho_inf / sqrt(1 + c / n) finds
+    the model values' own correlation with the truth and the noise ratio c, and inverts to the
+    samples a target needs."""
+    from bench.point_estimates import attenuated, fit_curve, sample_curve, samples_needed
+
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=2000)
+    model = 0.7 * truth + np.sqrt(1 - 0.7 ** 2) * rng.normal(size=truth.size)  # Pearson 0.7, unit variance
+    samples = model[:, None] + 2.0 * rng.normal(size=(truth.size, 200))  # per-sample noise variance 4
+    curve = sample_curve(samples, truth, boot=3, fit_max=100, draws=2)
+    from scipy.stats import spearmanr
+
+    expected = spearmanr(model, truth).statistic
+    assert curve["counts"] == [1, 2, 5, 10, 25, 50, 100, 200] and curve["fit_counts"] == [5, 10, 25, 50, 100]
+    assert all(a < b for a, b in zip(curve["corr"], curve["corr"][1:]))  # more samples pooled, higher correlation
+    assert abs(curve["rho_inf"] - expected) < 0.03 and curve["rho_inf_se"] > 0
+    # the median of n normal draws has variance (pi / 2) 4 / n: c ~ 2 pi relative to the model's unit variance
+    assert 4 < curve["c"] < 9
+    assert abs(curve["corr"][-1] - curve["predicted"][-1]) < 0.02  # n = 200 lies beyond the fit and on it
+    assert np.isclose(attenuated(np.array([1e9]), 0.7, 5.0)[0], 0.7)
+    assert np.allclose(fit_curve(np.array([5, 10, 50, 100]), attenuated(np.array([5, 10, 50, 100]), 0.6, 8.0)),
+                       (0.6, 8.0), atol=1e-4)
+    assert np.isclose(attenuated(np.array([samples_needed(0.7, 5.0, 0.6)]), 0.7, 5.0)[0], 0.6)
+    assert samples_needed(0.55, 5.0, 0.6) == np.inf and samples_needed(float("nan"), 5.0, 0.6) == np.inf
+
+
+def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path):
+    """bench/point_estimates.py --figure: a panel per correlation target with a curve per output
+    and each ceilings file's image-photometry network; --figure without --curve is refused."""
+    import subprocess
+    import sys
+
+    from bench.point_estimates import IMAGE_CEILING, plot_curves, sample_curve
+
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=300)
+    samples = truth[:, None] + rng.normal(size=(300, 10))
+    curve = sample_curve(samples, truth, boot=2, fit_max=10, draws=1)
+    ceiling = {"split": "test", "predictors": {IMAGE_CEILING: {"ew_halpha_corr": [0.6, 0.04]}}}
+    path = plot_curves(tmp_path / "curve.png", {"a": {"ew_halpha": curve}, "b": {"ew_halpha": curve}}, [ceiling])
+    from pathlib import Path
+
+    from matplotlib.image import imread
+
+    assert imread(path).shape[1] < 800  # one panel of 5.2 inches at 120 dpi: only H-alpha has curves
+    done = subprocess.run([sys.executable, "bench/point_estimates.py", str(tmp_path), "--figure", "x.png"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "add --curve" in done.stderr
+
+
+def test_ceilings_read_the_split_they_are_asked_for(tiny_mock, tmp_path, monkeypatch):
+    """bench/ceilings.py --split test evaluates the test galaxies (generate.py's subset with
+    --galaxies) with predictors that learn from the training split; the default is validation."""
+    import json
+    import sys
+
+    from bench import ceilings
+    from utils.dataset import open_survey
+    from utils.report import catalog_truth
+    from utils.training import subset_rows
+
+    survey = open_survey(tiny_mock)
+    for split, extra in (("val", []), ("test", ["--split", "test", "--galaxies", "3"])):
+        out = tmp_path / f"{split}.json"
+        monkeypatch.setattr(sys, "argv", ["ceilings.py", "--root", str(tiny_mock), "--k", "3", "--out", str(out),
+                                          *extra])
+        ceilings.main()
+        result = json.loads(out.read_text())
+        rows = survey.rows(split) if split == "val" else subset_rows(survey.rows("test"), 3, seed=0)
+        assert result["split"] == split and result["n_galaxies"] == len(rows) > 0
+        classes = catalog_truth(survey.catalog[rows])["bpt"]
+        assert result["majority_rate"] == pytest.approx(np.bincount(classes).max() / len(rows))
+        assert set(result["predictors"]) == {"colours, r, B/T, sizes", "the same + true z"}
+    assert len(survey.rows("test")) > 3  # the subset was a subset
