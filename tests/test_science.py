@@ -480,6 +480,8 @@ def test_sample_count_curve_recovers_the_infinite_sample_correlation():
     a correlation that rises with the samples pooled; the fit of rho_inf / sqrt(1 + c / n) finds
     the model values' own correlation with the truth and the noise ratio c, and inverts to the
     samples a target needs."""
+    from scipy.stats import spearmanr
+
     from bench.point_estimates import attenuated, fit_curve, sample_curve, samples_needed
 
     rng = np.random.default_rng(1)
@@ -487,8 +489,6 @@ def test_sample_count_curve_recovers_the_infinite_sample_correlation():
     model = 0.7 * truth + np.sqrt(1 - 0.7 ** 2) * rng.normal(size=truth.size)  # Pearson 0.7, unit variance
     samples = model[:, None] + 2.0 * rng.normal(size=(truth.size, 200))  # per-sample noise variance 4
     curve = sample_curve(samples, truth, boot=3, fit_max=100, draws=2)
-    from scipy.stats import spearmanr
-
     expected = spearmanr(model, truth).statistic
     assert curve["counts"] == [1, 2, 5, 10, 25, 50, 100, 200] and curve["fit_counts"] == [5, 10, 25, 50, 100]
     assert all(a < b for a, b in zip(curve["corr"], curve["corr"][1:]))  # more samples pooled, higher correlation
@@ -503,13 +503,12 @@ def test_sample_count_curve_recovers_the_infinite_sample_correlation():
     assert samples_needed(0.55, 5.0, 0.6) == np.inf and samples_needed(float("nan"), 5.0, 0.6) == np.inf
 
 
-def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path):
+def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path, monkeypatch, capsys):
     """bench/point_estimates.py --figure: a panel per correlation target with a curve per output
     and each ceilings file's image-photometry network; --figure without --curve is refused."""
-    import subprocess
     import sys
 
-    from bench.point_estimates import IMAGE_CEILING, plot_curves, sample_curve
+    from bench.point_estimates import IMAGE_CEILING, main, plot_curves, sample_curve
 
     rng = np.random.default_rng(2)
     truth = rng.normal(size=300)
@@ -517,14 +516,14 @@ def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path):
     curve = sample_curve(samples, truth, boot=2, fit_max=10, draws=1)
     ceiling = {"split": "test", "predictors": {IMAGE_CEILING: {"ew_halpha_corr": [0.6, 0.04]}}}
     path = plot_curves(tmp_path / "curve.png", {"a": {"ew_halpha": curve}, "b": {"ew_halpha": curve}}, [ceiling])
-    from pathlib import Path
-
     from matplotlib.image import imread
 
     assert imread(path).shape[1] < 800  # one panel of 5.2 inches at 120 dpi: only H-alpha has curves
-    done = subprocess.run([sys.executable, "bench/point_estimates.py", str(tmp_path), "--figure", "x.png"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 2 and "add --curve" in done.stderr
+    monkeypatch.setattr(sys, "argv", ["point_estimates.py", str(tmp_path), "--figure", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and "add --curve" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_ceilings_read_the_split_they_are_asked_for(tiny_mock, tmp_path, monkeypatch):
