@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.baselines import catalog_neighbours, colour_features, neighbour_average  # noqa: E402
 from utils.dataset import BANDS, SpectraDataset, open_survey  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.photometry import FIBRE_DIAMETER, fibre_diameters, photometry_features  # noqa: E402
 from utils.report import catalog_truth, class_mode, compare  # noqa: E402
 from utils.science import BPT_CLASSES  # noqa: E402
@@ -190,7 +191,10 @@ def main() -> None:
     ap.add_argument("--scatter-free", action="store_true", help="also the lines without the H-alpha scatter")
     ap.add_argument("--regression", action="store_true", help="also an MLP on catalog values and on image photometry")
     a = ap.parse_args()
-    survey = open_survey(a.root)
+    try:
+        survey = open_survey(a.root)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
     cat = survey.catalog
     if "true_ew_halpha" not in cat.colnames:
         raise SystemExit(f"{a.root}: not a mock survey with true properties (no true_ew_halpha column)")

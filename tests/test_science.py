@@ -528,7 +528,8 @@ def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path, monk
 
 def test_ceilings_read_the_split_they_are_asked_for(tiny_mock, tmp_path, monkeypatch):
     """bench/ceilings.py --split test evaluates the test galaxies (generate.py's subset with
-    --galaxies) with predictors that learn from the training split; the default is validation."""
+    --galaxies) with predictors that learn from the training split; the default is validation; a
+    missing dataset folder is named in one line."""
     import json
     import sys
 
@@ -550,3 +551,6 @@ def test_ceilings_read_the_split_they_are_asked_for(tiny_mock, tmp_path, monkeyp
         assert result["majority_rate"] == pytest.approx(np.bincount(classes).max() / len(rows))
         assert set(result["predictors"]) == {"colours, r, B/T, sizes", "the same + true z"}
     assert len(survey.rows("test")) > 3  # the subset was a subset
+    monkeypatch.setattr(sys, "argv", ["ceilings.py", "--root", str(tmp_path / "missing"), "--split", "test"])
+    with pytest.raises(SystemExit, match="missing' does not exist"):  # one line, no traceback
+        ceilings.main()
