@@ -164,14 +164,14 @@ def sample_curve(values: np.ndarray, truth: np.ndarray, boot: int, fit_max: int,
         boot_fit.append(fit_curve(counts[fitted], boot_corr[-1][fitted]))
     boot_corr, boot_fit = np.array(boot_corr), np.array(boot_fit)
     se = lambda x: float(np.nanstd(x, ddof=1)) if boot > 1 else float("nan")  # noqa: E731
-    return {"counts": counts.tolist(), "corr": corr.tolist(), "se": [se(boot_corr[:, i]) for i in range(len(counts))],
+    return {"counts": counts.tolist(), "draws": draws, "corr": corr.tolist(), "se": [se(boot_corr[:, i]) for i in range(len(counts))],
             "fit_counts": counts[fitted].tolist(), "rho_inf": rho_inf, "rho_inf_se": se(boot_fit[:, 0]), "c": c,
             "predicted": attenuated(counts, rho_inf, c).tolist()}
 
 
 def print_curve(prop: str, curve: dict) -> None:
     """One property's curve as a Markdown table, then its fit and the samples its target needs."""
-    print(f"\n{prop}: correlation of the median of n samples (10 random draws of n; fit on n = "
+    print(f"\n{prop}: correlation of the median of n samples ({curve['draws']} random draws of n; fit on n = "
           f"{curve['fit_counts'][0]}-{curve['fit_counts'][-1]})\n")
     print("| n | " + " | ".join(str(n) for n in curve["counts"]) + " |\n" + "|---" * (len(curve["counts"]) + 1) + "|")
     print("| measured | " + " | ".join(f"{v:.3f} +- {e:.3f}" for v, e in zip(curve["corr"], curve["se"])) + " |")
@@ -192,10 +192,8 @@ IMAGE_CEILING = "MLP: + fibre aperture"
 def plot_curves(path: Path, curves: dict[str, dict], ceilings: list[dict]) -> Path:
     """One panel per property of utils.report.CORRELATION_TARGETS: each output's measured curve
     (+- bootstrap SE) and its fit, the target, and each ceilings file's image-photometry network."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from utils.plotting import save
+    import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 
     props = [p for p in CORRELATION_TARGETS if any(p in c for c in curves.values())]
     fig, axes = plt.subplots(1, len(props), figsize=(5.2 * len(props), 4), squeeze=False)
@@ -203,8 +201,7 @@ def plot_curves(path: Path, curves: dict[str, dict], ceilings: list[dict]) -> Pa
         for i, (label, output) in enumerate(curves.items()):
             curve = output[prop]
             colour = f"C{i}"
-            n = np.array(curve["counts"])
-            ax.errorbar(n, curve["corr"], yerr=curve["se"], fmt="o", color=colour, ms=4, capsize=2,
+            ax.errorbar(curve["counts"], curve["corr"], yerr=curve["se"], fmt="o", color=colour, ms=4, capsize=2,
                         label=f"{label}: rho_inf {curve['rho_inf']:.3f} +- {curve['rho_inf_se']:.3f}")
             grid = np.geomspace(curve["fit_counts"][0], 1000, 100)
             ax.plot(grid, attenuated(grid, curve["rho_inf"], curve["c"]), "-", color=colour, lw=1)
@@ -220,9 +217,7 @@ def plot_curves(path: Path, curves: dict[str, dict], ceilings: list[dict]) -> Pa
         ax.set_ylabel(f"{name}: Spearman correlation with the truth")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main() -> None:

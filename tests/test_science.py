@@ -518,7 +518,7 @@ def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path, monk
     path = plot_curves(tmp_path / "curve.png", {"a": {"ew_halpha": curve}, "b": {"ew_halpha": curve}}, [ceiling])
     from matplotlib.image import imread
 
-    assert imread(path).shape[1] < 800  # one panel of 5.2 inches at 120 dpi: only H-alpha has curves
+    assert imread(path).shape[1] < 800  # one panel of 5.2 inches at 110 dpi: only H-alpha has curves
     monkeypatch.setattr(sys, "argv", ["point_estimates.py", str(tmp_path), "--figure", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit) as exit_info:
         main()
