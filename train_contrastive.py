@@ -18,24 +18,23 @@ import torch
 from ignite.engine import Engine
 
 from models.contrastive import ContrastiveModel, nt_xent, retrieval_metrics
-from utils.config import cli
+from utils.builders import build_contrastive_model
+from utils.errors import cli
 from utils.plotting import plot_retrieval
-from utils.builders import CONTRASTIVE_PARAMS, build_contrastive_model
 from utils.runtime import autocast, maybe_compile, unwrap
 from utils.training import attach_training, launch, run_training, start_run
 
-PARAMS = CONTRASTIVE_PARAMS
 logger = logging.getLogger("train_contrastive")
 KIND = "contrastive"
 
 
 @torch.no_grad()
-def embed(model: ContrastiveModel, dataset, batch_size: int, device: torch.device, config: dict):
+def embed(model: ContrastiveModel, dataset, batch_size: int, device: torch.device, precision: str = "fp32"):
     """Image and spectrum embeddings ``(N, D)`` of a dataset, in row order."""
     model.eval()
     zi, zs = [], []
     for batch in dataset.iter_batches(batch_size):
-        with autocast(config, device):
+        with autocast(precision, device):
             a, b = model(batch["image"].to(device), batch["spectrum"].to(device))
         zi.append(a.float().cpu())
         zs.append(b.float().cpu())
@@ -43,13 +42,14 @@ def embed(model: ContrastiveModel, dataset, batch_size: int, device: torch.devic
 
 
 def make_validate(model, val_set, config: dict, device: torch.device, run_dir: Path):
-    """Validation: NT-Xent loss and retrieval in groups of val.batch_size, whole-set ranks, a figure."""
-    group = config["val"]["batch_size"]
+    """Validation: NT-Xent loss and retrieval in groups of train.batch_size galaxies, whole-set
+    ranks, a figure."""
+    group = config["train"]["batch_size"]
     temperature = config["train"]["temperature"]
 
     def validate(engine: Engine) -> dict:
         net = unwrap(model)
-        zi, zs = embed(net, val_set, group, device, config)
+        zi, zs = embed(net, val_set, group, device, config["run"]["precision"])
         losses = [nt_xent(zi[s:s + group], zs[s:s + group], temperature).item()
                   for s in range(0, len(zi) - 1, group) if len(zi[s:s + group]) > 1]
         metrics = {"loss": float(np.mean(losses)), **retrieval_metrics(zi, zs, group)}
@@ -77,9 +77,9 @@ def save_figure(zi: torch.Tensor, zs: torch.Tensor, val_set, path: Path, iterati
 
 
 def run(local_rank: int, config: dict) -> None:
-    start = start_run(config, config["val"]["max_objects"], KIND)
+    start = start_run(config, config["val"]["n_objects"], KIND)
     run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
-    model = build_contrastive_model(config, train_set.n_channels)
+    model = build_contrastive_model(config["model"], train_set.n_channels)
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; %.1fM image + %.1fM spectrum parameters",
                 run_dir, len(train_set), len(val_set), train_set.n_pixels,
                 sum(p.numel() for p in model.image_encoder.parameters()) / 1e6,
@@ -87,14 +87,14 @@ def run(local_rank: int, config: dict) -> None:
     model = idist.auto_model(model)
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"],
                                                   weight_decay=config["train"]["weight_decay"], fused=True))
-    forward = maybe_compile(model, config)
-    temperature = config["train"]["temperature"]
+    forward = maybe_compile(model, config["run"]["compile"])
+    temperature, precision = config["train"]["temperature"], config["run"]["precision"]
 
     def step(engine: Engine, batch: dict) -> float:
         model.train()
         images = batch["image"].to(device, non_blocking=True)
         spectra = batch["spectrum"].to(device, non_blocking=True)
-        with autocast(config, device):
+        with autocast(precision, device):
             zi, zs = forward(images, spectra)
         loss = nt_xent(zi, zs, temperature)
         optimizer.zero_grad(set_to_none=True)
@@ -111,7 +111,7 @@ def run(local_rank: int, config: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    launch(run, PARAMS, argv)
+    launch(run, KIND, argv)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,14 @@ from ignite.engine import Engine
 from ignite.handlers import EMAHandler
 
 from models.diffusion import GaussianDiffusion
-from utils.builders import GENERATIVE_PARAMS, build_diffusion, build_generative_model
-from utils.config import cli
+from utils.builders import build_diffusion, build_generative_model, clip_value
 from utils.checkpoints import MEAN_SPECTRUM_KEY
-from utils.generation import photometry_of, run_mean_spectrum, validation_errors, warm_start_image_encoder
+from utils.errors import cli
+from utils.generation import VAL_SAMPLER, run_mean_spectrum, validation_errors, warm_start_image_encoder
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
-from utils.science import line_weights
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
 
-PARAMS = GENERATIVE_PARAMS
 logger = logging.getLogger("train_generative")
 KIND = "generative"
 #: galaxies shown in the validation figure, and samples drawn for each
@@ -43,7 +41,10 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
     v = config["val"]
 
     def validate(engine: Engine) -> dict:
-        mse, base, first = validation_errors(unwrap(ema.ema_model), diffusion, val_set, config, device, baseline)
+        mse, base, first = validation_errors(unwrap(ema.ema_model), diffusion, val_set, baseline,
+                                             n_samples=v["n_samples"], steps=v["steps"], seed=config["run"]["seed"],
+                                             device=device, precision=config["run"]["precision"],
+                                             clip=clip_value(config["data"]["preprocessing"]))
         metrics = {"mse_mean": float(np.mean(mse)), "mse_mean_train_spectrum": float(np.mean(base))}
         metrics["mse_ratio"] = metrics["mse_mean"] / metrics["mse_mean_train_spectrum"]
         if first is not None:  # validation runs on rank 0 only (utils.training.create_validation)
@@ -52,7 +53,7 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
             images = [val_set.survey.images[val_set.kind][r] for r in rows]
             plot_spectra_grid(run_dir / "figures" / f"samples_{engine.state.iteration:07d}.png", val_set.wave, images,
                               truth, samples, title=f"iteration {engine.state.iteration}: validation galaxies, true "
-                              f"spectrum and {samples.shape[1]} samples (EMA model, {v['sampler']} {v['steps']} "
+                              f"spectrum and {samples.shape[1]} samples (EMA model, {VAL_SAMPLER} {v['steps']} "
                               f"steps)", ylabel=f"{config['data']['preprocessing']} flux")
         return metrics
 
@@ -62,12 +63,11 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
 def run(local_rank: int, config: dict) -> None:
     start = start_run(config, config["val"]["n_objects"], KIND)
     run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
-    model = build_generative_model(config, train_set.n_pixels, train_set.n_channels)
-    if config["model"]["image_init"] and start.resume is None:  # a resumed run has its own trained weights
-        warm_start_image_encoder(model, config["model"]["image_init"], config)
-    if config["model"]["photometry"] and start.resume is None:  # standardised with the training galaxies'
-        model.set_photometry_stats(torch.from_numpy(train_set.photometry()))
-    diffusion = build_diffusion(config)
+    m = config["model"]
+    model = build_generative_model(m, train_set.n_pixels, train_set.n_channels)
+    if m["image_init"] and start.resume is None:  # a resumed run has its own trained weights
+        warm_start_image_encoder(model, m["image_init"], config["data"]["image"], m["image_depth"], m["image_width"])
+    diffusion = build_diffusion(config["diffusion"])
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
     n_all = sum(p.numel() for p in model.parameters())
     logger.info("run folder %s; %d train / %d val galaxies, %d pixels; denoiser %.2fM + image encoder %.2fM "
@@ -76,21 +76,15 @@ def run(local_rank: int, config: dict) -> None:
                 config["diffusion"]["schedule"], diffusion.prediction)
     model = idist.auto_model(model)
     optimizer = idist.auto_optim(torch.optim.Adam(model.parameters(), lr=config["train"]["lr"], fused=True))
-    forward = maybe_compile(model, config)
+    forward = maybe_compile(model, config["run"]["compile"])
+    precision = config["run"]["precision"]
 
     def step(engine: Engine, batch: dict) -> float:
         model.train()
         x0 = batch["spectrum"].to(device, non_blocking=True)
         images = batch["image"].to(device, non_blocking=True)
-        weight = None
-        if config["train"]["line_weight"]:  # the emission lines at the true redshift weigh more
-            weight = torch.from_numpy(line_weights(train_set.loglam, batch["z"].numpy(),
-                                                   config["train"]["line_weight"]))[:, None].to(device)
-        with autocast(config, device):
-            loss = diffusion.training_loss(forward, x0, images=images, weight=weight,
-                                           weight_below=config["train"]["line_weight_below"],
-                                           min_snr_gamma=config["train"]["min_snr_gamma"],
-                                           photometry=photometry_of(model, train_set, batch, device))
+        with autocast(precision, device):
+            loss = diffusion.training_loss(forward, x0, images=images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,7 +102,7 @@ def run(local_rank: int, config: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    launch(run, PARAMS, argv)
+    launch(run, KIND, argv)
 
 
 if __name__ == "__main__":

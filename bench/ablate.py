@@ -1,4 +1,4 @@
-"""Ablations: which levers move the generated spectra towards the issue-15 targets.
+"""Ablations: which levers move the generated spectra towards the science targets.
 
     python bench/ablate.py [--work runs/ablate] [--galaxies 300] [--only NAME,...] [--out FILE]
 
@@ -9,7 +9,7 @@ model-size variant instead gets the same 5.5 minutes, on an idle machine); a
 training that already finished under ``--work`` is reused. Each variant is then a generate.py
 run on the same ``--galaxies`` galaxies of the **validation** split (never the test split: the
 standard preset is chosen from this table), and the table shows, per variant, what
-``utils.report.targets`` judges: the mean of N's MSE and its paired difference from the kNN
+``utils.eval.report.targets`` judges: the mean of N's MSE and its paired difference from the kNN
 image average of the same run, the samples' redshift sigma_NMAD against the photo-z, the rank
 correlations, the BPT accuracy, the intervals' coverage, and the ranking's value (top-ranked,
 top-5 mean and a random sample against the mean of all N). Every value carries its standard
@@ -49,10 +49,8 @@ TRAININGS = {
 
 #: variant -> (description, training, generate.py overrides)
 VARIANTS = {
-    "reference": ("quick preset: DDIM 10 steps, eta 0", "quick", {}),
-    "eta0.5": ("DDIM 10 steps, eta 0.5", "quick", {"sampling.eta": 0.5}),
-    "eta1": ("DDIM 10 steps, eta 1 (ancestral-like)", "quick", {"sampling.eta": 1.0}),
-    "ddim25eta1": ("DDIM 25 steps, eta 1", "quick", {"sampling.steps": 25, "sampling.eta": 1.0}),
+    "reference": ("quick preset: DDIM 10 steps", "quick", {}),
+    "ddim25": ("DDIM 25 steps", "quick", {"sampling.steps": 25}),
     "ugriz": ("ugriz float images (ApJ 2024) instead of gri", "ugriz", {}),
     "log": ("log preprocessing (ApJ 2024) instead of min-max", "log", {}),
     "cfg1": ("10% null contexts in training, guidance 1", "cfg", {}),

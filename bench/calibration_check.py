@@ -4,7 +4,7 @@
 
 Draws ``sampling.n_samples`` spectra for ``--galaxies`` validation galaxies (generate.py's subset
 and seed for its calibration) with the trained models generate.py would use, then fits the
-calibration (utils.calibration) on one half of them and measures, on the other half, the share
+calibration (utils.eval.calibration) on one half of them and measures, on the other half, the share
 of truths inside the samples' own and the widened central 68% and 90% intervals, per pixel and
 for z, Dn4000, EW(H-alpha) and EW([O III]); and the same with the halves swapped. The test split
 is not touched. Prints a markdown table and writes the numbers as JSON.
@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.builders import GENERATIVE_PARAMS  # noqa: E402
-from utils.calibration import PIXELS, fit_calibration  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.dataset import SpectraDataset  # noqa: E402
-from utils.evaluation import COVERAGE_LEVELS, interval_coverage  # noqa: E402
-from utils.generation import build_models, calibration_draws, find_models  # noqa: E402
-from utils.report import COVERED, calibration_inputs  # noqa: E402
-from utils.runtime import default_device  # noqa: E402
-from utils.science import redshift_weights  # noqa: E402
-from utils.training import load_survey  # noqa: E402
+from utils.astro.science import redshift_weights
+from utils.config import load_config
+from utils.data.survey import configured_dataset, load_survey, subset
+from utils.eval.calibration import PIXELS, calibration_inputs, fit_calibration
+from utils.eval.metrics import COVERAGE_LEVELS, interval_coverage
+from utils.eval.report import COVERED
+from utils.generation import SamplingPlan, build_models, draw_samples, find_models
+from utils.runtime import default_device
 
 
 def main() -> None:
@@ -37,14 +32,16 @@ def main() -> None:
     ap.add_argument("--galaxies", type=int, default=300)
     ap.add_argument("--out", default="bench/calibration_val.json")
     args, rest = ap.parse_known_args()
-    config = load_config(GENERATIVE_PARAMS, rest)
-    survey = load_survey(config)
+    config = load_config("generative", rest)
+    survey = load_survey(config["data"])
     pair = find_models(config)
-    grid = SpectraDataset.from_config(survey, "val", config["data"])  # the networks' input sizes
-    pair = build_models(pair, grid.n_pixels, grid.n_channels, default_device())
-    val, drawn = calibration_draws(pair, survey, config, args.galaxies)
-    props, reference = calibration_inputs(val.invert(drawn.samples, drawn.params[:, None]), val.wave,
-                                          val.invert(drawn.truth, drawn.params), val.survey.catalog[val.rows],
+    val = subset(configured_dataset(survey, "val", config["data"]), args.galaxies, seed=0)
+    pair = build_models(pair, val.n_pixels, val.n_channels, default_device())
+    # generate.py's draw for its calibration: the same subset, its seed (run.seed + 1)
+    drawn = draw_samples(pair, val, SamplingPlan.from_config(config), known=True, seed=config["run"]["seed"] + 1,
+                         desc="calibrate (val)")
+    props, reference = calibration_inputs(val.deprocess(drawn.samples, drawn.params[:, None]), val.wave,
+                                          val.deprocess(drawn.truth, drawn.params), val.survey.catalog[val.rows],
                                           redshift_weights(val.all_flux()[1]))
     quantities = {PIXELS: (drawn.samples, drawn.truth), **{p: (props[p], reference[p]) for p in COVERED}}
     halves = (np.arange(len(val)) % 2 == 0, np.arange(len(val)) % 2 == 1)

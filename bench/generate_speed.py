@@ -1,18 +1,18 @@
 """Benchmark: the research code's way of generating spectra against this project's fast path.
 
-    python bench/generate_speed.py [--galaxies 48] [--loop-galaxies 1] [--fast ddim:10:0,ddim:25:1]
+    python bench/generate_speed.py [--galaxies 48] [--loop-galaxies 1] [--fast ddim:10,dpmpp2m:10] [--preset quick]
 
 (a) research-code way: 250-step ancestral sampling, one sample per call in a Python loop, the
-    image encoder recomputed at every step, fp32;
+    image encoder recomputed at every step, fp32 (utils.generation.sequential_ddpm);
 (b) fast path: context computed once per galaxy, all N samples of a batch of galaxies in one
-    batch, the sampler and step count that the model's run config sets for generation (or each
+    batch, the sampler and step count of the configuration (``--preset``, ``key=value``; or each
     of ``--fast``), bf16 on CUDA.
 Same trained models (newest finished quick runs unless named), same galaxies, same N.
 
 The loop of (a) is timed on ``--loop-galaxies`` galaxies (it is slow); its contrastive MSE is
 measured on all ``--galaxies`` with the batched implementation of the same 250-step ancestral
 sampler (given the same random draws it returns the same spectra:
-tests/test_generate.py::test_research_loop_matches_batched_ddpm). Each fast path's contrastive
+tests/test_generate.py::test_sequential_ddpm_matches_batched_ddpm). Each fast path's contrastive
 MSE is compared with it galaxy by galaxy (change and standard error of the change). Also reports
 the share of training time the last generative run spent in validation. The paper-size
 denoiser's step times are bench/paper_speed.py's.
@@ -22,25 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.builders import GENERATIVE_PARAMS  # noqa: E402
-from utils.checkpoints import default_runs  # noqa: E402
-from utils.generation import (build_models, find_models, load_trained, photometry_of, sample_for_images,  # noqa: E402
-                              score)
-from models.samplers import SAMPLERS  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.runtime import default_device  # noqa: E402
-from utils.dataset import SpectraDataset  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.training import load_survey, subset  # noqa: E402
+from models.samplers import SAMPLERS
+from utils.builders import clip_value
+from utils.checkpoints import default_runs
+from utils.config import load_config
+from utils.data.survey import configured_dataset, load_survey, subset
+from utils.eval.metrics import summarise_samples
+from utils.generation import build_models, find_models, load_trained, sample_for_images, score, sequential_ddpm
+from utils.runtime import default_device
 
 
 def sync(device: torch.device) -> None:
@@ -48,35 +43,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def research_loop(model, diffusion, image: torch.Tensor, n: int, generator: torch.Generator,
-                  photometry: torch.Tensor | None = None) -> torch.Tensor:
-    """One galaxy, one sample at a time, every step re-encoding the image (fp32)."""
-    out = []
-    for _ in range(n):
-        x = torch.randn((1, 1, model.length), generator=generator).to(image.device)
-        for i in range(diffusion.num_timesteps - 1, -1, -1):
-            t = torch.full((1,), i, device=image.device, dtype=torch.long)
-            output = model(x, t, context=model.encode(image[None], photometry))  # encoder at every step
-            x0 = diffusion.split_output(x, t, output)[0].clamp(-1, 1)
-            mean, _, log_var = diffusion.q_posterior(x0, x, t)
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
-        out.append(x[0, 0])
-    return torch.stack(out)
-
-
 def parse_fast(spec: str, defaults: dict) -> list[dict]:
-    """``sampler:steps:eta,...`` -> settings; an empty spec gives the model's own sampling defaults."""
+    """``sampler:steps,...`` -> settings; an empty spec gives the configuration's sampling settings."""
     if not spec:
-        return [{"sampler": defaults["sampler"], "steps": defaults["steps"], "eta": defaults["eta"]}]
+        return [{"sampler": defaults["sampler"], "steps": defaults["steps"]}]
     out = []
     for item in spec.split(","):
         parts = item.split(":")
-        if parts[0] not in SAMPLERS or len(parts) > 3:
-            raise SystemExit(f"--fast: '{item}' is not sampler[:steps[:eta]] with sampler {', '.join(SAMPLERS)}")
-        out.append({"sampler": parts[0], "steps": int(parts[1]) if len(parts) > 1 else defaults["steps"],
-                    "eta": float(parts[2]) if len(parts) > 2 else 0.0})
+        if parts[0] not in SAMPLERS or len(parts) > 2:
+            raise SystemExit(f"--fast: '{item}' is not sampler[:steps] with sampler {', '.join(SAMPLERS)}")
+        out.append({"sampler": parts[0], "steps": int(parts[1]) if len(parts) > 1 else defaults["steps"]})
     return out
 
 
@@ -94,29 +70,28 @@ def main() -> None:
     parser.add_argument("--galaxies", type=int, default=48, help="test galaxies for the quality comparison")
     parser.add_argument("--loop-galaxies", type=int, default=1, help="galaxies timed through the research loop")
     parser.add_argument("--n", type=int, default=25)
-    parser.add_argument("--fast", default="", help="fast-path settings 'sampler:steps:eta,...' (default: the "
-                        "sampling section of the diffusion model's own run config)")
+    parser.add_argument("--fast", default="", help="fast-path settings 'sampler:steps,...' (default: the "
+                        "configuration's sampling.sampler and sampling.steps)")
     parser.add_argument("--out", default="bench/results.json")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
 
     device = default_device()
-    gen_cfg, _, _, _ = load_trained(args.generative, default_runs(GENERATIVE_PARAMS), "diffusion model", "generative")
-    config = load_config(GENERATIVE_PARAMS, [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
-                                  if k in ("root", "image", "preprocessing", "downsample", "source")] +
+    gen_cfg, _, _, _ = load_trained(args.generative, default_runs("generative"), "diffusion model", "generative")
+    config = load_config("generative", rest + [f"data.{k}={v}" for k, v in gen_cfg["data"].items()
+                                               if k in ("root", "image", "preprocessing", "downsample", "source")] +
                          ([f"sampling.generative_run={args.generative}"] if args.generative else []) +
                          ([f"sampling.contrastive_run={args.contrastive}"] if args.contrastive else []))
-    settings = parse_fast(args.fast, gen_cfg.get("sampling", config["sampling"]))
+    settings = parse_fast(args.fast, config["sampling"])
+    clip = clip_value(config["data"]["preprocessing"])
     pair = find_models(config)
-    survey = load_survey(config)
+    survey = load_survey(config["data"])
     d = config["data"]
-    data = subset(SpectraDataset.from_config(survey, "test", d), args.galaxies)
+    data = subset(configured_dataset(survey, "test", d), args.galaxies)
     pair = build_models(pair, data.n_pixels, data.n_channels, device)
     gen_cfg, gen_path = pair.gen_cfg, pair.gen_path
     model, contrastive, diffusion = pair.denoiser, pair.contrastive, pair.diffusion
     batch = next(data.iter_batches(len(data)))
     images, truth = batch["image"].to(device), batch["spectrum"][:, 0].numpy()
-    photometry = photometry_of(model, data, batch, device)  # None unless built with model.photometry
-    phot = lambda i, j: None if photometry is None else photometry[i:j]  # noqa: E731
     top_k, batch_galaxies = config["sampling"]["top_k"], config["sampling"]["batch_galaxies"]
     fast_precision = "bf16" if device.type == "cuda" else "fp32"  # CPUs without bf16 units run it slower
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -126,19 +101,18 @@ def main() -> None:
 
     def quality(samples: torch.Tensor) -> dict:
         scores = score(contrastive, images, samples.to(device)).float().cpu().numpy()
-        ev = evaluate(samples.cpu().numpy(), scores, truth, top_k)
+        ev = summarise_samples(samples.cpu().numpy(), scores, truth, top_k)
         return {"per_galaxy": ev["mse_contrastive"], "mse_contrastive": float(ev["mse_contrastive"].mean()),
                 "mse_mean": float(ev["mse_mean"].mean())}
 
-    def batched(sampler: str, steps: int | None, eta: float, precision: str) -> tuple[torch.Tensor, float]:
-        cfg = {**gen_cfg, "run": {**gen_cfg["run"], "precision": precision}}
+    def batched(sampler: str, steps: int | None, precision: str) -> tuple[torch.Tensor, float]:
         g = torch.Generator().manual_seed(0)
-        sample_for_images(model, diffusion, images[:2], 2, sampler, steps, cfg, g, eta=eta,  # warm-up
-                          photometry=phot(0, 2))
+        sample_for_images(model, diffusion, images[:2], 2, sampler, steps, precision=precision, clip=clip,
+                          generator=g)  # warm-up
         sync(device)
         start = time.perf_counter()
         out = torch.cat([sample_for_images(model, diffusion, images[i:i + batch_galaxies], args.n, sampler, steps,
-                                           cfg, g, eta=eta, photometry=phot(i, i + batch_galaxies))
+                                           precision=precision, clip=clip, generator=g)
                          for i in range(0, len(images), batch_galaxies)])
         sync(device)
         return out, len(images) * args.n / (time.perf_counter() - start)
@@ -149,21 +123,21 @@ def main() -> None:
     sync(device)
     start = time.perf_counter()
     for i in range(args.loop_galaxies):
-        research_loop(model, diffusion, images[i], args.n, g, phot(i, i + 1))
+        sequential_ddpm(model, diffusion, images[i], args.n, g)
     sync(device)
     loop_rate = args.loop_galaxies * args.n / (time.perf_counter() - start)
     print(f"research loop: {loop_rate:.3f} spectra/s", flush=True)
-    reference, batched_rate = batched("ddpm", None, 1.0, "fp32")
+    reference, batched_rate = batched("ddpm", None, "fp32")
     ref = quality(reference)
     rows = [{"path": "research loop, encoder every step", "sampler": "ddpm", "steps": diffusion.num_timesteps,
-             "eta": 1.0, "precision": "fp32", "spectra_per_second": loop_rate, **ref},
-            {"path": "batched, context once", "sampler": "ddpm", "steps": diffusion.num_timesteps, "eta": 1.0,
+             "precision": "fp32", "spectra_per_second": loop_rate, **ref},
+            {"path": "batched, context once", "sampler": "ddpm", "steps": diffusion.num_timesteps,
              "precision": "fp32", "spectra_per_second": batched_rate, **ref}]
     print(f"batched DDPM: {batched_rate:.3f} spectra/s, contrastive MSE {ref['mse_contrastive']:.5f}", flush=True)
 
     # (b) fast paths
     for setting in settings:
-        samples, rate = batched(setting["sampler"], setting["steps"], setting["eta"], fast_precision)
+        samples, rate = batched(setting["sampler"], setting["steps"], fast_precision)
         q = quality(samples)
         rows.append({"path": "fast path", **setting, "precision": fast_precision, "spectra_per_second": rate, **q})
         print(f"{setting}: {rate:.3f} spectra/s, contrastive MSE {q['mse_contrastive']:.5f}", flush=True)
@@ -180,11 +154,11 @@ def main() -> None:
 
     print(f"device: {results['device']} ({results['threads']} threads); {len(data)} test galaxies x {args.n} samples, "
           f"{data.n_pixels} pixels; {diffusion.prediction}-prediction model {gen_path}")
-    print("| path | sampler | steps | eta | precision | spectra/s | speed-up | contrastive MSE | change (+- s.e.) "
+    print("| path | sampler | steps | precision | spectra/s | speed-up | contrastive MSE | change (+- s.e.) "
           "| mean MSE |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['sampler']} | {r['steps']} | {r['eta']:g} | {r['precision']} | "
+        print(f"| {r['path']} | {r['sampler']} | {r['steps']} | {r['precision']} | "
               f"{r['spectra_per_second']:.2f} | {r['speedup']:.1f}x | {r['mse_contrastive']:.5f} | "
               f"{100 * r['mse_change']:+.1f}% +- {100 * r['mse_change_se']:.1f}% | {r['mse_mean']:.5f} |")
     print("target (>= 10x the research loop, contrastive MSE at most 5% worse): " +

@@ -1,35 +1,35 @@
 #!/usr/bin/env bash
-# Does the standard preset's CPU hour limit its emission lines? (README "On a GPU")
+# Does the standard preset's CPU hour limit its emission lines? (docs/performance.md, "On a GPU")
 #   bash bench/gpu_budget.sh CONTRASTIVE_CHECKPOINT OUT_DIR [ITERS] [MINUTES] [MOCK_GALAXIES] [RUNS]
 # On a lent GPU, diffusion models of the standard preset train side by side on the standard
 # mock, all from the same contrastive image encoder (the CPU run's, carried as CONTRASTIVE_CHECKPOINT):
 #   x1     the CPU run's iteration count (ITERS, default 10048) and learning-rate decay: the device control
 #   x2     twice the iterations, the per-epoch decay square-rooted so that the last learning rate is the same
-#   x2_lw5 the same with the line-weighted loss and the photometry token (train.line_weight=5, model.photometry=true)
-# RUNS (default "x1 x2 x2_lw5") picks which of them train. Each stops at MINUTES of training at the
+# RUNS (default "x1 x2") picks which of them train. Each stops at MINUTES of training at the
 # latest (default 6). Their final checkpoints come back in OUT_DIR stripped to what generate.py reads
 # (EMA weights and run info); generate.py then samples them on the validation split on the CPU, beside
 # the CPU run's model. Needs the non-torch dependencies as wheels in
 # .whl/ when the machine has no registry (as bench/gpu_check.sh).
-# Measured once (bench/gpu_budget_h100.json, README "On a GPU"): on one H100 the three runs side by side
+# Measured (bench/gpu_budget_h100.json, docs/performance.md): on one H100 three such runs side by side
 # made 17-19 iterations/s each by the training clock, so x1 needs about 9 and x2 18 minutes of training,
-# more than one 10-minute command of a lent machine; that run stopped all three at 6 minutes. One run
-# alone (RUNS=x2) was not timed.
+# more than one 10-minute command of a lent machine; that run stopped all three at 6 minutes (the
+# third trained a loss this project no longer has). One run alone (RUNS=x2) was not timed.
 set -u
 CON=${1:?contrastive checkpoint}
 OUT_DIR=${2:?output folder}
 ITERS=${3:-10048}
 MINUTES=${4:-6}
 MOCK_N=${5:-10000}
-RUNS=${6:-x1 x2 x2_lw5}
+RUNS=${6:-x1 x2}
 for name in $RUNS; do
-  case $name in x1|x2|x2_lw5) ;; *) echo "unknown run '$name' in RUNS (expected x1, x2, x2_lw5)" >&2; exit 2 ;; esac
+  case $name in x1|x2) ;; *) echo "unknown run '$name' in RUNS (expected x1, x2)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg OMP_NUM_THREADS=4
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project, from its folder (no registry to install it from)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
@@ -50,7 +50,6 @@ for name in $RUNS; do
   case $name in
     x1) extra="train.max_iters=$ITERS" ;;
     x2) extra="train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2" ;;
-    x2_lw5) extra="train.max_iters=$((2 * ITERS)) train.lr_decay=$DECAY2 train.line_weight=5 model.photometry=true" ;;
   esac
   python3 train_generative.py $common $extra run.out_dir=$WORK/$name >"$WORK.$name.log" 2>&1 &
 done
@@ -65,7 +64,6 @@ for name in $RUNS; do
 import sys
 from pathlib import Path
 import torch
-sys.path.insert(0, ".")
 from utils.checkpoints import find_checkpoint, read_checkpoint
 run = next(Path(sys.argv[1]).iterdir())
 path = find_checkpoint(run)  # the run's latest checkpoint

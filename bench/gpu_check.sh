@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path, checked and timed in one short run on a lent GPU (bench/README.md: "GPU").
+# The CUDA path, checked and timed in one short run on a lent GPU (docs/performance.md, "On a GPU").
 #   bash bench/gpu_check.sh OUT_DIR
 # Needs the project's non-torch dependencies as wheels in .whl/ when the machine has no registry.
 # Stages, each bounded: (1) bf16 against fp32 on the paper-size denoiser and the CUDA tests,
@@ -9,21 +9,21 @@ set -u
 OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project, from its folder (no registry to install it from)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
 echo "== 1. bf16 against fp32 (paper-size denoiser, random inputs), CUDA tests"
 timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT_DIR/accuracy.txt"
-import sys, torch
-sys.path.insert(0, ".")
-from utils.builders import GENERATIVE_PARAMS, build_generative_model
+import torch
+from utils.builders import build_generative_model
 from utils.config import load_config
 torch.manual_seed(1)
-model = build_generative_model(load_config(GENERATIVE_PARAMS, []), 3598, 3).cuda().eval()
+model = build_generative_model(load_config("generative", [])["model"], 3598, 3).cuda().eval()
 for p in model.parameters():  # the zero-initialised output conv would make every error 0/0
     p.data.add_(torch.randn_like(p) * 1e-2)
 x, t, img = torch.randn(8, 1, 3598).cuda(), torch.randint(0, 250, (8,)).cuda(), torch.randn(8, 3, 64, 64).cuda()

@@ -1,4 +1,4 @@
-"""How much of a mock spectrum its photometry already predicts (issue 14, point 7).
+"""How much of a mock spectrum its photometry already predicts.
 
     python bench/mock_neighbours.py [--root data/mock] [--k 25] [--downsample 16] [--test 1000]
 
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.dataset import BANDS, open_survey  # noqa: E402
-from utils.spectra import SpectralGrid  # noqa: E402
+from utils.astro.spectra import SpectralGrid
+from utils.data.dataset import BANDS, open_survey
 
 MORPHOLOGY = ("bulge_frac_r", "r_disc_arcsec", "r_bulge_arcsec")
 

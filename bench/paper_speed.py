@@ -5,7 +5,7 @@
                                 [--out bench/paper_speed.json]
 
 Both ways build the same published layout (23.66M-parameter denoiser + ResNet-18 condition
-encoder, 3,598 pixels) from params_generative.yml's defaults and differ only in how they run it:
+encoder, 3,598 pixels) from the generative configuration's defaults and differ only in how they run it:
 
 training step, batch 16 (Adam, per-step Polyak average of all weights):
   research  einsum attention that materialises the attention matrix, gradient checkpointing inside
@@ -41,12 +41,10 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.unet import Attention, TransformerBlock  # noqa: E402
-from utils.builders import GENERATIVE_PARAMS, build_generative_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.runtime import default_device, keep_freed_memory  # noqa: E402
+from models.unet import Attention, TransformerBlock
+from utils.builders import build_generative_model
+from utils.config import load_config
+from utils.runtime import default_device, keep_freed_memory
 
 LENGTH, TRAIN_BATCH, N_SAMPLES, TIMESTEPS = 3598, 16, 25, 250
 
@@ -87,8 +85,7 @@ class ResearchWay:
 
 
 def paper_model(device: torch.device) -> torch.nn.Module:
-    config = load_config(GENERATIVE_PARAMS, [])
-    return build_generative_model(config, LENGTH, 3).to(device)
+    return build_generative_model(load_config("generative", [])["model"], LENGTH, 3).to(device)
 
 
 def polyak_loop(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -109,7 +106,7 @@ def time_training(device: torch.device, way: str, precision: str, repeats: int, 
 
     torch.manual_seed(0)
     model = paper_model(device)
-    diffusion = build_diffusion(load_config(GENERATIVE_PARAMS, []))
+    diffusion = build_diffusion(load_config("generative", [])["diffusion"])
     opt = torch.optim.Adam(model.parameters(), 1e-4, fused=device.type == "cuda" or None)
     forward = torch.compile(model) if compile_ else model
     x0 = torch.rand(TRAIN_BATCH, 1, LENGTH, device=device) * 2 - 1

@@ -1,4 +1,4 @@
-"""Benchmark: utils.science.measure on G galaxies x N samples (issue 13: 5,000 x 25 in under a
+"""Benchmark: utils.astro.science.measure on G galaxies x N samples (the target: 5,000 x 25 in under a
 minute on 2 cores).
 
     python bench/science_speed.py [--galaxies 5000] [--samples 25] [--downsample 16]
@@ -11,18 +11,14 @@ the redshifts were recovered (a sanity check, not a quality figure).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.evaluation import nmad  # noqa: E402
-from utils.science import RedshiftFitter, measure  # noqa: E402
-from utils.spectra import block_grid, neurips_loglam  # noqa: E402
-from utils.templates import TemplateSpectra  # noqa: E402
+from utils.astro.science import RedshiftFitter, measure
+from utils.astro.spectra import block_grid, neurips_loglam
+from utils.astro.templates import TemplateSpectra
+from utils.eval.metrics import nmad
 
 
 def main() -> None:

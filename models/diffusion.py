@@ -46,27 +46,12 @@ def linear_betas(timesteps: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
 
 
-def shift_betas(betas: np.ndarray, shift: float, max_beta: float = MAX_BETA) -> np.ndarray:
-    """The schedule whose signal-to-noise ratio abar / (1 - abar) is ``shift``^2 times that of
-    ``betas`` at every step (as if the data were scaled by ``shift``; Hoogeboom et al. 2023 shift
-    the cosine schedule this way): abar' = s^2 abar / (1 - abar + s^2 abar), betas clipped at
-    ``max_beta``; ``shift`` 1 returns ``betas``. A shift above 1 spends more steps at noise levels
-    small against the data, where a spectrum's fine features (lines) are decided."""
-    if not shift > 0:
-        raise ValueError(f"the schedule's shift must be > 0, got {shift}")
-    if shift == 1:
-        return np.asarray(betas, dtype=np.float64)
-    alpha_bar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
-    shifted = shift ** 2 * alpha_bar / (1.0 - alpha_bar + shift ** 2 * alpha_bar)
-    return np.clip(1.0 - shifted / np.concatenate([[1.0], shifted[:-1]]), 0.0, max_beta)
-
-
-def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> np.ndarray:
-    """The ``schedule``'s betas for ``timesteps`` steps, its SNR scaled by ``shift``^2 (:func:`shift_betas`)."""
+def make_betas(schedule: str, timesteps: int) -> np.ndarray:
+    """The ``schedule``'s betas for ``timesteps`` steps."""
     if schedule == "cosine":
-        return shift_betas(cosine_betas(timesteps), shift)
+        return cosine_betas(timesteps)
     if schedule == "linear":
-        return shift_betas(linear_betas(timesteps), shift)
+        return linear_betas(timesteps)
     raise ValueError(f"unknown noise schedule '{schedule}': expected 'cosine' or 'linear'")
 
 
@@ -115,9 +100,9 @@ class GaussianDiffusion:
             setattr(self, name, torch.tensor(value, dtype=torch.float32))
 
     @classmethod
-    def from_config(cls, schedule: str, timesteps: int, prediction: str = "eps", shift: float = 1.0
-                    ) -> "GaussianDiffusion":
-        return cls(make_betas(schedule, timesteps, shift), prediction)
+    def from_schedule(cls, schedule: str, timesteps: int, prediction: str = "eps") -> "GaussianDiffusion":
+        """The diffusion of a named schedule (:func:`make_betas`)."""
+        return cls(make_betas(schedule, timesteps), prediction)
 
     # forward process --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -163,44 +148,14 @@ class GaussianDiffusion:
         """Timesteps drawn uniformly from {0, ..., T - 1} (never a fixed t: SPEC 6)."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio abar_t / (1 - abar_t) of x_t, per item (float32)."""
-        abar = self.alphas_cumprod.to(t.device)[t]
-        return abar / (1.0 - abar)
-
-    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma loss weights (Hang et al. 2023), per item: the x_0 error weighted by
-        min(SNR_t, gamma), written for this diffusion's target: min(SNR, gamma) / SNR for the
-        noise, min(SNR, gamma) / (SNR + 1) for the velocity. Low-noise steps, which the
-        plain loss weighs most in x_0 terms, are capped at gamma."""
-        snr = self.snr(t)
-        return torch.clamp(snr, max=gamma) / (snr if self.prediction == "eps" else snr + 1.0)
-
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                      weight_below: float = 1.0, min_snr_gamma: float = 0.0, **model_kwargs
-                      ) -> torch.Tensor:
+                      noise: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         """MSE between the network output and its target (the noise, or the velocity) at
-        uniformly drawn t (a scalar). ``weight`` (broadcastable to ``x0``, positive) weights the
-        pixels' squared errors; a network that could fit every pixel exactly has the same optimum
-        under any positive weights, so they only say where a finite network should try hardest.
-        It applies to the items drawn at t < ``weight_below`` x T (the low-noise end; 1: all),
-        the others weigh every pixel alike. ``min_snr_gamma`` > 0 also weights each item by
-        :meth:`min_snr_weight` (0: every step alike, the paper's loss)."""
+        uniformly drawn t (a scalar)."""
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         target = noise if self.prediction == "eps" else self.velocity(x0, t, noise)
         output = model(self.q_sample(x0, t, noise), t, **model_kwargs)
-        squared = (output.float() - target.float()) ** 2
-        items = (-1, *[1] * (x0.dim() - 1))
-        if weight is not None:
-            weight = torch.broadcast_to(weight.float(), x0.shape)
-            if weight_below < 1.0:
-                noisy = (t >= weight_below * self.num_timesteps).reshape(items)
-                weight = torch.where(noisy, torch.ones_like(weight), weight)
-            squared = weight * squared
-        if min_snr_gamma > 0:
-            squared = squared * self.min_snr_weight(t, min_snr_gamma).reshape(items)
-        return squared.mean()
+        return ((output.float() - target.float()) ** 2).mean()

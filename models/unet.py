@@ -39,6 +39,8 @@ NORM_GROUPS = 8
 ATTN_NORM_GROUPS = 32
 #: image-encoder feature map cells that become context tokens (2 x 2 for 64 x 64 images)
 CONTEXT_TOKENS = 4
+#: channels per attention head (SPEC 3: heads of 32 channels)
+HEAD_DIM = 32
 
 
 def down_length(length: int) -> int:
@@ -169,78 +171,51 @@ class ConditionalUNet1D(nn.Module):
     cond_drop : in training, the share of items whose context is replaced by a learned null
         context, so that the same network also predicts unconditionally (classifier-free
         guidance, Ho & Salimans 2022; not in the paper: 0 reproduces it).
-    global_context : also add an MLP of the context tokens' mean to the timestep embedding, so that
-        every block at every resolution sees the image, not only the cross-attention levels (as
-        diffusion models add a pooled text or class embedding; not in the paper; x-attention only).
-    photometry : number of photometric features (colours and magnitudes measured on the images,
-        utils.photometry) given to ``encode`` and ``forward``; 0 for none (the paper). An MLP of
-        them, standardised with the buffers :meth:`set_photometry_stats` fills, is a fifth context
-        token and is added to every block's timestep embedding (x-attention only).
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (4,),
-                 head_dim: int = 32, conditioning: str = "x-attention", image_depth: int = 18,
+                 head_dim: int = HEAD_DIM, conditioning: str = "x-attention", image_depth: int = 18,
                  image_width: int = 64, context_pos: bool = False, grad_checkpoint: bool = False,
-                 cond_drop: float = 0.0, global_context: bool = False, photometry: int = 0) -> None:
+                 cond_drop: float = 0.0) -> None:
         super().__init__()
-        if conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
-        if len(mults) < 2:
-            raise ValueError(f"mults needs at least 2 entries (levels, then the bottleneck multiplier), got {mults}")
-        dims = [width * m for m in mults[:-1]]
-        levels = len(dims)
-        if any(d % NORM_GROUPS for d in dims) or width * mults[-1] % NORM_GROUPS:
-            raise ValueError(f"every width * mult must be a multiple of {NORM_GROUPS} (GroupNorm groups), "
-                             f"got width {width}, mults {mults}")
-        bad = [a for a in attn_levels if not 1 <= a <= levels]
-        if bad:
-            raise ValueError(f"attn_levels {list(attn_levels)} must lie in 1..{levels} (the UNet's levels)")
-        deepest = length
-        for _ in range(levels):
-            deepest = down_length(deepest)
-        if deepest < 1:
-            raise ValueError(f"a spectrum of {length} pixels is too short for {levels} downsampling levels")
+        dims = check_layout(length, width, mults, attn_levels, conditioning)
         self.length = length
         self.conditioning = conditioning
         self.grad_checkpoint = grad_checkpoint
         self.cond_drop = cond_drop
-        t_dim = width
         self.time_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, 4 * width), nn.ReLU(),
-                                        nn.Linear(4 * width, t_dim))
-        context_dim, in_channels = None, 1
-        if conditioning == "x-attention":
-            self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
-            context_dim = self.image_encoder.feature_dim
-            if context_pos:
-                self.token_pos = nn.Parameter(torch.zeros(1, CONTEXT_TOKENS, context_dim))
-            null_shape = (1, CONTEXT_TOKENS + int(photometry > 0), context_dim)
-        elif conditioning == "concat":
-            self.image_encoder = ResNet(image_depth, image_channels, out_dim=0, width=image_width)
-            self.to_channel = nn.Linear(self.image_encoder.feature_dim, length)
-            null_shape = (1, 1, length)
-            in_channels = 2
-        if cond_drop > 0 and conditioning != "none":
-            self.null_context = nn.Parameter(torch.zeros(null_shape))
-        if global_context:
-            if conditioning != "x-attention":
-                raise ValueError(f"global_context needs conditioning 'x-attention', got {conditioning!r}")
-            self.global_embed = nn.Sequential(nn.Linear(context_dim, 4 * width), nn.ReLU(), nn.Linear(4 * width, t_dim))
-        self.n_photometry = photometry  # features encode() and forward() expect (0: none)
-        if photometry:
-            if conditioning != "x-attention":
-                raise ValueError(f"photometry needs conditioning 'x-attention', got {conditioning!r}")
-            self.register_buffer("photometry_mean", torch.zeros(photometry))
-            self.register_buffer("photometry_std", torch.ones(photometry))
-            self.photometry_embed = nn.Sequential(nn.Linear(photometry, 4 * width), nn.ReLU(),
-                                                  nn.Linear(4 * width, context_dim))
-            self.photometry_time = nn.Sequential(nn.ReLU(), nn.Linear(context_dim, t_dim))
-        use_attn = conditioning != "concat"
+                                        nn.Linear(4 * width, width))
+        context_dim, in_channels = self._build_conditioning(length, image_channels, image_depth, image_width,
+                                                            context_pos, cond_drop)
+        attn = set(attn_levels) if conditioning != "concat" else set()
+        self._build_levels(dims, in_channels, width, width * mults[-1], attn, context_dim, head_dim)
 
+    def _build_conditioning(self, length: int, image_channels: int, depth: int, width: int, context_pos: bool,
+                            cond_drop: float) -> tuple[int | None, int]:
+        """The image encoder and what turns its features into context; returns the context
+        tokens' width (None without cross-attention) and the UNet's input channels."""
+        if self.conditioning == "none":
+            return None, 1
+        self.image_encoder = ResNet(depth, image_channels, out_dim=0, width=width)
+        feature_dim = self.image_encoder.feature_dim
+        if self.conditioning == "x-attention":
+            if context_pos:
+                self.token_pos = nn.Parameter(torch.zeros(1, CONTEXT_TOKENS, feature_dim))
+            null_shape, context_dim, in_channels = (1, CONTEXT_TOKENS, feature_dim), feature_dim, 1
+        else:  # concat: the pooled feature mapped to a second input channel
+            self.to_channel = nn.Linear(feature_dim, length)
+            null_shape, context_dim, in_channels = (1, 1, length), None, 2
+        if cond_drop > 0:
+            self.null_context = nn.Parameter(torch.zeros(null_shape))
+        return context_dim, in_channels
+
+    def _build_levels(self, dims: list[int], in_channels: int, t_dim: int, mid_width: int, attn: set[int],
+                      context_dim: int | None, head_dim: int) -> None:
+        """Down path, bottleneck and up path (see the module docstring's layout)."""
         def transformer(c: int) -> nn.Module:
             return TransformerBlock(c, context_dim, head_dim)
 
-        attn = set(attn_levels) if use_attn else set()
         self.down_blocks, self.downsample, self.down_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         c_prev = in_channels
         for i, c in enumerate(dims, start=1):
@@ -249,12 +224,12 @@ class ConditionalUNet1D(nn.Module):
             self.down_attn.append(transformer(c) if i in attn else nn.Identity())
             c_prev = c
         c = dims[-1]
-        if use_attn:
+        if self.conditioning != "concat":
             self.mid = nn.ModuleList([Block(c, c, c, t_dim), transformer(c), Block(c, c, c, t_dim)])
         else:
-            self.mid = nn.ModuleList([Block(c, width * mults[-1], c, t_dim)])
+            self.mid = nn.ModuleList([Block(c, mid_width, c, t_dim)])
         self.upsample, self.up_blocks, self.up_attn = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i in range(levels, 0, -1):
+        for i in range(len(dims), 0, -1):
             c, c_out = dims[i - 1], dims[max(i - 2, 0)]
             self.upsample.append(nn.ConvTranspose1d(c, c, 4, stride=2, padding=1))
             self.up_blocks.append(Block(2 * c, c, c_out, t_dim))
@@ -262,30 +237,16 @@ class ConditionalUNet1D(nn.Module):
         self.out = nn.Conv1d(dims[0], 1, 1)
 
     # conditioning -----------------------------------------------------------------------------
-    def set_photometry_stats(self, features: torch.Tensor) -> None:
-        """Standardise the photometric features with the mean and spread of ``features`` ``(N, F)``
-        (the training galaxies'); saved with the weights."""
-        std = features.double().std(0) if len(features) > 1 else torch.ones(features.shape[1])
-        self.photometry_mean.copy_(features.double().mean(0))
-        self.photometry_std.copy_(std.clamp_min(1e-3))
-
-    def encode(self, images: torch.Tensor | None, photometry: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, 512)`` for 'x-attention'
-        (``(B, 5, 512)`` with the ``(B, F)`` photometry of a model built with it), a channel
-        ``(B, 1, L)`` for 'concat', None for 'none'. Compute once per galaxy."""
+    def encode(self, images: torch.Tensor | None) -> torch.Tensor | None:
+        """Context from images ``(B, C, 64, 64)``: tokens ``(B, 4, 512)`` for 'x-attention', a
+        channel ``(B, 1, L)`` for 'concat', None for 'none'. Compute once per galaxy."""
         if self.conditioning == "none" or images is None:
             return None
         features = self.image_encoder.features(images)  # (B, 512, 2, 2)
         if self.conditioning == "x-attention":
             tokens = features.flatten(2).transpose(1, 2)
             pos = getattr(self, "token_pos", None)
-            tokens = tokens if pos is None else tokens + pos[:, : tokens.shape[1]]
-            if hasattr(self, "photometry_embed"):
-                if photometry is None:
-                    raise ValueError("this model was built with photometry: pass the images' photometric features")
-                scaled = (photometry.to(self.photometry_mean) - self.photometry_mean) / self.photometry_std
-                tokens = torch.cat([tokens, self.photometry_embed(scaled.to(tokens.dtype))[:, None]], dim=1)
-            return tokens
+            return tokens if pos is None else tokens + pos[:, : tokens.shape[1]]
         return self.to_channel(features.mean((2, 3)))[:, None]
 
     def unconditional(self, context: torch.Tensor | None) -> torch.Tensor | None:
@@ -304,16 +265,16 @@ class ConditionalUNet1D(nn.Module):
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, photometry: torch.Tensor | None = None) -> torch.Tensor:
+                images: torch.Tensor | None = None) -> torch.Tensor:
         """Network output ``(B, 1, L)`` for ``x`` ``(B, 1, L)`` at timesteps ``t`` ``(B,)``.
 
-        Pass a precomputed ``context`` (sampling) or the ``images`` (and ``photometry``, for a
-        model built with it; training, so that the encoder runs inside forward and data-parallel
-        wrappers see it). In training mode with ``cond_drop > 0`` each item's context is replaced
-        by the null context with that probability.
+        Pass a precomputed ``context`` (sampling) or the ``images`` (training, so that the encoder
+        runs inside forward and data-parallel wrappers see it). In training mode with
+        ``cond_drop > 0`` each item's context is replaced by the null context with that
+        probability.
         """
         if context is None and images is not None:
-            context = self.encode(images, photometry)
+            context = self.encode(images)
             if self.training and self.cond_drop > 0 and context is not None:
                 drop = torch.rand(context.shape[0], device=context.device) < self.cond_drop
                 context = torch.where(drop[:, None, None], self.unconditional(context), context)
@@ -321,10 +282,6 @@ class ConditionalUNet1D(nn.Module):
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
-        if hasattr(self, "global_embed") and tokens is not None:
-            temb = temb + self.global_embed(tokens.mean(1).to(temb.dtype))
-        if hasattr(self, "photometry_time") and tokens is not None:  # the photometry token is the last
-            temb = temb + self.photometry_time(tokens[:, -1].to(temb.dtype))
         h, skips = x, []
         for block, down, attn in zip(self.down_blocks, self.downsample, self.down_attn):
             h = self._run(block, h, temb)
@@ -340,3 +297,26 @@ class ConditionalUNet1D(nn.Module):
             h = self._run(block, torch.cat([h, skip], dim=1), temb)
             h = self._run(attn, h, tokens)
         return self.out(h)
+
+
+def check_layout(length: int, width: int, mults: tuple[int, ...], attn_levels: tuple[int, ...],
+                 conditioning: str) -> list[int]:
+    """The channels of the UNet's levels, after checking that the layout can be built (a
+    ``ValueError`` naming what cannot)."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+    if len(mults) < 2:
+        raise ValueError(f"mults needs at least 2 entries (levels, then the bottleneck multiplier), got {mults}")
+    dims = [width * m for m in mults[:-1]]
+    if any(d % NORM_GROUPS for d in dims) or width * mults[-1] % NORM_GROUPS:
+        raise ValueError(f"every width * mult must be a multiple of {NORM_GROUPS} (GroupNorm groups), "
+                         f"got width {width}, mults {mults}")
+    bad = [a for a in attn_levels if not 1 <= a <= len(dims)]
+    if bad:
+        raise ValueError(f"attn_levels {list(attn_levels)} must lie in 1..{len(dims)} (the UNet's levels)")
+    deepest = length
+    for _ in dims:
+        deepest = down_length(deepest)
+    if deepest < 1:
+        raise ValueError(f"a spectrum of {length} pixels is too short for {len(dims)} downsampling levels")
+    return dims

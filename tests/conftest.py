@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(scope="session")
 def tiny_mock(tmp_path_factory) -> Path:
     """48 mock galaxies with gri and ugriz images (seed 3)."""
-    from utils.mock import generate_mock
+    from utils.data.mock import generate_mock
 
     root = tmp_path_factory.mktemp("mock") / "survey"
     return generate_mock(root, n_objects=48, seed=3, ugriz=True, progress=False)
@@ -24,8 +23,8 @@ def tiny_mock(tmp_path_factory) -> Path:
 def tiny_contrastive_args(data_root: Path, out_dir: Path) -> list[str]:
     """Overrides that make train_contrastive.py run in seconds on the tiny mock."""
     return [f"data.root={data_root}", "data.source=folder", "data.downsample=8", "data.num_workers=0",
-            "model.image_depth=18", "model.image_width=8", "model.spectrum_width=8", "model.spectrum_mults=[1, 2]",
-            "model.latent_dim=16", "train.batch_size=8", "train.lr=1e-3", "val.every=3", "val.batch_size=4",
+            "model.image_depth=18", "model.image_width=8", "model.spectrum_width=8", "model.latent_dim=16",
+            "train.batch_size=8", "train.lr=1e-3", "val.every=3",
             "run.checkpoint_every=2", f"run.out_dir={out_dir}", "train.max_iters=6"]
 
 
@@ -48,7 +47,7 @@ def only_run(out_dir: Path) -> Path:
 def tiny_generative_args(data_root: Path, out_dir: Path) -> list[str]:
     """Overrides that make train_generative.py run in seconds on the tiny mock."""
     return [f"data.root={data_root}", "data.source=folder", "data.downsample=16", "data.num_workers=0",
-            "model.width=8", "model.mults=[1, 2, 4]", "model.attn_levels=[2]", "model.head_dim=8",
-            "model.image_width=8", "diffusion.timesteps=20", "train.batch_size=8", "train.lr=1e-3",
+            "model.width=8", "model.mults=[1, 2, 4]", "model.attn_levels=[2]", "model.image_width=8",
+            "diffusion.timesteps=20", "train.batch_size=8", "train.lr=1e-3",
             "val.every=3", "val.n_objects=4", "val.n_samples=2", "val.steps=4", "run.checkpoint_every=2",
             f"run.out_dir={out_dir}", "train.max_iters=4"]

@@ -49,7 +49,10 @@ def test_loss_is_finite_at_tiny_temperature():
 def test_aligned_embeddings_give_perfect_retrieval():
     z = F.normalize(torch.randn(40, 16), dim=1)
     m = retrieval_metrics(z, z.clone(), batch_size=8)
-    assert m["top1_batch"] == 1.0 and m["top5_batch"] == 1.0 and m["median_rank"] == 1.0 and m["top1_all"] == 1.0
+    assert m["top1_batch"] == 1.0
+    assert m["top5_batch"] == 1.0
+    assert m["median_rank"] == 1.0
+    assert m["top1_all"] == 1.0
     shuffled = retrieval_metrics(z, z[torch.randperm(40)], batch_size=8)
     assert shuffled["top1_all"] < 0.5
     const = torch.ones(5, 3) / math.sqrt(3)
@@ -100,10 +103,14 @@ def test_train_script_end_to_end(tiny_mock, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(out)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["iteration"] == 6 and {"loss", "top1_batch", "top5_batch", "median_rank"} <= set(metrics["val"])
-    assert (run / "config.yml").exists() and (run / "log.txt").exists() and not (run / LOCK_FILE).exists()
+    assert metrics["iteration"] == 6
+    assert {"loss", "top1_batch", "top5_batch", "median_rank"} <= set(metrics["val"])
+    assert (run / "config.yml").exists()
+    assert (run / "log.txt").exists()
+    assert not (run / LOCK_FILE).exists()
     assert list((run / "figures").glob("retrieval_*.png"))
-    assert list((run / "checkpoints").glob("latest_*.pt")) and len(list((run / "checkpoints").glob("best_*.pt"))) == 2
+    assert list((run / "checkpoints").glob("latest_*.pt"))
+    assert len(list((run / "checkpoints").glob("best_*.pt"))) == 2
 
 
 @pytest.mark.slow
@@ -128,15 +135,18 @@ def test_kill_and_resume_continues_iteration_and_lr(tiny_mock, tmp_path):
     state = torch.load(ckpt, weights_only=False)
     saved_iter = state["trainer"]["iteration"]
     saved_lr = state["optimizer"]["param_groups"][0]["lr"]
-    assert saved_lr < 1e-3 and not list((run / "checkpoints").glob("*.tmp"))
+    assert saved_lr < 1e-3
+    assert not list((run / "checkpoints").glob("*.tmp"))
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == proc.pid  # the killed trainer's, left behind
     resumed = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out) + [
         f"train.max_iters={saved_iter + 4}", "train.lr_decay=0.5", f"run.resume={run}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (run / "log.txt").read_text()
-    assert f"at iteration {saved_iter} " in log and f"learning rate {saved_lr:.6g}" in log
+    assert f"at iteration {saved_iter} " in log
+    assert f"learning rate {saved_lr:.6g}" in log
     assert json.loads((run / "metrics.json").read_text())["iteration"] == saved_iter + 4
-    assert "no longer runs" in resumed.stderr and not (run / LOCK_FILE).exists()  # taken over, then released
+    assert "no longer runs" in resumed.stderr
+    assert not (run / LOCK_FILE).exists()  # taken over, then released
 
 
 @pytest.mark.slow
@@ -159,8 +169,11 @@ def test_bad_and_incompatible_checkpoints(tiny_mock, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     bad = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out) + [f"run.resume={junk}"])
-    assert bad.returncode == 1 and "junk.pt" in bad.stderr and "cannot be read" in bad.stderr
-    assert "Traceback" not in bad.stderr and not (tmp_path / "checkpoints").exists()  # nothing written beside it
+    assert bad.returncode == 1
+    assert "junk.pt" in bad.stderr
+    assert "cannot be read" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "checkpoints").exists()  # nothing written beside it
     assert junk.read_bytes() == b"not a checkpoint"
     ok = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "a") + ["train.max_iters=2"])
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -168,8 +181,8 @@ def test_bad_and_incompatible_checkpoints(tiny_mock, tmp_path):
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     wider = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out) + [
         "model.spectrum_width=16", f"run.resume={run}"])
-    assert wider.returncode == 1 and "trained with other settings: model.spectrum_width (checkpoint 8, this run 16)" \
-        in wider.stderr
+    assert wider.returncode == 1
+    assert "trained with other settings: model.spectrum_width (checkpoint 8, this run 16)" in wider.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     shutil.rmtree(out, ignore_errors=True)
 
@@ -181,4 +194,5 @@ def test_bf16_autocast_runs_on_cpu(tiny_mock, tmp_path):
                                                                                          "train.max_iters=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((only_run(out) / "metrics.json").read_text())
-    assert metrics["iteration"] == 2 and math.isfinite(metrics["val"]["loss"])
+    assert metrics["iteration"] == 2
+    assert math.isfinite(metrics["val"]["loss"])

@@ -8,9 +8,19 @@ import pytest
 import torch
 from astropy.table import Table
 
-from utils.dataset import (DataError, DatasetWriter, ImageTransform, SpectraDataset, assign_split, center_crop,
-                           image_tensor, open_survey, random_crop_flip, resize)
-from utils.spectra import neurips_loglam
+from utils.astro.spectra import neurips_loglam
+from utils.data.dataset import (
+    DataError,
+    DatasetWriter,
+    ImageTransform,
+    SpectraDataset,
+    assign_split,
+    center_crop,
+    image_tensor,
+    open_survey,
+    random_crop_flip,
+    resize,
+)
 
 
 def _write(root, n=20, npix=50, images=("gri",), seed=0):
@@ -33,9 +43,13 @@ def _write(root, n=20, npix=50, images=("gri",), seed=0):
 def test_round_trip_and_memory_map(tmp_path):
     root = _write(tmp_path / "d", images=("gri", "ugriz"))
     s = open_survey(root)
-    assert len(s) == 20 and s.flux.shape == (20, 50) and isinstance(s.flux, np.memmap)
-    assert set(s.images) == {"gri", "ugriz"} and s.images["gri"].dtype == np.uint8
-    assert len(s.meta["image_stats"]["gri"]["mean"]) == 3 and len(s.meta["image_stats"]["ugriz"]["std"]) == 5
+    assert len(s) == 20
+    assert s.flux.shape == (20, 50)
+    assert isinstance(s.flux, np.memmap)
+    assert set(s.images) == {"gri", "ugriz"}
+    assert s.images["gri"].dtype == np.uint8
+    assert len(s.meta["image_stats"]["gri"]["mean"]) == 3
+    assert len(s.meta["image_stats"]["ugriz"]["std"]) == 5
     assert not (tmp_path / "d.partial").exists()
 
 
@@ -93,7 +107,9 @@ def test_unknown_split_values_are_named_plainly(tmp_path):
     with pytest.raises(DataError) as err:
         open_survey(root)
     message = str(err.value)
-    assert "catalog.fits" in message and "'holdout', 'tset'" in message and "train, val, test" in message
+    assert "catalog.fits" in message
+    assert "'holdout', 'tset'" in message
+    assert "train, val, test" in message
     assert "np.str_" not in message
 
 
@@ -107,7 +123,8 @@ def test_split_is_stable_when_objects_are_added():
     ids = np.arange(10_000, dtype=np.int64) * 7 + 3
     split = assign_split(ids, 0.1, 0.1)
     fractions = {k: np.mean(split == k) for k in ("train", "val", "test")}
-    assert abs(fractions["val"] - 0.1) < 0.01 and abs(fractions["test"] - 0.1) < 0.01
+    assert abs(fractions["val"] - 0.1) < 0.01
+    assert abs(fractions["test"] - 0.1) < 0.01
     more = np.concatenate([ids, np.arange(5000, dtype=np.int64) * 11 + 100_000])
     assert np.array_equal(assign_split(more, 0.1, 0.1)[:10_000], split)
     assert np.array_equal(assign_split(ids[::-1], 0.1, 0.1), split[::-1])
@@ -129,7 +146,9 @@ def test_transforms():
     rgb = np.zeros((64, 64, 3), np.uint8)
     rgb[0, 1] = (255, 0, 51)
     ten = image_tensor(rgb, "gri")
-    assert ten.shape == (3, 64, 64) and ten[0, 0, 1] == 1.0 and ten[2, 0, 1] == pytest.approx(0.2)
+    assert ten.shape == (3, 64, 64)
+    assert ten[0, 0, 1] == 1.0
+    assert ten[2, 0, 1] == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("kind", ["scale", "log"])
@@ -137,12 +156,14 @@ def test_dataset_items_and_inversion(tiny_mock, kind):
     s = open_survey(tiny_mock)
     ds = SpectraDataset(s, None, image="ugriz", preprocessing=kind, downsample=4, train=True)
     item = ds[5]
-    assert item["image"].shape == (5, 64, 64) and item["spectrum"].shape == (1, 3598 // 4)
+    assert item["image"].shape == (5, 64, 64)
+    assert item["spectrum"].shape == (1, 3598 // 4)
     flux, _ = ds.flux(5)
-    back = ds.invert(item["spectrum"][0].numpy(), item["params"].numpy())
+    back = ds.deprocess(item["spectrum"][0].numpy(), item["params"].numpy())
     assert np.allclose(back, flux, rtol=1e-4, atol=1e-3)
     gri = SpectraDataset(s, "train", image="gri", preprocessing=kind, train=False)
-    assert gri[0]["image"].shape == (3, 64, 64) and torch.equal(gri[0]["image"], gri[0]["image"])
+    assert gri[0]["image"].shape == (3, 64, 64)
+    assert torch.equal(gri[0]["image"], gri[0]["image"])
     batch = next(gri.iter_batches(4))
     assert batch["spectrum"].shape == (4, 1, 3598)
 
@@ -151,9 +172,11 @@ def test_all_flux_stacks_every_item_in_order(tiny_mock):
     s = open_survey(tiny_mock)
     ds = SpectraDataset(s, "val", downsample=4)
     flux, ivar = ds.all_flux()
-    assert flux.shape == ivar.shape == (len(ds), 3598 // 4) and len(ds) > 1
+    assert flux.shape == ivar.shape == (len(ds), 3598 // 4)
+    assert len(ds) > 1
     for i in (0, len(ds) - 1):
-        assert np.array_equal(flux[i], ds.flux(i)[0]) and np.array_equal(ivar[i], ds.flux(i)[1])
+        assert np.array_equal(flux[i], ds.flux(i)[0])
+        assert np.array_equal(ivar[i], ds.flux(i)[1])
     empty = ds.like(np.zeros(0, dtype=np.int64)).all_flux()
     assert empty[0].shape == empty[1].shape == (0, 3598 // 4)
 
@@ -163,7 +186,8 @@ def test_dataset_stats_standardise_train_images(tiny_mock):
     ds = SpectraDataset(s, "train", image="gri", train=False)
     imgs = torch.stack([ds[i]["image"] for i in range(len(ds))])
     # centre crops of a resize leave the statistics close to standardised
-    assert imgs.mean().abs() < 0.3 and 0.6 < imgs.std() < 1.4
+    assert imgs.mean().abs() < 0.3
+    assert 0.6 < imgs.std() < 1.4
 
 
 def test_copy_of_dataset_opens(tiny_mock, tmp_path):

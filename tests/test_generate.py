@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -10,10 +9,10 @@ from astropy.io import fits
 from astropy.table import Table
 
 from conftest import only_run, run_script, tiny_contrastive_args, tiny_generative_args
-from utils.dataset import SpectraDataset, open_survey
-from utils.evaluation import evaluate, photometric_params, rank
-from utils.science import BPT_CLASSES, dn4000, measure
-from utils.spectra import preprocess
+from utils.astro.science import BPT_CLASSES, dn4000, measure
+from utils.astro.spectra import preprocess
+from utils.data.dataset import SpectraDataset, open_survey
+from utils.eval.metrics import photometric_params, rank, summarise_samples
 
 
 def test_oracle_scores_rank_the_closest_sample_first():
@@ -21,7 +20,7 @@ def test_oracle_scores_rank_the_closest_sample_first():
     truth = rng.normal(size=(6, 50))
     samples = truth[:, None] + rng.normal(scale=rng.uniform(0.1, 2, (6, 9, 1)), size=(6, 9, 50))
     oracle = -((samples - truth[:, None]) ** 2).mean(-1)  # a perfect scorer
-    out = evaluate(samples, oracle, truth, top_k=3)
+    out = summarise_samples(samples, oracle, truth, top_k=3)
     errors = ((samples - truth[:, None]) ** 2).mean(-1)
     assert np.array_equal(out["order"][:, 0], errors.argmin(1))
     assert np.allclose(out["mse_contrastive"], errors.min(1))
@@ -48,7 +47,7 @@ def test_photometric_calibration_recovers_flux(tiny_mock, kind):
     x, true_params = preprocess(flux, ds.wave, kind)
     params = photometric_params(x, ds.wave, np.asarray(m["sdss2010-r"]), np.asarray(m["sdss2010-i"]), kind)
     assert np.allclose(params, true_params, rtol=1e-4, atol=1e-3)  # measured: within 1e-4 of the truth
-    assert np.allclose(ds.invert(x, params), flux, rtol=0.02, atol=0.02 * np.abs(flux).max())
+    assert np.allclose(ds.deprocess(x, params), flux, rtol=0.02, atol=0.02 * np.abs(flux).max())
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +56,10 @@ def trained_runs(tiny_mock, tmp_path_factory):
     c = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "contrastive") +
                    ["data.downsample=16", "train.max_iters=3"])
     assert c.returncode == 0, c.stderr[-3000:]
-    # a velocity-predicting model (the quick preset's) with the min-SNR loss weights;
-    # tests/test_diffusion.py trains the paper's noise predictor on the plain loss
+    # a velocity-predicting model (the quick preset's); tests/test_diffusion.py trains the paper's
+    # noise predictor
     g = run_script("train_generative.py", tiny_generative_args(tiny_mock, out / "generative") +
-                   ["train.max_iters=3", "diffusion.prediction=v", "train.min_snr_gamma=5",
-                    f"model.image_init={only_run(out / 'contrastive')}"])
+                   ["train.max_iters=3", "diffusion.prediction=v", f"model.image_init={only_run(out / 'contrastive')}"])
     assert g.returncode == 0, g.stderr[-3000:]
     assert "v prediction" in (only_run(out / "generative") / "log.txt").read_text()
     return only_run(out / "contrastive"), only_run(out / "generative")
@@ -90,14 +88,17 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     with fits.open(out / "spectra.fits") as hdus:
         wave = hdus["WAVELENGTH"].data
     table = Table.read(out / "spectra.fits", hdu="SPECTRA")
-    assert np.allclose(wave, ds.wave) and len(wave) == 3598 // 16
-    assert len(table) == len(ds) and table["samples"].shape == (len(ds), 4, len(wave))
+    assert np.allclose(wave, ds.wave)
+    assert len(wave) == 3598 // 16
+    assert len(table) == len(ds)
+    assert table["samples"].shape == (len(ds), 4, len(wave))
     assert str(table["samples"].unit) == "1e-17 erg / (Angstrom s cm2)"
     true_flux = np.stack([ds.flux(i)[0] for i in range(len(ds))])
     assert np.allclose(table["true_flux"], true_flux, rtol=1e-4, atol=1e-3)  # back in flux units
     assert np.all(np.diff(table["scores"], axis=1) <= 0)
     lo, hi = true_flux.min(1), true_flux.max(1)  # 'scale' samples clip to the true range
-    assert np.all(table["samples"].min((1, 2)) >= lo - 1e-3) and np.all(table["samples"].max((1, 2)) <= hi + 1e-3)
+    assert np.all(table["samples"].min((1, 2)) >= lo - 1e-3)
+    assert np.all(table["samples"].max((1, 2)) <= hi + 1e-3)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"mse_mean", "mse_contrastive", "mse_contrastive_mean", "mse_random_sample",
             "mse_mean_train_spectrum"} == set(metrics["metrics"])
@@ -109,22 +110,28 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     assert science["truth"].startswith("the catalog's true")  # the mock's intrinsic properties
     assert science["bpt_true_counts"] == {name: int(np.sum(np.asarray(survey.catalog["true_bpt"])[ds.rows] == i))
                                           for i, name in enumerate(BPT_CLASSES)}
-    assert science["n_galaxies"] == len(ds) and "z_sigma_nmad" in science["predictors"]["photo_z"]
+    assert science["n_galaxies"] == len(ds)
+    assert "z_sigma_nmad" in science["predictors"]["photo_z"]
     assert all(len(v) == 2 for v in science["predictors"]["samples"].values())  # value and standard error
     # the intervals are widened by a calibration fitted on validation galaxies, not on these
-    assert science["calibration"]["split"] == "val" and science["calibration"]["n_galaxies"] == min(5, len(
-        survey.rows("val")))
+    assert science["calibration"]["split"] == "val"
+    assert (science["calibration"]["n_galaxies"] == min(5, len(
+        survey.rows("val"))))
     assert set(science["calibration"]["factors"]) >= {"pixels", "z", "dn4000", "ew_halpha"}
-    assert "coverage68_z_raw" in science["predictors"]["samples"] and "(raw)" in result.stdout
+    assert "coverage68_z_raw" in science["predictors"]["samples"]
+    assert "(raw)" in result.stdout
     with fits.open(out / "spectra.fits") as hdus:
         header = hdus["SPECTRA"].header
     assert header["CALIBN"] == science["calibration"]["n_galaxies"]
     factor = science["calibration"]["factors"]["pixels"]["0.68"]  # None: unbounded
     assert header["CALPIX68"] == ("unbounded" if factor is None else pytest.approx(factor))
-    assert "Science evaluation over" in result.stdout and "kNN photo-z" in result.stdout
+    assert "Science evaluation over" in result.stdout
+    assert "kNN photo-z" in result.stdout
     for name in ("z_gen", "z_gen_lo", "z_gen_hi", "dn4000_true", "ew_halpha_knn", "bpt_gen", "z_photo"):
-        assert name in table.colnames and len(table[name]) == len(ds), name
-    assert np.all(table["z_gen_lo"] <= table["z_gen"]) and np.all(table["z_gen"] <= table["z_gen_hi"])
+        assert name in table.colnames, name
+        assert len(table[name]) == len(ds), name
+    assert np.all(table["z_gen_lo"] <= table["z_gen"])
+    assert np.all(table["z_gen"] <= table["z_gen_hi"])
     # the same code on the true spectra (generate.py weights the redshift fit by the typical ivar: tiny z shifts)
     assert np.allclose(table["dn4000_true"], dn4000(true_flux, ds.wave, measure(true_flux, ds.wave).z), rtol=1e-3)
     for figure in ("science_z", "science_dn4000", "science_bpt", "science_coverage"):
@@ -144,7 +151,8 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
     spread = table["samples"][g].astype(np.float64).var(0, ddof=1)
     assert np.allclose(spectrum.uncertainty.array, 1 / spread, rtol=1e-3)
     with fits.open(per[0]) as hdus:
-        assert hdus[0].header["FIBERID"] > 0 and hdus["SAMPLES"].data["flux"].shape == (4, len(wave))
+        assert hdus[0].header["FIBERID"] > 0
+        assert hdus["SAMPLES"].data["flux"].shape == (4, len(wave))
         assert hdus[0].header["CALPIX68"] == header["CALPIX68"]  # the calibration travels with each file
         assert hdus["SPECOBJ"].data["z"][0] == pytest.approx(table["z_gen"][g])
         assert np.allclose(hdus["TRUTH"].data["flux"][0], true_flux[g], rtol=1e-4, atol=1e-3)
@@ -152,30 +160,31 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
 
 @pytest.mark.slow
 def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs, tmp_path):
-    from utils.builders import GENERATIVE_PARAMS
-    from utils.config import UserError, load_config
+    from utils.config import load_config
+    from utils.errors import UserError
     from utils.generation import find_models
 
     # how the models are looked up (in-process: each script launch costs seconds of imports) ...
-    config = load_config(GENERATIVE_PARAMS, gen_args(tiny_mock, trained_runs, tmp_path) + [
+    config = load_config("generative", gen_args(tiny_mock, trained_runs, tmp_path) + [
         f"sampling.contrastive_run={tmp_path / 'nothing'}"])
     with pytest.raises(UserError, match="nothing' does not exist"):
         find_models(config)
     # the folder of runs (run.out_dir) instead of one run: the error names the newest run in it
-    config = load_config(GENERATIVE_PARAMS, gen_args(tiny_mock, trained_runs, tmp_path) + [
+    config = load_config("generative", gen_args(tiny_mock, trained_runs, tmp_path) + [
         f"sampling.contrastive_run={trained_runs[0].parent}"])
     with pytest.raises(UserError, match=f"holds run folders.*newest: '{trained_runs[0]}'"):
         find_models(config)
-    config = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", f"run.out_dir={tmp_path / 'none'}"])
+    config = load_config("generative", [f"data.root={tiny_mock}", f"run.out_dir={tmp_path / 'none'}"])
     with pytest.raises(UserError, match="no finished diffusion model run"):
         find_models(config)
     # ... and what the script makes of a refusal: exit code 1, one line, nothing written
     swapped = run_script("generate.py", gen_args(tiny_mock, trained_runs, tmp_path) + [
         f"sampling.contrastive_run={trained_runs[1]}"])  # the diffusion run given as the contrastive one
-    assert swapped.returncode == 1 and "is a generative checkpoint, expected a contrastive one" in swapped.stderr
+    assert swapped.returncode == 1
+    assert "is a generative checkpoint, expected a contrastive one" in swapped.stderr
     assert "Traceback" not in swapped.stderr
     assert not list(tmp_path.glob("*/spectra.fits"))
-    mismatch = load_config(GENERATIVE_PARAMS, gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
+    mismatch = load_config("generative", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
     with pytest.raises(UserError, match="data.downsample differs"):
         find_models(mismatch)
 
@@ -185,40 +194,39 @@ def test_a_catalog_of_images_without_spectra(tiny_mock, tmp_path):
     truth; a NaN pixel in the images the models read is refused, naming the file and row."""
     import shutil
 
-    from utils.builders import GENERATIVE_PARAMS
     from utils.config import load_config
-    from utils.dataset import DataError
+    from utils.data.dataset import DataError
     from utils.generation import generation_set
 
     catalog = tmp_path / "catalog"
     shutil.copytree(tiny_mock, catalog)
     np.save(catalog / "flux.npy", np.full_like(np.load(catalog / "flux.npy"), np.nan))
-    config = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
+    config = load_config("generative", [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
                                              "data.image=ugriz", f"sampling.catalog={catalog}"])
     survey = open_survey(tiny_mock)
     dataset, known = generation_set(config, survey)
-    assert not known and len(dataset) == len(survey.catalog)
+    assert not known
+    assert len(dataset) == len(survey.catalog)
     assert float(dataset[0]["spectrum"].abs().sum()) == 0.0  # no truth to read
     images = np.load(catalog / "images_ugriz.npy")
     images[5, 1, 3, 3] = np.nan
     np.save(catalog / "images_ugriz.npy", images)
     with pytest.raises(DataError, match=r"images_ugriz.npy' has non-finite values \(first in row 5\)"):
         generation_set(config, survey)
-    gri = load_config(GENERATIVE_PARAMS, [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
+    gri = load_config("generative", [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
                                           f"sampling.catalog={catalog}"])
     assert len(generation_set(gri, survey)[0]) == len(survey.catalog)  # the gri images it reads are whole
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_research_loop_matches_batched_ddpm(prediction):
+def test_sequential_ddpm_matches_batched_ddpm(prediction):
     """bench/generate_speed.py times the research code's loop on a few galaxies and takes its
     quality from the batched sampler: with the same random draws both give the same spectra."""
     import torch
 
-    from bench.generate_speed import research_loop
     from models.diffusion import GaussianDiffusion, cosine_betas
     from models.unet import ConditionalUNet1D
-    from utils.generation import sample_for_images
+    from utils.generation import sample_for_images, sequential_ddpm
 
     torch.manual_seed(0)
     model = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8).eval()
@@ -226,58 +234,17 @@ def test_research_loop_matches_batched_ddpm(prediction):
         torch.nn.init.normal_(p, std=0.2)
     diffusion = GaussianDiffusion(cosine_betas(20), prediction=prediction)
     image = torch.randn(3, 64, 64)
-    config = {"run": {"precision": "fp32"}, "data": {"preprocessing": "scale"}}
-    loop = research_loop(model, diffusion, image, 1, torch.Generator().manual_seed(3))
-    batched = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, config, torch.Generator().manual_seed(3))
+    loop = sequential_ddpm(model, diffusion, image, 1, torch.Generator().manual_seed(3))
+    batched = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, clip=1.0,
+                                generator=torch.Generator().manual_seed(3))
     assert torch.allclose(loop, batched[0], atol=1e-5)
-    other = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, config, torch.Generator().manual_seed(4))
+    other = sample_for_images(model, diffusion, image[None], 1, "ddpm", None, clip=1.0,
+                              generator=torch.Generator().manual_seed(4))
     assert not torch.allclose(loop, other[0], atol=1e-2)
 
 
-def test_views_spread_a_galaxys_samples_over_the_flips_of_its_image():
-    """sampling.views: sample j of a galaxy is conditioned on view j mod V of its image, so with
-    the same starting noises it equals the sample j that the flipped image alone gives; one view
-    is the plain image's sampling."""
-    import torch
-    import torch.nn.functional as F
-
-    from models.diffusion import GaussianDiffusion, cosine_betas
-    from models.unet import ConditionalUNet1D
-    from utils.generation import VIEWS, sample_for_images
-
-    torch.manual_seed(0)
-    model = ConditionalUNet1D(40, 3, width=8, mults=(1, 2), attn_levels=(1,), head_dim=8, image_width=8,
-                              context_pos=True).eval()
-    for p in model.parameters():  # the zero-initialised projections would hide the image
-        torch.nn.init.normal_(p, std=0.2)
-    # an encoder whose 2 x 2 feature cells are the image's quadrants (a random one barely reads its
-    # image): a flip permutes the cells, and the token positions tell them apart
-    mix = torch.randn(64, 3)
-    model.image_encoder.features = lambda imgs: torch.einsum("ck,bkhw->bchw", mix, F.adaptive_avg_pool2d(imgs, 2))
-    diffusion = GaussianDiffusion(cosine_betas(20), prediction="v")
-    quadrants = torch.randn(2, 3, 2, 2).repeat_interleave(32, -1).repeat_interleave(32, -2)
-    images = torch.randn(2, 3, 64, 64) + quadrants
-    config = {"run": {"precision": "fp32"}, "data": {"preprocessing": "log"}}
-
-    def draw(imgs, views):
-        return sample_for_images(model, diffusion, imgs, 6, "ddim", 5, config, torch.Generator().manual_seed(3),
-                                 views=views)
-
-    spread = draw(images, 4)
-    for v, dims in enumerate(VIEWS):
-        alone = draw(images.flip(dims) if dims else images, 1)
-        for j in (v, v + 4):
-            if j < 6:
-                assert torch.allclose(spread[:, j], alone[:, j], atol=1e-5)
-        if dims:
-            assert not torch.allclose(spread[:, v], draw(images, 1)[:, v], atol=1e-2)
-    assert torch.equal(draw(images, 1), draw(images, 1))
-    with pytest.raises(ValueError, match="views must be in 1..4"):
-        draw(images, 5)
-
-
 @pytest.mark.slow
-def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs, tmp_path, monkeypatch):
+def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs, tmp_path):
     """bench/validate_generative.py with the run's own settings gives the run's last validation;
     --galaxies picks the subset size."""
     generative = trained_runs[1]
@@ -290,11 +257,9 @@ def test_validate_script_reproduces_the_runs_validation(tiny_mock, trained_runs,
     assert again["galaxies"] == min(4, n_val)
     assert again["mse_ratio"] == pytest.approx(logged["mse_ratio"], rel=1e-4)
     assert again["mse_mean"] == pytest.approx(logged["mse_mean"], rel=1e-4)
-    from bench.validate_generative import main  # in-process: a second launch would cost seconds of imports
+    from utils.generation import validate_run  # in-process: a second launch would cost seconds of imports
 
-    monkeypatch.setattr(sys, "argv", ["validate_generative.py", str(generative), "--galaxies", "2", "--out", str(out)])
-    main()
-    assert json.loads(out.read_text())["galaxies"] == 2 < n_val
+    assert len(validate_run(generative, 2)["mse"]) == 2 < n_val
 
 
 def test_image_encoder_warm_start_from_the_contrastive_network(tiny_mock, trained_runs, tmp_path):
@@ -302,23 +267,24 @@ def test_image_encoder_warm_start_from_the_contrastive_network(tiny_mock, traine
     model's condition encoder before training; a different encoder is refused by name."""
     import torch
 
-    from utils.builders import GENERATIVE_PARAMS, build_generative_model
+    from utils.builders import build_generative_model
     from utils.config import load_config
     from utils.errors import UserError
     from utils.generation import load_trained, warm_start_image_encoder
 
     contrastive = trained_runs[0]
-    config = load_config(GENERATIVE_PARAMS, tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])
-    model = build_generative_model(config, 224, 3)
+    config = load_config("generative", tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])
+    model = build_generative_model(config["model"], 224, 3)
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
-    assert warm_start_image_encoder(model, config["model"]["image_init"], config).parent.parent == contrastive
+    encoder = ("gri", config["model"]["image_depth"], config["model"]["image_width"])
+    assert warm_start_image_encoder(model, config["model"]["image_init"], *encoder).parent.parent == contrastive
     _, weights, _, _ = load_trained(str(contrastive), contrastive.parent, "contrastive network", "contrastive")
     after = model.image_encoder.state_dict()
     assert all(torch.equal(after[k], weights[f"image_encoder.{k}"]) for k in after)
     assert any(not torch.equal(after[k], before[k]) for k in after if k.endswith("weight"))
-    wider = load_config(GENERATIVE_PARAMS, tiny_generative_args(tiny_mock, tmp_path / "g") + ["model.image_width=16"])
+    wider = load_config("generative", tiny_generative_args(tiny_mock, tmp_path / "g") + ["model.image_width=16"])
     with pytest.raises(UserError, match="model.image_width: 16 here, 8 in"):
-        warm_start_image_encoder(build_generative_model(wider, 224, 3), str(contrastive), wider)
+        warm_start_image_encoder(build_generative_model(wider["model"], 224, 3), str(contrastive), "gri", 18, 16)
     # the trainer uses it (the fixture's run starts from the fixture's contrastive network)
     assert f"image encoder initialised from the contrastive network {contrastive}" in \
         (trained_runs[1] / "log.txt").read_text()

@@ -7,20 +7,22 @@ import pytest
 import speclite.filters
 import torch
 
-from utils.dataset import open_survey
-from utils.errors import UserError
-from utils.mock import ensure_mock, generate_mock, sample_galaxies, sky_spectrum
-from utils.templates import TemplateSpectra
-from utils.science import dn4000
-from utils.spectra import neurips_loglam
+from utils.astro.science import dn4000
+from utils.astro.spectra import neurips_loglam
+from utils.astro.templates import TemplateSpectra
+from utils.data.dataset import open_survey
+from utils.data.mock import generate_mock, sample_galaxies, sky_spectrum
 
 
 def test_layout_grid_and_values(tiny_mock):
     s = open_survey(tiny_mock)
-    assert len(s) == 48 and np.allclose(s.loglam, neurips_loglam())
+    assert len(s) == 48
+    assert np.allclose(s.loglam, neurips_loglam())
     assert s.flux.shape == s.ivar.shape == (48, 3598)
-    assert s.images["gri"].shape == (48, 64, 64, 3) and s.images["ugriz"].shape == (48, 5, 64, 64)
-    assert np.all(np.isfinite(s.flux)) and np.all(s.ivar > 0)
+    assert s.images["gri"].shape == (48, 64, 64, 3)
+    assert s.images["ugriz"].shape == (48, 5, 64, 64)
+    assert np.all(np.isfinite(s.flux))
+    assert np.all(s.ivar > 0)
     z = np.asarray(s.catalog["z"])
     assert np.all((z > 0.02) & (z < 0.3))
     assert set(np.asarray(s.catalog["split"])) <= {"train", "val", "test"}
@@ -65,7 +67,8 @@ def test_images_follow_flux_and_colour(tiny_mock):
     expected = 10 ** (-0.4 * (np.stack([s.catalog[f"mag_{b}"] for b in "ugriz"], 1) - 22.5))
     bright = expected[:, 2] > 30
     ratio = total[bright, 1:4] / expected[bright, 1:4]
-    assert np.all(np.median(ratio, 0) > 0.85) and np.all(np.median(ratio, 0) < 1.1)
+    assert np.all(np.median(ratio, 0) > 0.85)
+    assert np.all(np.median(ratio, 0) < 1.1)
     gri = s.images["gri"].astype(float)
     centre = gri[:, 28:36, 28:36].mean((1, 2))
     edge = gri[:, :6, :6].mean((1, 2))
@@ -76,7 +79,8 @@ def test_deterministic_by_seed(tmp_path):
     a = open_survey(generate_mock(tmp_path / "a", 12, seed=5, progress=False))
     b = open_survey(generate_mock(tmp_path / "b", 12, seed=5, progress=False))
     c = open_survey(generate_mock(tmp_path / "c", 12, seed=6, progress=False))
-    assert np.array_equal(a.flux, b.flux) and np.array_equal(a.images["gri"], b.images["gri"])
+    assert np.array_equal(a.flux, b.flux)
+    assert np.array_equal(a.images["gri"], b.images["gri"])
     assert np.array_equal(np.asarray(a.catalog["objid"]), np.asarray(b.catalog["objid"]))
     assert not np.array_equal(a.flux, c.flux)
     # without the H-alpha scatter the same galaxies keep everything but their star formation's line strengths
@@ -88,7 +92,8 @@ def test_deterministic_by_seed(tmp_path):
     star_forming = (np.asarray(a.catalog["agn"]) == 0) & (ha_a > 0)
     assert star_forming.sum() >= 3
     shift = np.log10(ha_a[star_forming] / ha_d[star_forming])
-    assert np.all(np.abs(shift) < 4 * 0.35) and np.std(shift) > 0.05  # the drawn scatter, and only it
+    assert np.all(np.abs(shift) < 4 * 0.35)
+    assert np.std(shift) > 0.05  # the drawn scatter, and only it
     nii_ratio = [np.asarray(x.catalog["true_flux_nii_6584"], float)[star_forming] / x_ha[star_forming]
                  for x, x_ha in ((a, ha_a), (d, ha_d))]
     assert np.allclose(*nii_ratio, rtol=1e-4)
@@ -97,7 +102,7 @@ def test_deterministic_by_seed(tmp_path):
 def test_mock_figures_are_written(tiny_mock, tmp_path):
     from PIL import Image
 
-    from utils.mock import mock_figures
+    from utils.data.mock import mock_figures
 
     paths = mock_figures(tiny_mock, tmp_path, n_show=3)
     assert [p.name for p in paths] == ["mock_galaxies.png", "mock_color_redshift.png", "mock_physics.png"]
@@ -105,13 +110,13 @@ def test_mock_figures_are_written(tiny_mock, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# issue 14: fibre spectra, drawn emission lines and AGN, true properties
+# fibre spectra, drawn emission lines and AGN, true properties
 # --------------------------------------------------------------------------------------------
 def test_total_light_still_matches_the_photometry():
-    """Bulge + disc without their lines (utils.mock_physics) on a g-to-i grid: the synthetic
+    """Bulge + disc without their lines (utils.data.mock_physics) on a g-to-i grid: the synthetic
     g, r, i magnitudes of the total light match the catalog's (the fibre sees only part of it)."""
-    from utils.mock import bulge_fractions, galaxy_physics
-    from utils.mock_physics import FibreSpectra
+    from utils.data.mock import bulge_fractions, galaxy_physics
+    from utils.data.mock_physics import FibreSpectra
 
     gal = sample_galaxies(40, seed=3)
     grid = np.arange(3.52, 4.02, 1e-4)
@@ -125,30 +130,32 @@ def test_total_light_still_matches_the_photometry():
 
 
 def test_fibre_sees_less_of_larger_galaxies(tiny_mock):
-    from utils.photometry import aperture_weights
+    from utils.astro.photometry import aperture_weights
 
     weights = aperture_weights(torch.zeros(1, 2), 3.0, 64)[0]
     assert float(weights.sum()) == pytest.approx(np.pi * (1.5 / 0.396) ** 2, rel=0.02)
     cat = open_survey(tiny_mock).catalog
     frac = np.asarray(cat["fibre_frac_r"])
-    assert np.all((frac > 0.02) & (frac < 1)) and np.all(cat["fibermag_r"] > cat["mag_r"])
+    assert np.all((frac > 0.02) & (frac < 1))
+    assert np.all(cat["fibermag_r"] > cat["mag_r"])
     size = np.asarray(cat["bulge_frac_r"] * cat["r_bulge_arcsec"] + (1 - cat["bulge_frac_r"]) * cat["r_disc_arcsec"])
     assert np.corrcoef(np.log(size), frac)[0, 1] < -0.5
     assert np.median(cat["fibre_frac_bulge"] - cat["fibre_frac_disc"]) > 0  # bulges are concentrated
     # a BOSS fibre (2") sees less of the same galaxies than an SDSS fibre (3")
-    from utils.mock import bulge_fractions, render_images
+    from utils.data.mock import bulge_fractions, render_images
 
     gal = sample_galaxies(12, seed=3)
     bt = bulge_fractions(gal, TemplateSpectra().old_template)
     sdss, boss = (render_images(gal, bt, np.random.default_rng(0), d) for d in (3.0, 2.0))
-    assert np.all(boss.fibre_disc < sdss.fibre_disc) and np.all(boss.fibre_bulge < sdss.fibre_bulge)
+    assert np.all(boss.fibre_disc < sdss.fibre_disc)
+    assert np.all(boss.fibre_bulge < sdss.fibre_bulge)
     assert np.array_equal(boss.images, sdss.images)
 
 
 def test_spectra_carry_the_true_lines_and_dn4000(tiny_mock):
     """The catalog's true properties are what the noisy spectra show, measured at the true z."""
-    from utils.mock import TRUE_COLUMNS
-    from utils.science import fit_lines
+    from utils.astro.science import fit_lines
+    from utils.data.mock import TRUE_COLUMNS
 
     s = open_survey(tiny_mock)
     cat = s.catalog
@@ -159,14 +166,15 @@ def test_spectra_carry_the_true_lines_and_dn4000(tiny_mock):
     found, errors, _ = fit_lines(flux, s.wave, z)
     true = np.asarray(cat["true_flux_halpha"], dtype=np.float64)
     strong = true > 10 * errors["halpha"]
-    assert strong.sum() >= 5 and np.median(np.abs(found["halpha"][strong] / true[strong] - 1)) < 0.15
+    assert strong.sum() >= 5
+    assert np.median(np.abs(found["halpha"][strong] / true[strong] - 1)) < 0.15
 
 
 def test_line_physics():
     """Scatter that no input predicts, Balmer decrements from dust, the star-forming sequence,
     AGN above the Kewley line and more common in massive bulges, fixed doublet ratios."""
-    from utils.mock_physics import BALMER_DECREMENT, draw_lines
-    from utils.science import TIED, bpt_class, kauffmann03
+    from utils.astro.science import TIED, bpt_class, kauffmann03
+    from utils.data.mock_physics import BALMER_DECREMENT, draw_lines
 
     n = 6000
     rng = np.random.default_rng(0)
@@ -183,13 +191,16 @@ def test_line_physics():
     x, y = np.log10(f["nii_6584"] / f["halpha"]), np.log10(f["oiii_5007"] / f["hbeta"])
     assert np.mean(y[sf] < kauffmann03(x[sf])) > 0.9
     unsaturated = sf & (out["oh"] < 8.75)  # the N2 calibration saturates above
-    assert unsaturated.sum() > 100 and np.corrcoef(out["oh"][unsaturated], x[unsaturated])[0, 1] > 0.8
+    assert unsaturated.sum() > 100
+    assert np.corrcoef(out["oh"][unsaturated], x[unsaturated])[0, 1] > 0.8
     pure = draw_lines(np.zeros(n), log_mass, bulge_mass, np.full(n, 10.0), np.ones(n), np.random.default_rng(1))
     active = pure["agn"] > 0
     errors = {k: v / 100 + 1e-9 for k, v in pure["flux"].items()}
-    assert active.sum() > 200 and np.all(bpt_class(pure["flux"], errors)[active] == 3)  # above Kewley et al. 2001
+    assert active.sum() > 200
+    assert np.all(bpt_class(pure["flux"], errors)[active] == 3)  # above Kewley et al. 2001
     massive, light = bulge_mass > 10.8, bulge_mass < 10.0
-    assert np.mean(out["agn"][massive] > 0) > 0.25 > 0.05 > np.mean(out["agn"][light] > 0)
+    assert np.mean(out["agn"][massive] > 0) > 0.25
+    assert np.mean(out["agn"][light] > 0) < 0.05
     assert {1, 2} <= set(out["agn"][massive].tolist())  # Seyferts and LINERs
     for tied, (main, _, ratio) in TIED.items():
         assert np.allclose(f[tied], f[main] * ratio)
@@ -197,7 +208,7 @@ def test_line_physics():
 
 
 def test_velocity_dispersion_broadens_only_beyond_the_template_resolution():
-    from utils.mock_physics import TEMPLATE_SIGMA_KMS, broadened
+    from utils.data.mock_physics import TEMPLATE_SIGMA_KMS, broadened
 
     wave = np.linspace(5000, 6000, 20001)
     line = np.exp(-0.5 * ((wave - 5500) / 0.5) ** 2)
@@ -209,36 +220,3 @@ def test_velocity_dispersion_broadens_only_beyond_the_template_resolution():
     assert width == pytest.approx(expected, rel=0.03)
 
 
-def test_training_copies_leave_the_first_galaxies_and_the_held_out_splits_alone_and_are_checked(tmp_path):
-    plain = open_survey(generate_mock(tmp_path / "plain", 12, seed=5, progress=False))
-    copied = open_survey(generate_mock(tmp_path / "copied", 12, seed=5, progress=False, train_copies=2))
-    n, split = len(plain), np.asarray(plain.catalog["split"])
-    n_train = int(np.sum(split == "train"))
-    assert n_train > 0 and len(copied) == n + 2 * n_train
-    assert copied.meta["train_copies"] == 2 and plain.meta["train_copies"] == 0
-    # the first galaxies are drawn alike (to float rounding: numpy's vectorised maths may round the last bit
-    # differently in longer arrays): spectra, images, catalog and their splits
-    assert np.allclose(copied.flux[:n], plain.flux, rtol=1e-5, atol=1e-4)
-    assert np.mean(np.abs(copied.images["gri"][:n].astype(int) - plain.images["gri"])) < 0.01
-    for name in ("objid", "split", "true_bpt"):
-        assert np.array_equal(np.asarray(copied.catalog[name])[:n], np.asarray(plain.catalog[name])), name
-    for name in ("z", "mag_r", "fibermag_g", "true_ew_halpha", "true_dn4000", "veldisp", "r_disc_arcsec"):
-        assert np.allclose(np.asarray(copied.catalog[name])[:n], np.asarray(plain.catalog[name]), rtol=1e-5), name
-    # the copies are new training galaxies near their sources, with their own images and lines
-    extra = copied.catalog[n:]
-    assert set(np.asarray(extra["split"])) == {"train"} and len(np.unique(copied.catalog["objid"])) == len(copied)
-    src = np.tile(np.flatnonzero(split == "train"), 2)
-    z_src = np.asarray(plain.catalog["z"])[src]
-    assert np.all(np.abs(np.asarray(extra["z"]) - z_src) < 0.1 * (1 + z_src))
-    assert not np.allclose(copied.flux[n:], plain.flux[src])
-    assert not np.array_equal(np.asarray(extra["true_ew_halpha"]), np.asarray(plain.catalog["true_ew_halpha"])[src])
-
-    # a mock folder with other copies than asked for is refused, not reused, and left as it is
-    root = plain.root
-    before = (root / "catalog.fits").read_bytes()
-    assert ensure_mock(root, 12, 5, train_copies=0) == root
-    with pytest.raises(UserError, match=r"0 training copies.*data.mock_train_copies"):
-        ensure_mock(root, 12, 5, train_copies=1)
-    assert (root / "catalog.fits").read_bytes() == before
-    with pytest.raises(ValueError, match="train_copies"):
-        generate_mock(tmp_path / "bad", 12, seed=5, progress=False, train_copies=-1)

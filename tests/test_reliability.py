@@ -16,14 +16,24 @@ from ignite.engine import Engine, Events
 
 from conftest import ROOT, tiny_contrastive_args
 from utils import checkpoints
-from utils.checkpoints import (CHECKPOINT_DIR, INDEX_FILE, LOCK_FILE, RUN_INFO_KEY, CheckpointError, NonFiniteError,
-                               SafeDiskSaver, find_checkpoint, prepare_run, read_checkpoint, read_index,
-                               release_run_folder)
+from utils.checkpoints import (
+    CHECKPOINT_DIR,
+    INDEX_FILE,
+    LOCK_FILE,
+    RUN_INFO_KEY,
+    CheckpointError,
+    NonFiniteError,
+    SafeDiskSaver,
+    find_checkpoint,
+    prepare_run,
+    read_checkpoint,
+    read_index,
+    release_run_folder,
+)
 from utils.config import ConfigError, load_config
 from utils.errors import Interrupted
 from utils.training import attach_training, run_training
 
-CONTRASTIVE = ROOT / "params_contrastive.yml"
 EPOCH = 4  # iterations per epoch of the toy runs
 
 
@@ -32,7 +42,7 @@ def toy_run(run_dir: Path, overrides: list[str], *, resume: Path | None = None, 
     """A toy trainer on the project's wiring: a linear model, 4 iterations per epoch, learning-rate
     decay 0.5 per epoch. ``losses``/``scores`` override the training loss and validation score by
     iteration. Returns (trainer, model, optimizer)."""
-    config = load_config(CONTRASTIVE, ["train.lr=1.0", "train.lr_decay=0.5", f"train.max_iters={max_iters}",
+    config = load_config("contrastive", ["train.lr=1.0", "train.lr_decay=0.5", f"train.max_iters={max_iters}",
                                        "run.checkpoint_every=2", "val.every=2", *overrides])
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -137,7 +147,8 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_finite_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match="training loss is nan at iteration 5"):
         run_training(trainer, data, config)
     files = checkpoint_files(tmp_path)
-    assert "latest_checkpoint_4.pt" in files and not (tmp_path / "metrics.json").exists()
+    assert "latest_checkpoint_4.pt" in files
+    assert not (tmp_path / "metrics.json").exists()
     for name in files:
         state = read_checkpoint(tmp_path / CHECKPOINT_DIR / name)
         assert torch.isfinite(state["model"]["weight"]).all()
@@ -172,10 +183,10 @@ def test_bad_resume_targets_are_rejected_before_anything_is_written(tmp_path):
     (run / "config.yml").write_text("")
     other_kind = run / CHECKPOINT_DIR / "latest_checkpoint_1.pt"
     torch.save({RUN_INFO_KEY: {"kind": "contrastive", "config": {}}}, other_kind)
-    config = load_config(ROOT / "params_generative.yml", [])
+    config = load_config("generative", [])
     # the right kind, but another network width and band set than this run's (the learning rate may change)
     other_model = run / CHECKPOINT_DIR / "latest_checkpoint_2.pt"
-    trained = load_config(ROOT / "params_generative.yml", ["model.width=32", "data.image=ugriz", "train.lr=1",
+    trained = load_config("generative", ["model.width=32", "data.image=ugriz", "train.lr=1",
                                                            "model.grad_checkpoint=true"])
     torch.save({RUN_INFO_KEY: {"kind": "generative", "config": trained}}, other_model)
     assert checkpoints.resume_mismatches(trained, config) == [
@@ -207,7 +218,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
     run_training(trainer, data, config)
     (run / "config.yml").write_text("")  # toy_run makes no config.yml; a trainer's run folder has one
     (run / CHECKPOINT_DIR / "tmp_save_in_progress").write_bytes(b"x")  # what the other trainer is writing
-    config = load_config(CONTRASTIVE, [f"run.resume={run}"])
+    config = load_config("contrastive", [f"run.resume={run}"])
     lock = run / LOCK_FILE
     host = socket.gethostname()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -228,11 +239,14 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_trainers_lock_taken_over(tmp_
         prepare_run(config, "contrastive")
     assert lock.read_text() == "{"
     os.utime(lock, (0, 0))  # unreadable and old: left by a trainer killed while writing it
-    assert prepare_run(config, "contrastive")[0] == run and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert prepare_run(config, "contrastive")[0] == run
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
     lock.write_text(json.dumps({"pid": other.pid, "host": host, "since": "then"}))  # its process is gone now
     with caplog.at_level(logging.WARNING):
         run_dir, checkpoint = prepare_run(config, "contrastive")
-    assert run_dir == run and checkpoint is not None and "no longer runs" in caplog.text
+    assert run_dir == run
+    assert checkpoint is not None
+    assert "no longer runs" in caplog.text
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not (run / CHECKPOINT_DIR / "tmp_save_in_progress").exists()  # swept only once the folder is ours
     assert prepare_run(config, "contrastive")[0] == run  # this process's own claim stands
@@ -324,12 +338,13 @@ def test_a_dataset_the_run_cannot_use_is_refused_before_a_run_folder_is_made(tin
     runs = tmp_path / "runs"
     base = [f"data.root={tiny_mock}", "data.source=folder", "data.num_workers=0", f"run.out_dir={runs}"]
     with pytest.raises(UserError, match=r"train split has \d+ objects, fewer than train.batch_size=1000"):
-        start_run(load_config(CONTRASTIVE, base + ["train.batch_size=1000"]), 4, "contrastive")
+        start_run(load_config("contrastive", base + ["train.batch_size=1000"]), 4, "contrastive")
     with pytest.raises(UserError, match="does not exist"):
-        start_run(load_config(CONTRASTIVE, base + [f"data.root={tmp_path / 'no_survey'}"]), 4, "contrastive")
+        start_run(load_config("contrastive", base + [f"data.root={tmp_path / 'no_survey'}"]), 4, "contrastive")
     assert not runs.exists()
-    start = start_run(load_config(CONTRASTIVE, base + ["train.batch_size=8"]), 4, "contrastive")
-    assert start.run_dir.parent == runs and 0 < len(start.val_set) <= 4
+    start = start_run(load_config("contrastive", base + ["train.batch_size=8"]), 4, "contrastive")
+    assert start.run_dir.parent == runs
+    assert 0 < len(start.val_set) <= 4
     release_run_folder(start.run_dir)
 
 
@@ -343,7 +358,7 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
                                                   f"{'it is a file' if where == in_the_way else 'Not a directory'}"):
             checkpoints.new_stamped_folder(where, key)
     assert in_the_way.read_text() == "not a folder"
-    config = load_config(CONTRASTIVE, [f"run.out_dir={in_the_way}"])
+    config = load_config("contrastive", [f"run.out_dir={in_the_way}"])
     with pytest.raises(CheckpointError, match="run.out_dir"):
         prepare_run(config, "contrastive")
 
@@ -351,7 +366,7 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path):
 def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "stamp_now", lambda: "20261127-120000")  # every start in one second
     (tmp_path / "runs" / "20261127-120000").mkdir(parents=True)  # e.g. a generate.py output of that second
-    config = load_config(CONTRASTIVE, [f"run.out_dir={tmp_path / 'runs'}"])
+    config = load_config("contrastive", [f"run.out_dir={tmp_path / 'runs'}"])
     folders = [prepare_run(config, "contrastive")[0] for _ in range(3)]
     assert [f.name for f in folders] == [f"20261127-120000-{n}" for n in (1, 2, 3)]
     assert all((f / LOCK_FILE).exists() for f in folders)
@@ -362,29 +377,29 @@ def test_new_runs_started_in_the_same_second_get_their_own_folders(tmp_path, mon
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.max_iters=-5", "expected >= 0"), ("train.batch_size=0", "at least 1"), ("train.lr=nan", "> 0"),
-    ("val.every=0", "at least 1"), ("data.downsample=-2", "at least 1"), ("model.spectrum_mults=[1, 0]", "at least 1"),
-    ("train.lr_decay=0", "in (0, 1]"), ("train.temperature=0", "> 0"), ("run.checkpoint_every=0", "at least 1"),
+    ("train.max_iters=-5", "expected >= 0"), ("train.batch_size=0", ">= 1"), ("train.lr=nan", "> 0"),
+    ("val.every=0", ">= 1"), ("data.downsample=-2", ">= 1"), ("model.latent_dim=0", ">= 1"),
+    ("train.lr_decay=0", "in (0, 1]"), ("train.temperature=0", "> 0"), ("run.checkpoint_every=0", ">= 1"),
 ])
 def test_out_of_range_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(CONTRASTIVE, [override])
+        load_config("contrastive", [override])
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sampling.top_k=0", "at least 1"), ("sampling.split=everything", "one of 'train', 'val', 'test'"),
+    ("sampling.top_k=0", ">= 1"), ("sampling.split=everything", "one of 'train', 'val', 'test'"),
     ("sampling.top_k=30", "at most sampling.n_samples"), ("model.attn_levels=[5]", "1..4"),
-    ("train.ema_decay=1", "in [0, 1)"), ("sampling.n_samples=0", "at least 1"),
+    ("train.ema_decay=1", "in [0, 1)"), ("sampling.n_samples=0", ">= 1"), ("model.mults=[1, 0]", ">= 1"),
 ])
 def test_generative_out_of_range_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        load_config(ROOT / "params_generative.yml", [override])
+        load_config("generative", [override])
 
 
 def test_a_foreign_partial_folder_is_never_deleted(tmp_path):
     import numpy as np
 
-    from utils.dataset import DataError, DatasetWriter
+    from utils.data.dataset import DataError, DatasetWriter
 
     mine = tmp_path / "survey.partial"
     mine.mkdir()
@@ -402,7 +417,9 @@ def test_nan_embeddings_rank_last_not_first():
     z = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
     perfect = retrieval_metrics(z, z, 8)
     broken = retrieval_metrics(torch.full((8, 4), float("nan")), z, 8)
-    assert perfect["top1_batch"] == 1.0 and broken["top1_batch"] == 0.0 and broken["median_rank"] == 8
+    assert perfect["top1_batch"] == 1.0
+    assert broken["top1_batch"] == 0.0
+    assert broken["median_rank"] == 8
 
 
 def _distributed_worker(local_rank: int, out_dir: str) -> None:
@@ -412,7 +429,7 @@ def _distributed_worker(local_rank: int, out_dir: str) -> None:
 
     from utils.training import TrainClock, attach_sampler_epochs, create_validation, train_loader
 
-    config = load_config(CONTRASTIVE, ["train.batch_size=4", "data.num_workers=0"])
+    config = load_config("contrastive", ["train.batch_size=4", "data.num_workers=0"])
     loader = train_loader(config, TensorDataset(torch.arange(16)))
     trainer = Engine(lambda engine, batch: batch[0].tolist())
     seen: dict[int, list[int]] = {}
@@ -423,7 +440,7 @@ def _distributed_worker(local_rank: int, out_dir: str) -> None:
     model = torch.nn.Linear(1, 1)
     validation = create_validation(trainer, validate=lambda e: calls.append(1) or {"loss": 0.5 + idist.get_rank()},
                                    clock=TrainClock(), best=None, best_key="loss",
-                                   optimizer=torch.optim.SGD(model.parameters(), 0.1), every=1, max_fraction=1.0)
+                                   optimizer=torch.optim.SGD(model.parameters(), 0.1), every=1)
     trainer.run(loader, max_epochs=3)
     validation(trainer)
     result = {"seen": seen, "calls": len(calls), "val": trainer.state.val_metrics["loss"]}
@@ -440,4 +457,5 @@ def test_torchrun_reshuffles_every_epoch_and_validates_once(tmp_path):
     for epoch in ("1", "2", "3"):  # like one process: every epoch is a permutation of the dataset
         assert sorted(ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]) == list(range(16))
     assert ranks[0]["seen"]["1"] != ranks[0]["seen"]["2"] != ranks[0]["seen"]["3"]
-    assert [r["calls"] for r in ranks] == [1, 0] and ranks[0]["val"] == ranks[1]["val"] == 0.5
+    assert [r["calls"] for r in ranks] == [1, 0]
+    assert ranks[0]["val"] == ranks[1]["val"] == 0.5

@@ -1,6 +1,6 @@
-"""The property measurements (utils.science) on synthetic spectra whose redshift, Dn4000 and lines
-are known, the statistics of utils.evaluation, and the baselines' alignment with the evaluated
-galaxies (utils.baselines)."""
+"""The property measurements (utils.astro.science) on synthetic spectra whose redshift, Dn4000 and lines
+are known, the statistics of utils.eval.metrics, and the baselines' alignment with the evaluated
+galaxies (utils.eval.baselines)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +9,21 @@ import torch
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
-from utils.evaluation import confusion, crps, interval_coverage, nmad, property_stats, redshift_stats
-from utils.science import (BPT_CLASSES, C_KMS, LINES, TIED, RedshiftFitter, bpt_class, dn4000, fit_lines, line_weights,
-                           measure, redshift_weights)
-from utils.spectra import block_grid, neurips_loglam
-from utils.templates import TemplateSpectra, pixel_edges
+from utils.astro.science import (
+    BPT_CLASSES,
+    C_KMS,
+    LINES,
+    TIED,
+    RedshiftFitter,
+    bpt_class,
+    dn4000,
+    fit_lines,
+    measure,
+    redshift_weights,
+)
+from utils.astro.spectra import block_grid, neurips_loglam
+from utils.astro.templates import TemplateSpectra, pixel_edges
+from utils.eval.metrics import confusion, crps, interval_coverage, nmad, property_stats, redshift_stats
 
 
 def grid(downsample: int) -> np.ndarray:
@@ -35,7 +45,8 @@ def test_template_fit_recovers_redshift(downsample):
     found, chi2 = RedshiftFitter(wave).fit(flux)
     dz = (found - z) / (1 + z)
     tolerance = 3e-4 if downsample == 1 else 2e-3  # a tenth of a pixel, a third of a 16-fold pixel
-    assert nmad(dz) < tolerance / 3 and np.max(np.abs(dz)) < tolerance
+    assert nmad(dz) < tolerance / 3
+    assert np.max(np.abs(dz)) < tolerance
     assert np.all(chi2 > 0)
 
 
@@ -48,8 +59,10 @@ def test_a_spectrum_without_finite_pixels_has_no_redshift():
     holed[1, 10:13] = np.nan
     holed[2] = np.nan
     found, chi2 = RedshiftFitter(wave).fit(holed)
-    assert np.isnan(found[2]) and np.isnan(chi2[2])
-    assert np.all(np.isfinite(found[:2])) and np.all(np.abs(found[:2] - z[:2]) / (1 + z[:2]) < 2e-3)
+    assert np.isnan(found[2])
+    assert np.isnan(chi2[2])
+    assert np.all(np.isfinite(found[:2]))
+    assert np.all(np.abs(found[:2] - z[:2]) / (1 + z[:2]) < 2e-3)
 
 
 def test_nnls_by_subsets_equals_scipy_nnls():
@@ -157,10 +170,12 @@ def test_statistics():
     pred = true + 0.01 * (1 + true) * rng.standard_normal(1000)
     pred[:30] = 0.9  # catastrophic
     stats = redshift_stats(pred, true)
-    assert stats["sigma_nmad"] == pytest.approx(0.01, rel=0.1) and stats["outliers"] == pytest.approx(0.03)
+    assert stats["sigma_nmad"] == pytest.approx(0.01, rel=0.1)
+    assert stats["outliers"] == pytest.approx(0.03)
     assert redshift_stats(np.array([np.nan, 0.1]), np.array([0.1, 0.1]))["outliers"] == 0.5  # no value: outlier
     s = property_stats(true * 2 + 1, true)
-    assert s["corr"] == pytest.approx(1) and s["bias"] == pytest.approx(np.median(true + 1))
+    assert s["corr"] == pytest.approx(1)
+    assert s["bias"] == pytest.approx(np.median(true + 1))
     # CRPS: a point forecast's is its absolute error; two equally likely values 0 and 1 score 0.25 at 0.5
     assert crps(np.array([[2.0]]), np.array([0.5]))[0] == pytest.approx(1.5)
     assert crps(np.array([[0.0, 1.0]]), np.array([0.5]))[0] == pytest.approx(0.25)
@@ -181,23 +196,25 @@ class ImageMeanEmbedding(torch.nn.Module):
 def test_baselines_belong_to_the_evaluated_galaxies(tiny_mock):
     """Evaluating training galaxies with k = 1: each one's nearest image is its own, so the
     retrieval baseline must return its own spectrum and the photo-z its own redshift, row by row."""
-    from utils.baselines import compute_baselines
-    from utils.dataset import SpectraDataset, open_survey
+    from utils.data.dataset import open_survey
+    from utils.data.survey import configured_dataset
+    from utils.eval.baselines import compute_baselines
 
     survey = open_survey(tiny_mock)
     data = {"image": "gri", "preprocessing": "scale", "downsample": 16}
-    train = SpectraDataset.from_config(survey, "train", data)
+    train = configured_dataset(survey, "train", data)
     evaluated = train.like(train.rows[::-1][:7])  # a different order than the training set's
     truth = np.stack([evaluated[i]["spectrum"][0].numpy() for i in range(len(evaluated))])
     params = np.stack([evaluated[i]["params"].numpy() for i in range(len(evaluated))])
     mean = np.linspace(-1, 1, evaluated.n_pixels)
-    spectra, photo_z = compute_baselines(survey, evaluated, data, ImageMeanEmbedding(), torch.device("cpu"), mean,
-                                         params, k=1, max_train=10_000)
+    spectra, photo_z = compute_baselines(train, evaluated, ImageMeanEmbedding(), torch.device("cpu"), mean, params,
+                                         k=1)
     flux, pre = spectra["knn_embedding"]
     assert np.allclose(pre, truth, atol=1e-6)
     assert np.allclose(flux, [evaluated.flux(i)[0] for i in range(len(evaluated))], rtol=1e-4, atol=1e-3)
     assert np.allclose(photo_z, survey.catalog["z"][evaluated.rows])
-    assert np.allclose(spectra["mean_train"][1], mean[None]) and spectra["mean_train"][0].shape == truth.shape
+    assert np.allclose(spectra["mean_train"][1], mean[None])
+    assert spectra["mean_train"][0].shape == truth.shape
 
 
 def test_report_compares_with_survey_values_in_their_conventions():
@@ -205,8 +222,8 @@ def test_report_compares_with_survey_values_in_their_conventions():
     the missing-value flag -9999 becomes NaN, BPTCLASS maps onto our classes."""
     from astropy.table import Table
 
-    from utils.report import SURVEY_COLUMNS, compare, survey_values
-    from utils.sdss_files import SURVEY_MEASUREMENTS
+    from utils.data.files import SURVEY_MEASUREMENTS
+    from utils.eval.report import SURVEY_COLUMNS, compare, survey_values
 
     assert set(SURVEY_COLUMNS) | {"bptclass"} <= set(SURVEY_MEASUREMENTS)  # the query fetches what we compare
     catalog = Table({"z": [0.1, 0.2, 0.3, 0.15], "h_alpha_eqw": [-20.0, -5.0, -9999.0, 1.0],
@@ -217,8 +234,10 @@ def test_report_compares_with_survey_values_in_their_conventions():
     assert survey_values(Table({"z": [0.1]})) == {}  # a catalog without survey measurements
     perfect = {"z": values["z"], "dn4000": values["dn4000"], "ew_halpha": values["ew_halpha"], "bpt": values["bpt"]}
     stats, matrices = compare({"ours": perfect}, values, n_boot=20)
-    assert stats["ours"]["z_sigma_nmad"][0] == 0 and stats["ours"]["dn4000_corr"][0] == pytest.approx(1)
-    assert stats["ours"]["bpt_accuracy"][0] == 1 and np.trace(matrices["ours"]) == 4
+    assert stats["ours"]["z_sigma_nmad"][0] == 0
+    assert stats["ours"]["dn4000_corr"][0] == pytest.approx(1)
+    assert stats["ours"]["bpt_accuracy"][0] == 1
+    assert np.trace(matrices["ours"]) == 4
 
 
 @pytest.mark.parametrize("downsample", [1, 16])
@@ -229,8 +248,11 @@ def test_lines_outside_the_grid_are_nan_not_errors(downsample):
     z = np.array([0.5, 0.1])
     fluxes = {name: np.array([50.0, 50.0]) for name in LINES}
     found, errors, ews = fit_lines(line_spectra(wave, z, fluxes), wave, z)
-    assert np.isnan(found["halpha"][0]) and np.isnan(errors["halpha"][0]) and np.isnan(ews["halpha"][0])
-    assert np.isfinite(found["hbeta"]).all() and np.isfinite(found["halpha"][1])
+    assert np.isnan(found["halpha"][0])
+    assert np.isnan(errors["halpha"][0])
+    assert np.isnan(ews["halpha"][0])
+    assert np.isfinite(found["hbeta"]).all()
+    assert np.isfinite(found["halpha"][1])
 
 
 def _stats(mse_diff, z_gen, z_photo, ew_corr, dn_corr, bpt_gen, bpt_knn, cov68, cov90):
@@ -245,10 +267,11 @@ def _stats(mse_diff, z_gen, z_photo, ew_corr, dn_corr, bpt_gen, bpt_knn, cov68, 
 
 
 def test_targets_are_judged_against_the_same_runs_baselines():
-    from utils.report import format_targets, targets
+    from utils.eval.report import format_targets, targets
 
     good = targets(_stats(-0.004, 0.015, 0.017, 0.65, 0.85, 0.83, 0.80, 0.68, 0.90), majority_rate=0.79)
-    assert all(r["met"] is True for r in good) and len(good) == 15
+    assert all(r["met"] is True for r in good)
+    assert len(good) == 15
     bad = targets(_stats(0.004, 0.019, 0.017, 0.55, 0.75, 0.79, 0.80, 0.60, 0.95), majority_rate=0.79)
     assert all(r["met"] is False for r in bad)
     # BPT: beating the majority rate is not enough when retrieval does better, and the reverse
@@ -261,15 +284,18 @@ def test_targets_are_judged_against_the_same_runs_baselines():
     stats = _stats(-0.004, 0.015, 0.017, 0.65, 0.85, 0.83, 0.80, 0.68, 0.90)
     del stats["photo_z"], stats["knn_embedding"], stats["mean_of_n"]["mse_minus_knn"]
     partial = targets(stats, 0.79)
-    assert partial[0]["met"] is None and partial[1]["met"] is None and partial[2]["met"] is True
+    assert partial[0]["met"] is None
+    assert partial[1]["met"] is None
+    assert partial[2]["met"] is True
     text = format_targets(partial)
-    assert "13 of 15 met" in text and "n/a" in text
+    assert "13 of 15 met" in text
+    assert "n/a" in text
 
 
 def test_paired_difference_from_retrieval():
     """The paired MSE difference is the mean of per-galaxy differences, with the (small) standard
     error of those differences, not of either MSE."""
-    from utils.report import _pixel_stats
+    from utils.eval.report import _pixel_stats
 
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(200, 30))
@@ -280,27 +306,11 @@ def test_paired_difference_from_retrieval():
     _pixel_stats(stats, {"samples": samples, "mean_of_n": samples.mean(1), "knn_embedding": knn}, samples, truth)
     per_galaxy = ((samples.mean(1) - truth) ** 2).mean(1) - ((knn - truth) ** 2).mean(1)
     diff, se = stats["mean_of_n"]["mse_minus_knn"]
-    assert diff == pytest.approx(per_galaxy.mean()) and diff < 0
+    assert diff == pytest.approx(per_galaxy.mean())
+    assert diff < 0
     assert se == pytest.approx(per_galaxy.std(ddof=1) / np.sqrt(200))
     assert se < stats["knn_embedding"]["mse"][1]
     assert stats["samples"]["crps_minus_knn"][0] < 0
-
-
-def test_line_weights_peak_at_the_redshifted_lines_and_average_one():
-    loglam = block_grid(neurips_loglam(), 16)  # the standard preset's grid
-    z = np.array([0.05, 0.2, np.nan])
-    w = line_weights(loglam, z, 5.0)
-    assert w.shape == (3, len(loglam)) and np.allclose(w.mean(1), 1.0)
-    wave = 10.0 ** loglam
-    for row in range(2):
-        peak = np.argmin(np.abs(wave - LINES["halpha"] * (1 + z[row])))
-        assert w[row, peak] == pytest.approx(w[row].max(), rel=0.05)  # H-alpha and [N II] share the highest bump
-        assert w[row].max() / w[row].min() == pytest.approx(6.0, rel=0.05)
-        far = np.abs(np.log(wave[:, None] / (1 + z[row]) / np.array(
-            [*LINES.values(), *(v[1] for v in TIED.values())]))).min(1) > 10000 / C_KMS
-        assert np.allclose(w[row, far], w[row].min())  # continuum pixels share one weight
-    assert np.allclose(w[2], 1.0)  # no redshift, no lines to weight
-    assert np.allclose(line_weights(loglam, z[:2], 0.0), 1.0)
 
 
 def test_redshift_weights_are_each_pixels_median_inverse_variance():
@@ -311,7 +321,8 @@ def test_redshift_weights_are_each_pixels_median_inverse_variance():
     ivar[1:3, 9] = np.nan  # unknown counts as no information
     w = redshift_weights(ivar)
     assert w.shape == (40,)
-    assert w[5] == 0.0 and w[7] < 2.0
+    assert w[5] == 0.0
+    assert w[7] < 2.0
     assert w[9] == pytest.approx(np.median(np.r_[0.0, 0.0, ivar[[0, *range(3, 9)], 9]]))
     clean = np.delete(np.arange(40), [5, 7, 9])
     assert np.allclose(w[clean], np.median(ivar[:, clean], 0))
@@ -321,7 +332,7 @@ def test_redshift_weights_are_each_pixels_median_inverse_variance():
 
 
 def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k, preprocessing="scale"):
-    """A generate.py output folder as bench/point_estimates.py reads it (spectra.fits, config.yml)."""
+    """A generate.py output folder as utils.eval.outputs reads it (spectra.fits, config.yml)."""
     import yaml
     from astropy.io import fits
     from astropy.table import Table
@@ -338,13 +349,13 @@ def _write_output(folder, root, split, samples, truth, ivar, objid, wave, top_k,
 
 
 def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tiny_mock, tmp_path):
-    """bench/point_estimates.py: the reference is the mock's intrinsic truth of the right galaxies;
+    """utils.eval.estimates: the reference is the mock's intrinsic truth of the right galaxies;
     samples that carry the galaxy's own lines give a high correlation, ranked-first samples that
     carry another galaxy's give a low one, and the paired differences are to the median; test
     outputs and folders without spectra.fits are refused."""
-    from bench.point_estimates import compare, estimates, read_output
-    from utils.dataset import SpectraDataset, open_survey
+    from utils.data.dataset import SpectraDataset, open_survey
     from utils.errors import UserError
+    from utils.eval.estimates import compare_estimates, estimates, read_output
 
     survey = open_survey(tiny_mock)
     ds = SpectraDataset(survey, None, downsample=4)
@@ -358,27 +369,33 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
 
     out = read_output(tmp_path / "val", None)
     truth = np.asarray(survey.catalog["true_ew_halpha"], float)[ds.rows]
-    assert np.array_equal(out["reference"]["ew_halpha"], truth) and out["top_k"] == 2 and out["n"] == 8
+    assert np.array_equal(out["reference"]["ew_halpha"], truth)
+    assert out["top_k"] == 2
+    assert out["n"] == 8
     est = estimates(out, "ew_halpha")
     assert list(est) == ["median of all N", "mean of all N", "20%-trimmed mean of all N", "median of the top 2",
                          "median of 2 at random", "the top-ranked sample", "one sample at random",
                          "of the mean spectrum"]
     values = out["props"]["ew_halpha"]  # (G, N), ranked order kept
     finite = np.isfinite(values).all(1)  # eight values: the lowest and the highest one dropped
-    assert finite.any() and np.allclose(est["20%-trimmed mean of all N"][finite],
-                                        np.sort(values[finite], 1)[:, 1:-1].mean(1))
-    assert values.shape == (len(ds), 8) and np.allclose(est["median of the top 2"], np.median(values[:, :2], 1))
+    assert finite.any()
+    assert (np.allclose(est["20%-trimmed mean of all N"][finite],
+                                        np.sort(values[finite], 1)[:, 1:-1].mean(1)))
+    assert values.shape == (len(ds), 8)
+    assert np.allclose(est["median of the top 2"], np.median(values[:, :2], 1))
     assert np.array_equal(est["the top-ranked sample"], values[:, 0], equal_nan=True)
     assert all(v in row for v, row in zip(est["one sample at random"], values) if np.isfinite(v))
     random2 = est["median of 2 at random"]  # two of the galaxy's eight values (NaN where neither is finite)
     assert np.all((random2 >= np.nanmin(values, 1) - 1e-9) & (random2 <= np.nanmax(values, 1) + 1e-9)
                   | np.isnan(random2))
-    rows = compare(est, truth, boot=50)
-    assert rows["median of all N"]["minus_median"] == 0 and rows["median of all N"]["corr"] > 0.6
+    rows = compare_estimates(est, truth, boot=50)
+    assert rows["median of all N"]["minus_median"] == 0
+    assert rows["median of all N"]["corr"] > 0.6
     assert rows["median of the top 2"]["corr"] < rows["median of all N"]["corr"] - 0.4
     assert rows["median of 2 at random"]["corr"] > rows["median of the top 2"]["corr"] + 0.2  # mostly own lines
     top = rows["median of the top 2"]
-    assert top["minus_median"] == pytest.approx(top["corr"] - rows["median of all N"]["corr"]) and top["se"] > 0
+    assert top["minus_median"] == pytest.approx(top["corr"] - rows["median of all N"]["corr"])
+    assert top["se"] > 0
 
     _write_output(tmp_path / "test", tiny_mock, "test", samples, flux, ivar, objid, ds.wave, top_k=2)
     with pytest.raises(UserError, match="split is 'test'"):
@@ -389,14 +406,14 @@ def test_point_estimates_compare_the_samples_summaries_on_validation_outputs(tin
 
 
 def test_pool_models_draws_fair_shares_and_judges_them_like_generate(tiny_mock, tmp_path):
-    """bench/pool_models.py: the pool takes N / k samples of each output at random (not the
+    """utils.eval.outputs.pool: the pool takes N / k samples of each output at random (not the
     best-ranked first ones); samples equal to the truth give an MSE of 0 and the truth's measured
     properties; outputs of other galaxies are refused."""
-    from bench.pool_models import columns, pool, read_samples
-    from utils.dataset import SpectraDataset, open_survey
+    from utils.astro.science import RedshiftFitter, measure, redshift_weights
+    from utils.data.dataset import SpectraDataset, open_survey
     from utils.errors import UserError
-    from utils.report import COMPARED
-    from utils.science import RedshiftFitter, measure, redshift_weights
+    from utils.eval.outputs import pool, pooled_columns, read_samples
+    from utils.eval.report import COMPARED
 
     survey = open_survey(tiny_mock)
     ds = SpectraDataset(survey, None, downsample=4, preprocessing="log")
@@ -411,24 +428,25 @@ def test_pool_models_draws_fair_shares_and_judges_them_like_generate(tiny_mock, 
     mixed = pool([a, b], 5, seed=3)["samples"]  # 3 of a's, 2 of b's per galaxy
     ratio = mixed[:, :, 100] / flux[:, None, 100]
     assert mixed.shape == (len(ds), 5, flux.shape[1])
-    assert np.all(ratio[:, :3] < 1.02) and np.all(ratio[:, 3:] > 1.9)
+    assert np.all(ratio[:, :3] < 1.02)
+    assert np.all(ratio[:, 3:] > 1.9)
     assert len({tuple(np.round(r, 6)) for r in ratio[:, :3]}) > 1  # a random draw, not always the first three
 
     exact = dict(a, samples=flux[:, None].repeat(4, 1))
-    cols = columns(exact)
+    cols = pooled_columns(exact)
     assert np.allclose(cols["mse_mean"], 0, atol=1e-10)
     measured = measure(flux, ds.wave, fitter=RedshiftFitter(ds.wave, weights=redshift_weights(ivar))).table()
     for p in COMPARED:
         assert np.allclose(cols[f"{p}_gen"], measured[p], equal_nan=True)
         assert np.array_equal(cols[f"{p}_true"], np.asarray(survey.catalog[f"true_{p}"], float)[ds.rows])
     off = dict(b, samples=2 * flux[:, None].repeat(4, 1))  # twice the flux: log(2) in every pixel
-    assert np.allclose(columns(off)["mse_mean"], np.log(2) ** 2, rtol=1e-4)
+    assert np.allclose(pooled_columns(off)["mse_mean"], np.log(2) ** 2, rtol=1e-4)
     with pytest.raises(UserError, match="different galaxies"):
         pool([a, dict(b, objid=b["objid"][::-1])], 4)
 
 
 def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path):
-    """bench/compare_outputs.py: statistics on the galaxies both outputs hold, matched by object id
+    """utils.eval.outputs.compare_outputs: statistics on the galaxies both outputs hold, matched by object id
     whatever their order, against the mock's intrinsic truth (not the file's measured values); the
     difference is other - base with a bootstrap standard error; a variant whose point values follow
     the truth better gains correlation; test outputs and unknown galaxies are refused."""
@@ -436,10 +454,10 @@ def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path
     from astropy.io import fits
     from astropy.table import Table
 
-    from bench.compare_outputs import compare, read_columns
-    from utils.dataset import open_survey
+    from utils.data.dataset import open_survey
     from utils.errors import UserError
-    from utils.report import COMPARED
+    from utils.eval.outputs import compare_outputs, read_columns
+    from utils.eval.report import COMPARED
 
     catalog = open_survey(tiny_mock).catalog
     g, rng = len(catalog), np.random.default_rng(1)
@@ -461,10 +479,12 @@ def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path
 
     write(tmp_path / "base", 1.0, np.arange(g))
     write(tmp_path / "other", 0.02, rng.permutation(g)[: g - 8])  # shuffled, 8 galaxies fewer
-    result = compare(read_columns(tmp_path / "base"), read_columns(tmp_path / "other"), boot=100)
+    result = compare_outputs(read_columns(tmp_path / "base"), read_columns(tmp_path / "other"), boot=100)
     halpha = result["ew_halpha corr"]
-    assert halpha["galaxies"] == g - 8 and halpha["other"] > 0.9 > halpha["base"]
-    assert halpha["difference"] == pytest.approx(halpha["other"] - halpha["base"]) and 0 < halpha["se"] < 0.2
+    assert halpha["galaxies"] == g - 8
+    assert halpha["other"] > 0.9 > halpha["base"]
+    assert halpha["difference"] == pytest.approx(halpha["other"] - halpha["base"])
+    assert 0 < halpha["se"] < 0.2
     assert result["MSE mean of N"]["difference"] == pytest.approx(-0.98, abs=0.01)
     assert result["z sigma_NMAD"]["difference"] < 0
     write(tmp_path / "test", 0.2, np.arange(g), split="test")
@@ -476,13 +496,13 @@ def test_compare_outputs_pairs_two_validation_runs_by_object(tiny_mock, tmp_path
 
 
 def test_sample_count_curve_recovers_the_infinite_sample_correlation():
-    """bench/point_estimates.py --curve: samples that scatter about each galaxy's model value give
+    """utils.eval.estimates.sample_curve: samples that scatter about each galaxy's model value give
     a correlation that rises with the samples pooled; the fit of rho_inf / sqrt(1 + c / n) finds
     the model values' own correlation with the truth and the noise ratio c, and inverts to the
     samples a target needs."""
     from scipy.stats import spearmanr
 
-    from bench.point_estimates import attenuated, fit_curve, sample_curve, samples_needed
+    from utils.eval.estimates import attenuated, fit_curve, sample_curve, samples_needed
 
     rng = np.random.default_rng(1)
     truth = rng.normal(size=2000)
@@ -490,9 +510,11 @@ def test_sample_count_curve_recovers_the_infinite_sample_correlation():
     samples = model[:, None] + 2.0 * rng.normal(size=(truth.size, 200))  # per-sample noise variance 4
     curve = sample_curve(samples, truth, boot=3, fit_max=100, draws=2)
     expected = spearmanr(model, truth).statistic
-    assert curve["counts"] == [1, 2, 5, 10, 25, 50, 100, 200] and curve["fit_counts"] == [5, 10, 25, 50, 100]
+    assert curve["counts"] == [1, 2, 5, 10, 25, 50, 100, 200]
+    assert curve["fit_counts"] == [5, 10, 25, 50, 100]
     assert all(a < b for a, b in zip(curve["corr"], curve["corr"][1:]))  # more samples pooled, higher correlation
-    assert abs(curve["rho_inf"] - expected) < 0.03 and curve["rho_inf_se"] > 0
+    assert abs(curve["rho_inf"] - expected) < 0.03
+    assert curve["rho_inf_se"] > 0
     # the median of n normal draws has variance (pi / 2) 4 / n: c ~ 2 pi relative to the model's unit variance
     assert 4 < curve["c"] < 9
     assert abs(curve["corr"][-1] - curve["predicted"][-1]) < 0.02  # n = 200 lies beyond the fit and on it
@@ -500,15 +522,16 @@ def test_sample_count_curve_recovers_the_infinite_sample_correlation():
     assert np.allclose(fit_curve(np.array([5, 10, 50, 100]), attenuated(np.array([5, 10, 50, 100]), 0.6, 8.0)),
                        (0.6, 8.0), atol=1e-4)
     assert np.isclose(attenuated(np.array([samples_needed(0.7, 5.0, 0.6)]), 0.7, 5.0)[0], 0.6)
-    assert samples_needed(0.55, 5.0, 0.6) == np.inf and samples_needed(float("nan"), 5.0, 0.6) == np.inf
+    assert samples_needed(0.55, 5.0, 0.6) == np.inf
+    assert samples_needed(float("nan"), 5.0, 0.6) == np.inf
 
 
-def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path, monkeypatch, capsys):
-    """bench/point_estimates.py --figure: a panel per correlation target with a curve per output
-    and each ceilings file's image-photometry network; --figure without --curve is refused."""
-    import sys
+def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path):
+    """The --curve figure: a panel per correlation target with a curve per output and each
+    ceilings file's image-photometry network."""
+    from matplotlib.image import imread
 
-    from bench.point_estimates import IMAGE_CEILING, main, plot_curves, sample_curve
+    from utils.eval.estimates import IMAGE_CEILING, plot_curves, sample_curve
 
     rng = np.random.default_rng(2)
     truth = rng.normal(size=300)
@@ -516,41 +539,41 @@ def test_sample_count_figure_draws_the_curves_beside_the_ceilings(tmp_path, monk
     curve = sample_curve(samples, truth, boot=2, fit_max=10, draws=1)
     ceiling = {"split": "test", "predictors": {IMAGE_CEILING: {"ew_halpha_corr": [0.6, 0.04]}}}
     path = plot_curves(tmp_path / "curve.png", {"a": {"ew_halpha": curve}, "b": {"ew_halpha": curve}}, [ceiling])
-    from matplotlib.image import imread
-
     assert imread(path).shape[1] < 800  # one panel of 5.2 inches at 110 dpi: only H-alpha has curves
-    monkeypatch.setattr(sys, "argv", ["point_estimates.py", str(tmp_path), "--figure", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2 and "add --curve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_scripts_refuse_bad_requests_in_one_line(tmp_path):
+    """bench/point_estimates.py refuses --figure without --curve; bench/ceilings.py names a missing
+    dataset folder in one line (no traceback); neither writes anything."""
+    from conftest import run_script
+
+    curve = run_script("bench/point_estimates.py", [str(tmp_path), "--figure", str(tmp_path / "x.png")])
+    assert curve.returncode == 2
+    assert "add --curve" in curve.stderr
     assert not (tmp_path / "x.png").exists()
+    missing = run_script("bench/ceilings.py", ["--root", str(tmp_path / "missing"), "--out", str(tmp_path / "c.json")])
+    assert missing.returncode == 1
+    assert "missing' does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "c.json").exists()
 
 
-def test_ceilings_read_the_split_they_are_asked_for(tiny_mock, tmp_path, monkeypatch):
-    """bench/ceilings.py --split test evaluates the test galaxies (generate.py's subset with
-    --galaxies) with predictors that learn from the training split; the default is validation; a
-    missing dataset folder is named in one line."""
-    import json
-    import sys
-
-    from bench import ceilings
-    from utils.dataset import open_survey
-    from utils.report import catalog_truth
-    from utils.training import subset_rows
+def test_ceilings_read_the_split_they_are_asked_for(tiny_mock):
+    """utils.eval.ceilings on the test split evaluates the test galaxies (generate.py's subset with
+    a galaxy count) with predictors that learn from the training split; the default is validation."""
+    from utils.data.dataset import open_survey
+    from utils.data.survey import subset_rows
+    from utils.eval.ceilings import ceilings
+    from utils.eval.metrics import catalog_truth
 
     survey = open_survey(tiny_mock)
-    for split, extra in (("val", []), ("test", ["--split", "test", "--galaxies", "3"])):
-        out = tmp_path / f"{split}.json"
-        monkeypatch.setattr(sys, "argv", ["ceilings.py", "--root", str(tiny_mock), "--k", "3", "--out", str(out),
-                                          *extra])
-        ceilings.main()
-        result = json.loads(out.read_text())
+    for split, galaxies in (("val", 0), ("test", 3)):
+        result = ceilings(survey, split, galaxies, k=3)
         rows = survey.rows(split) if split == "val" else subset_rows(survey.rows("test"), 3, seed=0)
-        assert result["split"] == split and result["n_galaxies"] == len(rows) > 0
+        assert result["split"] == split
+        assert result["n_galaxies"] == len(rows) > 0
         classes = catalog_truth(survey.catalog[rows])["bpt"]
         assert result["majority_rate"] == pytest.approx(np.bincount(classes).max() / len(rows))
         assert set(result["predictors"]) == {"colours, r, B/T, sizes", "the same + true z"}
     assert len(survey.rows("test")) > 3  # the subset was a subset
-    monkeypatch.setattr(sys, "argv", ["ceilings.py", "--root", str(tmp_path / "missing"), "--split", "test"])
-    with pytest.raises(SystemExit, match="missing' does not exist"):  # one line, no traceback
-        ceilings.main()

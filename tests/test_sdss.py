@@ -16,12 +16,21 @@ from astropy.io import fits
 from astropy.table import Table
 from PIL import Image
 
-from utils.dataset import open_survey
-from utils.photometry import fibre_diameters
-from utils.prepare import prepare, to_grid
-from utils.sdss import (Downloader, NetworkUnreachable, Task, build_query, jpeg_url, query_catalog, spec_url,
-                        valid_jpeg, valid_spectrum)
-from utils.spectra import neurips_loglam
+from utils.astro.photometry import fibre_diameters
+from utils.astro.spectra import neurips_loglam
+from utils.data.dataset import open_survey
+from utils.data.prepare import prepare, to_grid
+from utils.data.sdss import (
+    Downloader,
+    NetworkUnreachable,
+    Task,
+    build_query,
+    jpeg_url,
+    query_catalog,
+    spec_url,
+    valid_jpeg,
+    valid_spectrum,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,12 +158,15 @@ def test_downloader_survives_faults_and_lists_failures(tmp_path):
         tasks += [Task("gone", f"{server.url}/spec/404.fits", tmp_path / "spec" / "404.fits", valid_spectrum),
                   Task("small", f"{server.url}/img/small.jpg", tmp_path / "img" / "small.jpg", valid_jpeg)]
         report = fast_downloader().run(tasks, tmp_path / "failures.csv")
-    assert report.fetched == 10 and set(report.failures) == {"gone", "small"}
+    assert report.fetched == 10
+    assert set(report.failures) == {"gone", "small"}
     for task in tasks[:10]:
         assert task.validate(task.dest) is None
-    assert not list(tmp_path.rglob("*.part")) and not (tmp_path / "spec" / "404.fits").exists()
+    assert not list(tmp_path.rglob("*.part"))
+    assert not (tmp_path / "spec" / "404.fits").exists()
     failures = (tmp_path / "failures.csv").read_text()
-    assert "HTTP 404" in failures and "(32, 32, 3)" in failures
+    assert "HTTP 404" in failures
+    assert "(32, 32, 3)" in failures
 
 
 def test_interrupted_download_resumes_without_refetching(tmp_path):
@@ -163,12 +175,15 @@ def test_interrupted_download_resumes_without_refetching(tmp_path):
     with FaultyServer(files, outage) as server:
         tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / f"{i}.fits", valid_spectrum) for i in range(8)]
         first = fast_downloader(retries=1).run(tasks, tmp_path / "failures.csv")
-        assert first.fetched == 4 and len(first.failures) == 4
+        assert first.fetched == 4
+        assert len(first.failures) == 4
         (tmp_path / "1.fits").write_bytes(b"broken")  # a damaged file is fetched again
         server.faults.clear()
         server.requests.clear()
         second = fast_downloader().run(tasks, tmp_path / "failures.csv")
-    assert second.fetched == 5 and second.skipped == 3 and not second.failures
+    assert second.fetched == 5
+    assert second.skipped == 3
+    assert not second.failures
     assert sorted(server.requests) == sorted(["/spec/1.fits"] + [f"/spec/{i}.fits" for i in range(4, 8)])
 
 
@@ -227,7 +242,8 @@ def test_query_is_paged_by_specobjid(tmp_path):
     assert sql.index("LEFT OUTER JOIN") < sql.index("WHERE")
     fake = FakeSQL(250)
     table = query_catalog(230, tmp_path / "cat.fits", page_size=40, query_fn=fake)
-    assert len(table) == 230 and fake.calls == 6
+    assert len(table) == 230
+    assert fake.calls == 6
     saved = Table.read(tmp_path / "cat.fits")
     assert np.array_equal(saved["specObjID"], fake.table["specObjID"][:230])
     # the survey's own measurements survive paging and saving, NULLs included
@@ -241,7 +257,9 @@ def test_interrupted_query_resumes(tmp_path):
         query_catalog(200, tmp_path / "cat.fits", page_size=40, query_fn=fake)
     fake.fail_on_call = None
     table = query_catalog(200, tmp_path / "cat.fits", page_size=40, query_fn=fake)
-    assert fake.calls == 3 + 3 and len(table) == 200 and len(np.unique(table["specObjID"])) == 200
+    assert fake.calls == 3 + 3
+    assert len(table) == 200
+    assert len(np.unique(table["specObjID"])) == 200
 
 
 def test_urls_for_sdss_and_eboss():
@@ -253,7 +271,10 @@ def test_urls_for_sdss_and_eboss():
                               "spec-10000-57346-0012.fits")
     url = jpeg_url(150.1, 2.2)
     assert url.startswith("https://skyserver.sdss.org/dr17/SkyServerWS/ImgCutout/getjpeg?")
-    assert "scale=0.4" in url and "width=64" in url and "height=64" in url and "ra=150.100000" in url
+    assert "scale=0.4" in url
+    assert "width=64" in url
+    assert "height=64" in url
+    assert "ra=150.100000" in url
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +289,10 @@ def test_to_grid_handles_gaps_and_refuses_bad_spectra():
     f, iv, mask = out
     grid = neurips_loglam()
     gap = (grid >= loglam[300] - 5e-5) & (grid <= loglam[309] + 5e-5)
-    assert gap.sum() == 10 and np.all(mask[gap] == 1) and np.all(iv[gap] == 0) and np.all(np.isfinite(f))
+    assert gap.sum() == 10
+    assert np.all(mask[gap] == 1)
+    assert np.all(iv[gap] == 0)
+    assert np.all(np.isfinite(f))
     assert np.allclose(f[~mask.astype(bool)], np.interp(grid, loglam, flux)[~mask.astype(bool)], atol=1e-4)
     assert to_grid(loglam[200:], flux[200:], ivar[200:]) == "does not cover the wavelength window"
     assert to_grid(loglam, np.full_like(flux, 3.0), np.ones_like(flux)) == "constant flux"
@@ -313,16 +337,20 @@ def test_prepare_writes_dataset_and_report(tmp_path):
     assert sorted(np.asarray(survey.catalog["objid"]) - 5000) == [0, 3, 5, 7, 8]
     kept = survey.catalog
     order = np.asarray(kept["objid"]) - 5000
-    assert np.allclose(kept["d4000_n"], cat["d4000_n"][order]) and np.allclose(kept["velDisp"], cat["velDisp"][order])
+    assert np.allclose(kept["d4000_n"], cat["d4000_n"][order])
+    assert np.allclose(kept["velDisp"], cat["velDisp"][order])
     null = order == 3
     ew = np.ma.filled(np.ma.asarray(kept["h_alpha_eqw"], dtype=np.float64), np.nan)  # astropy masks NaN on reading
-    assert np.isnan(ew[null]).all() and (np.asarray(kept["bptclass"])[null] == -1).all()
+    assert np.isnan(ew[null]).all()
+    assert (np.asarray(kept["bptclass"])[null] == -1).all()
     assert np.allclose(ew[~null], cat["h_alpha_eqw"].data[order[~null]])
-    assert list(kept["instrument"]) == list(cat["instrument"][order])  # the fibre's diameter (utils.photometry)
+    assert list(kept["instrument"]) == list(cat["instrument"][order])  # the fibre's diameter (utils.astro.photometry)
     assert fibre_diameters(kept, survey.meta).tolist() == [2.0 if i % 2 == 0 else 3.0 for i in order]
-    assert survey.flux.shape == (5, 3598) and survey.mask is not None
+    assert survey.flux.shape == (5, 3598)
+    assert survey.mask is not None
     row3 = int(np.flatnonzero(np.asarray(survey.catalog["objid"]) == 5003)[0])
-    assert survey.mask[row3].sum() >= 100 and np.all(np.isfinite(survey.flux[row3]))
+    assert survey.mask[row3].sum() >= 100
+    assert np.all(np.isfinite(survey.flux[row3]))
     report = (tmp_path / "ds.dropped.csv").read_text()
     for objid, reason in ((5001, "does not cover"), (5002, "constant flux"), (5004, "spectrum file missing"),
                           (5006, "gri image missing")):
@@ -333,7 +361,7 @@ def test_prepare_writes_dataset_and_report(tmp_path):
 
 def _mirror(tmp_path, n: int = 3, with_specobjid: bool = True):
     """A tiny local mirror: SAS-named spectra, images named by (derived) specObjID, a catalog."""
-    from utils.prepare import spec_obj_id
+    from utils.data.prepare import spec_obj_id
 
     rng = np.random.default_rng(2)
     plate, mjd, fiber = np.full(n, 266), np.full(n, 51602), np.arange(n) + 1
@@ -356,11 +384,12 @@ def test_prepare_accepts_a_plate_mjd_fiber_catalog(tmp_path):
     cat.write(tmp_path / "catalog.fits")
     out = prepare(tmp_path / "catalog.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
     assert sorted(np.asarray(open_survey(out).catalog["objid"])) == sorted(ids.tolist())
-    assert (ids[0] >> 50) == 266 and ((ids[0] >> 38) & 0xFFF) == 1  # the specObjID bit layout
+    assert (ids[0] >> 50) == 266
+    assert ((ids[0] >> 38) & 0xFFF) == 1  # the specObjID bit layout
 
 
 def test_prepare_checks_the_catalog_first_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
-    from utils import prepare as prep
+    from utils.data import prepare as prep
     from utils.errors import UserError
 
     cat, _ = _mirror(tmp_path)
@@ -370,7 +399,8 @@ def test_prepare_checks_the_catalog_first_and_cleans_up_after_a_failure(tmp_path
     monkeypatch.setattr(prep, "read_spec", lambda path: calls.append(path))
     with pytest.raises(UserError, match=r"lacks the column\(s\) z, cModelMag_r"):
         prepare(tmp_path / "bad.fits", tmp_path / "spectra", tmp_path / "images", tmp_path / "ds")
-    assert calls == [] and not list(tmp_path.glob("ds*"))  # nothing read, nothing written
+    assert calls == []
+    assert not list(tmp_path.glob("ds*"))  # nothing read, nothing written
     monkeypatch.undo()
     good, _ = _mirror(tmp_path)
     good.write(tmp_path / "catalog.fits")
@@ -391,7 +421,8 @@ def test_live_sdss_query(tmp_path):
     except requests.RequestException:
         pytest.skip("SDSS is unreachable from here")
     table = query_catalog(3, tmp_path / "cat.fits")
-    assert len(table) == 3 and "specObjID" in table.colnames
+    assert len(table) == 3
+    assert "specObjID" in table.colnames
 
 
 def frame_bytes(band_index: int) -> bytes:
@@ -412,7 +443,7 @@ def frame_bytes(band_index: int) -> bytes:
 
 
 def test_ugriz_cutouts_share_each_frame(tmp_path):
-    from utils.sdss import download_ugriz
+    from utils.data.sdss import download_ugriz
 
     files = {f"/dr17/eboss/photoObj/frames/301/752/1/frame-{b}-000752-1-0100.fits.bz2": frame_bytes(i)
              for i, b in enumerate("ugriz")}
@@ -422,11 +453,14 @@ def test_ugriz_cutouts_share_each_frame(tmp_path):
         report = download_ugriz(catalog, tmp_path, fast_downloader(), base=server.url)
     assert not report.failures
     frame_requests = [r for r in server.requests if "frame-" in r]
-    assert sorted(set(frame_requests)) == sorted(files) and len(frame_requests) == 6  # one retry, else once each
+    assert sorted(set(frame_requests)) == sorted(files)
+    assert len(frame_requests) == 6  # one retry, else once each
     cut = np.load(tmp_path / "11.npy")
-    assert cut.shape == (5, 64, 64) and cut.dtype == np.float32
+    assert cut.shape == (5, 64, 64)
+    assert cut.dtype == np.float32
     peak = np.unravel_index(np.argmax(cut[2]), cut[2].shape)
-    assert abs(peak[0] - 32) <= 2 and abs(peak[1] - 32) <= 2  # the source sits at the requested position
+    assert abs(peak[0] - 32) <= 2
+    assert abs(peak[1] - 32) <= 2  # the source sits at the requested position
     assert np.allclose(cut.max((1, 2)), np.arange(1, 6), rtol=0.05)  # nanomaggies of each band kept
 
 
@@ -440,9 +474,12 @@ def test_compression_redirects_and_stale_partial_files(tmp_path):
     with FaultyServer(files, faults) as server:
         tasks = [Task(str(i), f"{server.url}/spec/{i}.fits", tmp_path / f"{i}.fits", valid_spectrum) for i in range(3)]
         report = fast_downloader(retries=1).run(tasks, tmp_path / "failures.csv")
-    assert report.fetched == 1 and valid_spectrum(tmp_path / "0.fits") is None
-    assert "TooManyRedirects" in report.failures["1"] and "ContentDecodingError" in report.failures["2"]
-    assert not stale.exists() and not list(tmp_path.glob(".*.part"))
+    assert report.fetched == 1
+    assert valid_spectrum(tmp_path / "0.fits") is None
+    assert "TooManyRedirects" in report.failures["1"]
+    assert "ContentDecodingError" in report.failures["2"]
+    assert not stale.exists()
+    assert not list(tmp_path.glob(".*.part"))
     assert (tmp_path / "failures.csv").read_text().count("\n") == 3  # header + 2 failures
 
 
@@ -461,7 +498,8 @@ def test_silent_server_stops_the_run_in_bounded_time(tmp_path):
         with pytest.raises(NetworkUnreachable, match=f"cannot connect to 127.0.0.1:{port}: it stopped answering"):
             fast_downloader(timeout=0.2, retries=1).run(tasks, tmp_path / "failures.csv")
         elapsed = time.perf_counter() - start
-    assert elapsed < 10 and valid_spectrum(tmp_path / "kept.fits") is None
+    assert elapsed < 10
+    assert valid_spectrum(tmp_path / "kept.fits") is None
     assert "Timeout" in (tmp_path / "failures.csv").read_text()
 
 
@@ -478,7 +516,10 @@ def test_server_dying_midway_stops_the_run_and_keeps_what_was_fetched(tmp_path):
     failed = {str(key) for key in Table.read(tmp_path / "failures.csv", format="ascii.csv")["key"]}
     # the files the run says it kept are on disk, valid, and were served in full; a served file the
     # client gave up on (a slow answer on a loaded machine) is listed as failed, never half-written
-    assert kept and kept <= served and served - kept <= failed
+    assert kept
+    assert kept <= served
+    assert served - kept <= failed
     assert f"{len(kept)} fetched in this run are kept" in str(stopped.value)
-    assert elapsed < 15 and not list(tmp_path.glob(".*.part"))
+    assert elapsed < 15
+    assert not list(tmp_path.glob(".*.part"))
     assert len(server.requests) < 40  # it stopped asking

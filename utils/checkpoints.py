@@ -29,8 +29,10 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
-from utils.config import flatten, load_defaults, save_config
+from utils.config import flatten, save_config
 from utils.errors import UserError
+from utils.schema import defaults as schema_defaults
+from utils.schema import keys as schema_keys
 
 logger = logging.getLogger(__name__)
 
@@ -252,13 +254,44 @@ def read_checkpoint(path: Path, what: str = "checkpoint", mmap: bool = False) ->
 
 
 def checkpoint_kind(state: dict, path: Path, kind: str, what: str) -> dict:
-    """The run configuration saved in ``state``, after checking that the ``kind`` trainer wrote it."""
+    """The run configuration saved in ``state`` in this version's keys (:func:`upgrade_config`),
+    after checking that the ``kind`` trainer wrote it."""
     info = state.get(RUN_INFO_KEY)
     if not isinstance(info, dict) or "kind" not in info:
         raise CheckpointError(f"{what} '{path}' was not written by this project's trainers (no {RUN_INFO_KEY})")
     if info["kind"] != kind:
         raise CheckpointError(f"{what} '{path}' is a {info['kind']} checkpoint, expected a {kind} one")
-    return info["config"]
+    return upgrade_config(info["config"], kind, f"{what} '{path}'")
+
+
+#: keys that configurations of earlier versions had, with the value that builds the network this
+#: version builds: a checkpoint trained with another value is refused by name
+RETIRED_NETWORK_KEYS = {"model.global_context": False, "model.photometry": False, "model.head_dim": 32,
+                        "model.spectrum_mults": [1, 2, 4, 8, 16], "diffusion.shift": 1.0}
+#: renamed keys, earlier name -> this version's
+RENAMED_KEYS = {"val.max_objects": "val.n_objects"}
+
+
+def upgrade_config(saved: dict, kind: str, what: str) -> dict:
+    """A checkpoint's configuration in this version's keys: renamed keys under their new names,
+    keys this version does not have dropped, keys it added at their defaults. A network that this
+    version cannot build (a retired model key at another value than the one it builds) is refused
+    with :class:`CheckpointError` naming the key."""
+    flat = flatten(saved)
+    for key, neutral in RETIRED_NETWORK_KEYS.items():
+        if key in flat and str(flat[key]) != str(neutral):
+            raise CheckpointError(f"{what} was trained with {key}={flat[key]!r}, a setting this version no longer "
+                                  f"has (its network cannot be built here; docs/experiments.md has that setting's "
+                                  f"results)")
+    flat = {RENAMED_KEYS.get(k, k): v for k, v in flat.items()}
+    schema = schema_keys(kind)
+    config = schema_defaults(kind)
+    for path, value in flat.items():
+        if path in schema:
+            section, name = path.split(".")
+            config[section][name] = value
+    config["preset"] = saved.get("preset")
+    return config
 
 
 def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
@@ -455,9 +488,9 @@ def stamp_now() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def default_runs(params: Path) -> Path:
-    """Where a trainer puts its runs by default: ``run.out_dir`` of its params file."""
-    return Path(load_defaults(params)[0]["run"]["out_dir"])
+def default_runs(kind: str) -> Path:
+    """Where the ``kind`` trainer puts its runs by default (its ``run.out_dir``)."""
+    return Path(schema_keys(kind)["run.out_dir"].default)
 
 
 def newest_finished_run(folder: Path, what: str) -> Path:

@@ -1,90 +1,32 @@
-"""Configuration: YAML defaults, presets, ``--config FILE`` overlays and ``key=value`` overrides.
+"""Configuration: the schema's defaults (utils.schema), presets, ``--config FILE`` overlays and
+``key=value`` overrides, every value checked.
 
-Every value is checked against the type of its default, and keys with a closed set of values
-against that set. A bad key or value raises :class:`ConfigError`, which the entry scripts turn
-into a one-line message and exit code 2 (see :func:`cli`).
+Every value is checked against the type of its default, keys with a closed set of values against
+that set, and numbers against their range. A bad key or value raises :class:`ConfigError`, which
+the entry scripts turn into a one-line message and exit code 2 (:func:`utils.errors.cli`).
 
-Precedence, lowest first: the defaults file, its ``presets.<name>`` block (``--preset NAME``),
-``--config FILE`` overlays (in order), then ``key=value`` / ``section.key=value`` overrides.
+Precedence, lowest first: the schema's defaults, the preset (``--preset NAME`` from
+``presets.yml``), ``--config FILE`` overlays (in order), then ``key=value`` /
+``section.key=value`` overrides.
+
+    python -m utils.config generative --preset quick     # print a resolved configuration
+    python -m utils.config --reference > docs/configuration.md
 """
 from __future__ import annotations
 
 import copy
-import functools
-import logging
-import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
-from utils.errors import ConfigError, Interrupted, UserError
+from utils.errors import ConfigError, cli
+from utils.schema import KINDS, Key, check_kind, defaults, keys
 
-logger = logging.getLogger(__name__)
-
-#: closed sets of values that belong to no module: where the data come from, the precision,
-#: the process-group backend
-DATA_SOURCES = ("mock", "folder")
-PRECISIONS = ("fp32", "bf16")
-BACKENDS = ("none", "gloo", "nccl")
-
-
-@functools.cache
-def choices() -> dict[str, tuple]:
-    """Keys whose values come from a closed set, by dotted path, each set read from the module
-    that implements it (imported on first use: reading a config does not need torch)."""
-    from models.diffusion import PREDICTIONS, SCHEDULES
-    from models.encoders import RESNET_LAYOUTS
-    from models.samplers import SAMPLERS
-    from models.unet import CONDITIONINGS
-    from utils.dataset import IMAGE_FILES, SPLITS
-    from utils.spectra import PREPROCESSINGS
-
-    return {
-        "data.source": DATA_SOURCES,
-        "data.image": tuple(IMAGE_FILES),
-        "data.preprocessing": PREPROCESSINGS,
-        "model.image_depth": tuple(RESNET_LAYOUTS),
-        "model.conditioning": CONDITIONINGS,
-        "diffusion.schedule": SCHEDULES,
-        "diffusion.prediction": PREDICTIONS,
-        "sampling.sampler": tuple(SAMPLERS),
-        "val.sampler": tuple(SAMPLERS),
-        "run.precision": PRECISIONS,
-        "run.backend": BACKENDS,
-        "sampling.split": SPLITS,
-    }
-
-
-#: Numeric ranges by dotted path: (low, high, what), bounds inclusive, None for open; a list
-#: value is checked item by item. Keys absent from a params file are ignored.
-POSITIVE = (1, None, "at least 1")
-NON_NEGATIVE = (0, None, ">= 0")
-RANGES: dict[str, tuple[float | None, float | None, str]] = {
-    **{key: POSITIVE for key in (
-        "data.mock_objects", "data.downsample", "model.width", "model.head_dim", "model.image_width",
-        "model.spectrum_width", "model.latent_dim", "model.mults", "model.attn_levels", "model.spectrum_mults",
-        "diffusion.timesteps", "train.batch_size", "train.max_epochs", "val.every", "val.n_objects",
-        "val.n_samples", "val.steps", "val.batch_size", "val.max_objects", "run.checkpoint_every",
-        "sampling.max_objects", "sampling.n_samples", "sampling.steps", "sampling.top_k", "sampling.batch_galaxies",
-        "sampling.knn", "sampling.baseline_train_max")},
-    **{key: NON_NEGATIVE for key in (
-        "data.mock_seed", "data.mock_train_copies", "data.num_workers", "train.max_iters", "train.max_minutes", "train.weight_decay",
-        "train.line_weight", "train.min_snr_gamma",
-        "run.seed", "sampling.eta", "sampling.figures", "sampling.calibration_objects")},
-    "train.lr": (1e-12, None, "> 0"),
-    "diffusion.shift": (1e-6, None, "> 0"),
-    "train.temperature": (1e-6, None, "> 0"),
-    "train.lr_decay": (1e-12, 1.0, "in (0, 1]"),
-    "train.line_weight_below": (1e-12, 1.0, "in (0, 1]"),
-    "train.ema_decay": (0.0, 0.999999, "in [0, 1)"),
-    "model.cond_drop": (0.0, 0.999, "in [0, 1)"),
-    "sampling.views": (1, 4, "in 1..4 (utils.generation.VIEWS)"),
-    "val.max_fraction": (1e-6, 1.0, "in (0, 1]"),
-    "val.guidance": NON_NEGATIVE,
-    "sampling.guidance": NON_NEGATIVE,
-}
+ROOT = Path(__file__).resolve().parents[1]
+#: the presets of all three scripts (--preset NAME)
+PRESETS_FILE = ROOT / "presets.yml"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -101,7 +43,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _type_name(value: Any) -> str:
     if value is None:
-        return "a string or null"
+        return "a path (string) or null"
     if isinstance(value, bool):
         return "a boolean (true/false)"
     if isinstance(value, int):
@@ -166,18 +108,29 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
     raise refuse()
 
 
+def check_value(path: str, key: Key, value: Any) -> None:
+    """Raise :class:`ConfigError` when ``value`` is not one of the key's allowed values, or a
+    number (or an item of a list) outside its range."""
+    allowed = key.allowed()
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"config key '{path}': got {value!r}, expected one of {', '.join(map(repr, allowed))}")
+    if value is None or not key.range_text():
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and not key.in_range(item):
+            raise ConfigError(f"config key '{path}': got {value!r}, expected {key.range_text()}")
+
+
 def _set(tree: dict, path: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    section, name = path.split(".")
+    tree[section][name] = value
 
 
-def _resolve_key(key: str, flat_defaults: dict[str, Any]) -> str:
-    if key in flat_defaults:
+def resolve_key(key: str, schema: dict[str, Key]) -> str:
+    """The dotted path of ``key``: itself, or the one path whose last part it is."""
+    if key in schema:
         return key
-    matches = [p for p in flat_defaults if p.rsplit(".", 1)[-1] == key]
+    matches = [p for p in schema if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
@@ -185,107 +138,84 @@ def _resolve_key(key: str, flat_defaults: dict[str, Any]) -> str:
     raise ConfigError(f"unknown config key '{key}' (see --help for the list of keys)")
 
 
-def apply_overrides(config: dict, overrides: dict[str, Any], defaults: dict, source: str) -> None:
+def apply_overrides(config: dict, overrides: dict[str, Any], kind: str, source: str) -> None:
     """Apply flat ``{dotted_or_leaf_key: value}`` overrides to ``config`` in place, checked."""
-    flat_defaults = flatten(defaults)
+    schema = keys(kind)
     for key, value in overrides.items():
-        path = _resolve_key(key, flat_defaults)
+        path = resolve_key(key, schema)
+        default = schema[path].default
         if isinstance(value, dict):
-            raise ConfigError(f"config key '{path}' ({source}): got a mapping, expected {_type_name(flat_defaults[path])}")
-        coerced = _coerce(path, value, flat_defaults[path])
-        check_choice(path, coerced)
+            raise ConfigError(f"config key '{path}' ({source}): got a mapping, expected {_type_name(default)}")
+        coerced = _coerce(path, value, default)
+        check_value(path, schema[path], coerced)
         _set(config, path, coerced)
-
-
-def check_choice(path: str, value: Any) -> None:
-    allowed = choices().get(path)
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"config key '{path}': got {value!r}, expected one of {', '.join(map(repr, allowed))}")
-
-
-def check_range(path: str, value: Any) -> None:
-    """Raise :class:`ConfigError` when a numeric value (or any item of a list) is NaN, infinite or
-    outside :data:`RANGES`."""
-    if path not in RANGES or value is None:
-        return
-    low, high, what = RANGES[path]
-    for item in (value if isinstance(value, list) else [value]):
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            continue
-        if not math.isfinite(item) or (low is not None and item < low) or (high is not None and item > high):
-            raise ConfigError(f"config key '{path}': got {value!r}, expected {what}")
 
 
 def check_consistency(config: dict) -> None:
     """Checks that involve several keys."""
     s = config.get("sampling", {})
-    if "top_k" in s and "n_samples" in s and s["top_k"] > s["n_samples"]:
+    if "top_k" in s and s["top_k"] > s["n_samples"]:
         raise ConfigError(f"config key 'sampling.top_k': got {s['top_k']}, expected at most sampling.n_samples "
                           f"({s['n_samples']})")
     if s.get("calibration_objects") and s.get("split") == "val" and not s.get("catalog"):
         raise ConfigError(f"config key 'sampling.calibration_objects': got {s['calibration_objects']}, expected 0 "
                           f"when sampling.split is 'val' (the calibration is fitted on validation galaxies, so they "
                           f"cannot also judge it)")
-    if s.get("antithetic") and (s.get("sampler") == "ddpm" or (s.get("sampler") == "ddim" and s.get("eta"))):
-        raise ConfigError(f"config key 'sampling.antithetic': got true, expected false with a stochastic sampler "
-                          f"(sampling.sampler {s.get('sampler')!r}, sampling.eta {s.get('eta')}): mirrored starting "
-                          f"noises pay only where a sample is a function of its starting noise (ddim with eta 0, "
-                          f"dpmpp2m)")
-    m = config.get("model", {})
-    if m.get("photometry") and config.get("data", {}).get("image") != "ugriz":
-        raise ConfigError(f"config key 'model.photometry': got true, expected false unless data.image is 'ugriz' "
-                          f"(the photometry is measured on calibrated ugriz images; data.image is "
-                          f"{config.get('data', {}).get('image')!r})")
+    m = config["model"]
     if "mults" not in m:
         return
     levels = len(m["mults"]) - 1  # the last multiplier is the bottleneck's (models.unet)
     if levels < 1:
         raise ConfigError(f"config key 'model.mults': got {m['mults']}, expected at least 2 entries")
-    if any(a > levels for a in m.get("attn_levels", [])):
+    if any(a > levels for a in m["attn_levels"]):
         raise ConfigError(f"config key 'model.attn_levels': got {m['attn_levels']}, expected levels in 1..{levels} "
                           f"(model.mults {m['mults']} has {levels} levels; its last entry is the bottleneck's)")
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, what: str = "config file") -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
         with open(path) as handle:
             data = yaml.safe_load(handle)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}".splitlines()[0]) from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {err}".splitlines()[0]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': expected a mapping of sections at the top level")
+        raise ConfigError(f"{what} '{path}': expected a mapping of sections at the top level")
     return data
 
 
-def load_defaults(path: str | Path) -> tuple[dict, dict]:
-    """Read a params file and return ``(defaults, presets)``."""
-    data = _read_yaml(Path(path))
-    presets = data.pop("presets", {}) or {}
-    return data, presets
+def load_presets(path: Path = PRESETS_FILE) -> dict[str, dict]:
+    """``{name: preset}`` from the presets file. A preset holds sections that apply to every
+    script that has them and, under ``contrastive:`` / ``generative:``, sections for one kind."""
+    return _read_yaml(path, "presets file")
 
 
-def load_config(defaults_path: str | Path, argv: Sequence[str] | None = None) -> dict:
-    """Build the resolved configuration from a params file and command-line arguments.
+def preset_overrides(preset: dict, kind: str) -> dict[str, Any]:
+    """The flat overrides a preset makes for ``kind``: its shared sections (the keys ``kind``'s
+    schema has), then its ``kind`` block."""
+    schema = keys(kind)
+    shared = {k: v for k, v in preset.items() if k not in KINDS}
+    flat = {path: value for path, value in flatten(shared).items() if path in schema}
+    return flat | flatten(preset.get(kind) or {})
 
-    Parameters
-    ----------
-    defaults_path : path of the params YAML (``params_contrastive.yml`` or ``params_generative.yml``).
-    argv : command-line arguments: ``--preset NAME``, ``--config FILE``, ``key=value`` and
-        ``section.key=value``; ``-h``/``--help`` prints every key with its default and exits.
-    """
+
+def load_config(kind: str, argv: Sequence[str] | None = None, presets_file: Path = PRESETS_FILE) -> dict:
+    """Build the resolved configuration of ``kind`` ('contrastive' or 'generative', which
+    generate.py reads) from the command-line arguments ``argv``: ``--preset NAME``,
+    ``--config FILE``, ``key=value`` and ``section.key=value``; ``-h``/``--help`` prints every key
+    with its default and meaning, then exits."""
+    check_kind(kind)
     argv = list(sys.argv[1:] if argv is None else argv)
-    defaults, presets = load_defaults(defaults_path)
-    config = copy.deepcopy(defaults)
+    config = copy.deepcopy(defaults(kind))
     preset, files, pairs = None, [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(describe(defaults, presets, defaults_path))
+            print(describe(kind, presets_file))
             raise SystemExit(0)
         if arg in ("--preset", "--config"):
             if i + 1 >= len(argv):
@@ -308,35 +238,81 @@ def load_config(defaults_path: str | Path, argv: Sequence[str] | None = None) ->
         i += 1
 
     if preset is not None:
+        presets = load_presets(presets_file)
         if preset not in presets:
-            raise ConfigError(f"unknown preset '{preset}': expected one of {', '.join(sorted(presets)) or '(none defined)'}")
-        apply_overrides(config, flatten(presets[preset]), defaults, f"preset {preset}")
+            raise ConfigError(f"unknown preset '{preset}': expected one of {', '.join(sorted(presets)) or '(none)'}")
+        apply_overrides(config, preset_overrides(presets[preset] or {}, kind), kind, f"preset {preset}")
     for name in files:
-        apply_overrides(config, flatten(_read_yaml(Path(name))), defaults, f"file {name}")
+        apply_overrides(config, flatten(_read_yaml(Path(name))), kind, f"file {name}")
     for key, raw in pairs:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        apply_overrides(config, {key: value}, defaults, "command line")
-    for path, value in flatten(config).items():
-        check_choice(path, value)
-        check_range(path, value)
+        apply_overrides(config, {key: value}, kind, "command line")
     check_consistency(config)
     config["preset"] = preset
     return config
 
 
-def describe(defaults: dict, presets: dict, path: str | Path) -> str:
-    """Human-readable list of keys, defaults and presets (for ``--help``)."""
+def _shown(value: Any) -> str:
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def describe(kind: str, presets_file: Path = PRESETS_FILE) -> str:
+    """Every key with its default and meaning (``--help``)."""
     lines = [f"usage: python {Path(sys.argv[0]).name} [--preset NAME] [--config FILE] [section.key=value ...]",
-             f"defaults from {path}:"]
-    for key, value in flatten(defaults).items():
-        allowed = choices().get(key)
-        extra = f"   (one of {', '.join(map(str, allowed))})" if allowed else ""
-        lines.append(f"  {key} = {value!r}{extra}")
-    lines.append(f"presets: {', '.join(sorted(presets)) or '(none)'}")
+             f"keys of the {kind} configuration (default; meaning; allowed values). Reference: docs/configuration.md"]
+    for path, key in keys(kind).items():
+        allowed = key.allowed()
+        if allowed:
+            extra = f" (one of {', '.join(map(str, allowed))})"
+        else:
+            extra = f" ({key.range_text()})" if key.range_text() else ""
+        lines.append(f"  {path} = {_shown(key.default)}   {key.help}{extra}")
+    try:
+        names = ", ".join(sorted(load_presets(presets_file)))
+    except ConfigError:
+        names = "(presets file unreadable)"
+    lines.append(f"presets: {names}")
     return "\n".join(lines)
+
+
+def reference() -> str:
+    """The configuration reference in Markdown: every key of both schemas, its meaning, its
+    defaults and its allowed values (docs/configuration.md is this text)."""
+    by_path: dict[str, dict[str, Key]] = {}
+    for kind in KINDS:
+        for path, key in keys(kind).items():
+            by_path.setdefault(path, {})[kind] = key
+    sections = list(dict.fromkeys(path.split(".")[0] for path in by_path))  # first appearance
+    by_path = dict(sorted(by_path.items(), key=lambda item: sections.index(item[0].split(".")[0])))
+    out = ["# Configuration reference", "",
+           "Every key of the three scripts: what it means, its default in each trainer's configuration (generate.py "
+           "reads the generative one) and its allowed values. `--help` of each script prints the same. This page is "
+           "written by `python -m utils.config --reference > docs/configuration.md` from `utils/schema.py`; "
+           "`tests/test_docs.py` fails when it is stale.", "",
+           "Precedence, lowest first: these defaults, the preset (`--preset NAME`, from `presets.yml`), `--config "
+           "FILE` overlays, then `key=value` overrides (a key may be written in full or by its last part where that "
+           "is unique). A bad key or value stops the script with one line naming it (exit code 2).", ""]
+    section = None
+    for path, by_kind in by_path.items():
+        name = path.split(".")[0]
+        if name != section:
+            section = name
+            out += ["", f"## `{section}`", "", "| key | meaning | default | allowed |", "|---|---|---|---|"]
+        first = next(iter(by_kind.values()))
+        shown = {kind: _shown(key.default) for kind, key in by_kind.items()}
+        if len(by_kind) > 1 and len(set(shown.values())) > 1:
+            default = "; ".join(f"{kind}: `{value}`" for kind, value in shown.items())
+        else:
+            default = f"`{next(iter(shown.values()))}`" + ("" if len(by_kind) > 1 else f" ({next(iter(by_kind))})")
+        allowed = first.allowed()
+        allowed_text = ", ".join(f"`{v}`" for v in allowed) if allowed else (first.range_text() or "")
+        if first.default is None:
+            allowed_text = allowed_text or "a path, or null"
+        out.append(f"| `{path}` | {first.help} | {default} | {allowed_text} |")
+    return "\n".join(out).replace("\n\n\n", "\n\n") + "\n"
 
 
 def save_config(config: dict, path: str | Path) -> None:
@@ -345,26 +321,17 @@ def save_config(config: dict, path: str | Path) -> None:
         yaml.safe_dump(config, handle, sort_keys=False)
 
 
-def cli(main: Callable[[Sequence[str]], Any]) -> None:
-    """Run ``main(argv)``; report a :class:`UserError` as one line and exit with its code."""
-    logging.basicConfig(force=True,level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        main(sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says more: utils.training.run_training)
-        print("\nerror: interrupted", file=sys.stderr)
-        raise SystemExit(Interrupted.exit_code) from None
-
-
-def _print_resolved(argv: Sequence[str]) -> None:
-    """``python -m utils.config PARAMS.yml [args]``: print the resolved configuration."""
-    if not argv:
-        raise ConfigError("usage: python -m utils.config PARAMS.yml [--preset NAME] [--config FILE] [key=value ...]")
+def _main(argv: Sequence[str]) -> None:
+    """``python -m utils.config KIND [args]``: print a resolved configuration;
+    ``python -m utils.config --reference``: print the configuration reference."""
+    if list(argv[:1]) == ["--reference"]:
+        print(reference(), end="")
+        return
+    if not argv or argv[0] not in KINDS:
+        raise ConfigError(f"usage: python -m utils.config {{{','.join(KINDS)}}} [--preset NAME] [--config FILE] "
+                          f"[key=value ...] | --reference")
     print(yaml.safe_dump(load_config(argv[0], argv[1:]), sort_keys=False), end="")
 
 
 if __name__ == "__main__":
-    cli(_print_resolved)
+    cli(_main)

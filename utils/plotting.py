@@ -1,5 +1,5 @@
 """Figures: training progress grids, retrieval, ranked generated spectra, and the drawing
-primitives other modules use (the mock survey's own figures live in utils.mock). Depends on
+primitives other modules use (the mock survey's own figures live in utils.data.mock). Depends on
 nothing of this project.
 
 Every function writes one PNG and returns its path; matplotlib runs headless (Agg).

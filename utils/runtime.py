@@ -57,14 +57,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(config: dict, device: torch.device):
-    """bf16 autocast context when ``run.precision`` is bf16 (CPU and CUDA), else a no-op."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=config["run"]["precision"] == "bf16")
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast context for ``precision`` 'bf16' (CPU and CUDA), else a no-op ('fp32')."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def maybe_compile(model: torch.nn.Module, config: dict) -> torch.nn.Module:
-    return torch.compile(model) if config["run"]["compile"] else model
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``enabled``, else the model itself."""
+    return torch.compile(model) if enabled else model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

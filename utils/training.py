@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EMAHandler, LRScheduler, ProgressBar
@@ -23,11 +22,25 @@ from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
 
-from utils.checkpoints import (BEST_PREFIX, CHECKPOINT_DIR, LATEST_PREFIX, METRICS_FILE, RUN_INFO_KEY, NonFiniteError,
-                               RunInfo, SafeDiskSaver, adopt_saved, find_checkpoint, load_checkpoint, prepare_run,
-                               release_run_folder, write_json)
+from utils.checkpoints import (
+    BEST_PREFIX,
+    CHECKPOINT_DIR,
+    LATEST_PREFIX,
+    METRICS_FILE,
+    RUN_INFO_KEY,
+    NonFiniteError,
+    RunInfo,
+    SafeDiskSaver,
+    adopt_saved,
+    find_checkpoint,
+    load_checkpoint,
+    prepare_run,
+    release_run_folder,
+    write_json,
+)
 from utils.config import load_config
-from utils.dataset import SpectraDataset, open_survey
+from utils.data.dataset import SpectraDataset
+from utils.data.survey import configured_dataset, load_survey, subset
 from utils.errors import Interrupted, UserError
 from utils.runtime import keep_freed_memory
 
@@ -51,23 +64,10 @@ def setup_logging(run_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def load_survey(config: dict):
-    """Open the configured dataset; generate the mock survey first when it is the source."""
-    data = config["data"]
-    if data["source"] == "mock" and idist.get_rank() == 0:
-        from utils.mock import ensure_mock  # here, not at the top: the mock's imports cost every script ~1 s
-
-        ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz",
-                    train_copies=data["mock_train_copies"])
-    if idist.get_world_size() > 1:
-        idist.barrier()
-    return open_survey(data["root"])
-
-
 def datasets(config: dict, survey) -> tuple[SpectraDataset, SpectraDataset]:
     """Train (augmented) and validation (centre-cropped) datasets."""
-    train = SpectraDataset.from_config(survey, "train", config["data"], train=True)
-    val = SpectraDataset.from_config(survey, "val", config["data"])
+    train = configured_dataset(survey, "train", config["data"], train=True)
+    val = configured_dataset(survey, "val", config["data"])
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"dataset '{survey.root}' needs objects in both the train and val splits "
                         f"(has {len(train)} train, {len(val)} val)")
@@ -82,18 +82,6 @@ def train_loader(config: dict, dataset: SpectraDataset):
     return idist.auto_dataloader(dataset, batch_size=batch, shuffle=True, drop_last=True,
                                  num_workers=config["data"]["num_workers"],
                                  persistent_workers=config["data"]["num_workers"] > 0)
-
-
-def subset_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """A fixed random subset of ``n`` of ``rows``, sorted (all of them when ``n`` is larger)."""
-    if n >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))
-
-
-def subset(dataset: SpectraDataset, n: int, seed: int = 0) -> SpectraDataset:
-    """A fixed random subset of ``n`` rows (all rows when ``n`` is larger)."""
-    return dataset if n >= len(dataset) else dataset.like(subset_rows(dataset.rows, n, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,12 +190,18 @@ def create_checkpointers(run_dir: Path, to_save: dict[str, Any], best_key: str
     return latest, best
 
 
+#: validation taking more than this share of wall time is warned about (SPEC 6: the research code's
+#: validation cost 24 times the training between two validations)
+VAL_MAX_FRACTION = 0.1
+
+
 def create_validation(trainer: Engine, *, validate: Callable[[Engine], dict[str, float]], clock: TrainClock,
-                      best: Checkpoint | None, best_key: str, optimizer: torch.optim.Optimizer, every: int,
-                      max_fraction: float) -> Callable[[Engine], None]:
+                      best: Checkpoint | None, best_key: str, optimizer: torch.optim.Optimizer, every: int
+                      ) -> Callable[[Engine], None]:
     """The validation handler: ``validate(trainer)`` on rank 0 (the other ranks receive its
     metrics), logged, kept in ``trainer.state.val_metrics``, offered to the best checkpoints.
-    A non-finite ``best_key`` stops the run with :class:`NonFiniteError`."""
+    A non-finite ``best_key`` stops the run with :class:`NonFiniteError`; validation that takes more
+    than :data:`VAL_MAX_FRACTION` of the wall time is warned about."""
     rank0, world = idist.get_rank() == 0, idist.get_world_size()
 
     def run_validation(engine: Engine) -> None:
@@ -222,9 +216,9 @@ def create_validation(trainer: Engine, *, validate: Callable[[Engine], dict[str,
         engine.state.val_metrics = metrics
         logger.info("validation at iteration %d (epoch %d, lr %.3g): %s", engine.state.iteration, engine.state.epoch,
                     optimizer.param_groups[0]["lr"], shown)
-        if clock.val_fraction > max_fraction and engine.state.iteration > every:
+        if clock.val_fraction > VAL_MAX_FRACTION and engine.state.iteration > every:
             logger.warning("validation has taken %.0f%% of wall time (target <= %.0f%%): raise val.every or "
-                           "lower the validation sample size", 100 * clock.val_fraction, 100 * max_fraction)
+                           "lower the validation sample size", 100 * clock.val_fraction, 100 * VAL_MAX_FRACTION)
         value = metrics.get(best_key)
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise NonFiniteError(f"validation {best_key} is {value} at iteration {engine.state.iteration}: run "
@@ -258,8 +252,7 @@ def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out})
     latest, best = create_checkpointers(run_dir, to_save, best_key)
     run_validation = create_validation(trainer, validate=validate, clock=clock, best=best, best_key=best_key,
-                                       optimizer=optimizer, every=config["val"]["every"],
-                                       max_fraction=config["val"].get("max_fraction", 0.1))
+                                       optimizer=optimizer, every=config["val"]["every"])
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config["val"]["every"]), run_validation)
     if latest is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=config["run"]["checkpoint_every"]), latest)
@@ -323,7 +316,7 @@ def start_run(config: dict, val_size: int, kind: str) -> RunStart:
     validation set cut to a fixed subset of ``val_size`` galaxies. The data are opened first, so
     that a dataset the run cannot use is refused before a run folder is made."""
     manual_seed(config["run"]["seed"] + idist.get_rank())
-    survey = load_survey(config)
+    survey = load_survey(config["data"])
     train_set, val_set = datasets(config, survey)
     val_set = subset(val_set, val_size, seed=config["run"]["seed"])
     loader = train_loader(config, train_set)
@@ -332,10 +325,10 @@ def start_run(config: dict, val_size: int, kind: str) -> RunStart:
     return RunStart(run_dir, resume, idist.device(), train_set, val_set, loader)
 
 
-def launch(run: Callable[[int, dict], None], params: Path, argv) -> None:
-    """Entry point of a trainer: resolve the configuration, then ``run(local_rank, config)`` in one
-    process or in each process of a torchrun / ignite.distributed launch."""
-    config = load_config(params, argv)
+def launch(run: Callable[[int, dict], None], kind: str, argv) -> None:
+    """Entry point of a trainer: resolve the ``kind`` configuration, then ``run(local_rank, config)``
+    in one process or in each process of a torchrun / ignite.distributed launch."""
+    config = load_config(kind, argv)
     keep_freed_memory()
     backend = None if config["run"]["backend"] == "none" else config["run"]["backend"]
     with idist.Parallel(backend=backend) as parallel:

@@ -1,4 +1,4 @@
-"""Calibrated intervals from the samples (issue 15): split-conformal widening fitted on validation.
+"""Calibrated intervals from the samples: split-conformal widening fitted on validation.
 
 A diffusion model's samples can be too narrow (SPEC section 4's 10-step DDIM sampler, a model
 that has not learnt the full spread of the spectra). The samples themselves are left alone; the
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from utils.evaluation import COVERAGE_LEVELS, median_and_interval
+from utils.astro.science import RedshiftFitter, measure
+from utils.eval.metrics import COVERAGE_LEVELS, median_and_interval, reference_values, sample_properties
 
 #: the levels a calibration is fitted at: the reported ones and the coverage figure's grid
 CALIBRATION_LEVELS = tuple(sorted({*COVERAGE_LEVELS, *(round(x, 2) for x in np.linspace(0.1, 0.9, 9))}))
@@ -96,3 +97,22 @@ def fit_calibration(sample_props: dict, truth: dict, samples_pre: np.ndarray | N
                for name, (s, t) in pairs.items()}
     n = len(next(iter(pairs.values()))[1]) if pairs else 0
     return Calibration(factors, n, split)
+
+
+def calibration_inputs(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, catalog,
+                       weights: np.ndarray | None = None) -> tuple[dict, dict]:
+    """The samples' properties ``{name: (G, N)}`` and the reference values ``{name: (G,)}`` they
+    are judged against, measured like :func:`science_report` does: samples ``(G, N, L)`` and
+    truth ``(G, L)`` in flux units, the galaxies' catalog rows, the redshift fit's ``weights``."""
+    fitter = RedshiftFitter(wave, weights=weights)
+    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog)
+    return sample_properties(samples, wave, fitter), reference
+
+
+def calibrate(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, samples_pre: np.ndarray,
+              truth_pre: np.ndarray, catalog, weights: np.ndarray | None = None, split: str = "val") -> Calibration:
+    """Fit the interval calibration (utils.eval.calibration) on galaxies whose truth is known and that
+    are not evaluated (the validation split): their samples ``(G, N, L)`` and truth ``(G, L)`` in
+    flux and preprocessed units (see :func:`calibration_inputs`)."""
+    props, reference = calibration_inputs(samples, wave, truth, catalog, weights)
+    return fit_calibration(props, reference, samples_pre, truth_pre, split=split)

@@ -6,7 +6,7 @@ samples of thousands of galaxies, their true spectra and the baselines' spectra 
 same code:
 
 - redshift: minimum chi^2 of a non-negative fit of kcorrect's five NMF galaxy templates
-  (utils.templates) over a redshift grid, refined by a parabola through the minimum;
+  (utils.astro.templates) over a redshift grid, refined by a parabola through the minimum;
 - Dn4000 (Balogh et al. 1999): mean F_nu in 4000-4100 A over 3850-3950 A, rest frame;
 - fluxes and rest-frame equivalent widths of H-beta, [O III] 5007, H-alpha and [N II] 6584: a
   linear least-squares fit of a linear continuum plus pixel-integrated Gaussian lines at the
@@ -26,7 +26,7 @@ from itertools import combinations
 import numpy as np
 from scipy.special import ndtr
 
-from utils.templates import TemplateSpectra, pixel_edges
+from utils.astro.templates import TemplateSpectra, pixel_edges
 
 C_KMS = 299792.458
 #: the emission lines measured, vacuum rest wavelengths in Angstrom
@@ -204,19 +204,6 @@ def redshift_weights(ivar: np.ndarray) -> np.ndarray:
         raise ValueError(f"ivar must be (galaxies, pixels) with at least one galaxy, got shape {ivar.shape}")
     weights = np.median(np.nan_to_num(ivar, nan=0.0, posinf=0.0, neginf=0.0), axis=0)
     return weights if np.any(weights > 0) else np.ones_like(weights)
-
-def line_weights(loglam: np.ndarray, z: np.ndarray, strength: float, width_kms: float = 300.0) -> np.ndarray:
-    """``(B, L)`` pixel weights of spectra at redshifts ``z`` ``(B,)`` on the grid ``loglam``
-    ``(L,)``: 1 + ``strength`` x a Gaussian bump (``width_kms``, at least a pixel wide) at each
-    emission line of LINES and TIED (the largest where two overlap), divided by their mean over the
-    spectrum, so that every spectrum's weights average 1 (train.line_weight)."""
-    rest = np.log(np.array([*LINES.values(), *(w for _, w, _ in TIED.values())]))
-    ln_wave = np.log(10.0) * np.asarray(loglam, dtype=np.float64)
-    sigma = max(width_kms / C_KMS, float(np.median(np.diff(ln_wave))))
-    offset = ln_wave[None, :, None] - np.log1p(np.asarray(z, dtype=np.float64))[:, None, None] - rest[None, None]
-    bump = np.nan_to_num(np.exp(-0.5 * (offset / sigma) ** 2).max(-1))  # no redshift: no bump
-    weights = 1.0 + strength * bump
-    return weights / weights.mean(1, keepdims=True)
 
 
 def dn4000(flux: np.ndarray, wave: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The physics that makes a mock spectrum more than a function of the photometry (issue 14).
+"""The physics that makes a mock spectrum more than a function of the photometry.
 
 Each relation names its source; simplifications are listed in the README ("Mock survey").
 
@@ -16,7 +16,7 @@ Each relation names its source; simplifications are listed in the README ("Mock 
   Mathis (1989) extinction with R_V = 3.1, on an intrinsic Balmer decrement of 2.86 (case B,
   Osterbrock & Ferland 2006). [O II] 3726+3729 (ratio 1.3) and [S II] 6717+6731 (ratio 1.4,
   the low-density limit); [O III] 4959 and [N II] 6548 at 1/2.98 and 1/3.05 of their partners
-  (utils.science.TIED).
+  (utils.astro.science.TIED).
 - **AGN.** The probability rises with bulge mass (up to :data:`AGN_MAX_FRACTION` above
   10^10.5 solar masses; Kauffmann et al. 2003 find AGN in about a third to a half of massive
   emission-line galaxies); a third are Seyferts, the rest LINERs (Kewley et al. 2006 classes),
@@ -28,13 +28,13 @@ Each relation names its source; simplifications are listed in the README ("Mock 
   bulge template by Gaussian broadening beyond the templates' own resolution
   (:data:`TEMPLATE_SIGMA_KMS`); below it the dispersion has no effect.
 - **Fibre aperture.** Light inside a 3" (SDSS) or 2" (BOSS) diameter circle of the PSF-convolved
-  bulge and disc profiles that the image shows (utils.mock).
+  bulge and disc profiles that the image shows (utils.data.mock).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from utils.science import C_KMS, LINES, TIED, kauffmann03, kewley01
+from utils.astro.science import C_KMS, LINES, TIED, kauffmann03, kewley01
 
 #: every emission line the mock draws, vacuum Angstrom
 MOCK_LINES = {**LINES, "oiii_4959": TIED["oiii_4959"][1], "nii_6548": TIED["nii_6548"][1],
@@ -205,7 +205,7 @@ class FibreSpectra:
     """
 
     def __init__(self, loglam: np.ndarray) -> None:
-        from utils.templates import TemplateSpectra, pixel_edges
+        from utils.astro.templates import TemplateSpectra, pixel_edges
 
         original = TemplateSpectra()
         self.old = original.old_template
@@ -233,7 +233,7 @@ class FibreSpectra:
     def render_lines(self, z: np.ndarray, flux: dict, sigma: np.ndarray) -> np.ndarray:
         """The lines ``(N, L)`` with widths ``sigma`` ``(N,)`` km/s as pixel-integrated Gaussians
         (flux density, 1e-17 erg/s/cm^2/A)."""
-        from utils.science import line_profile
+        from utils.astro.science import line_profile
 
         out = np.zeros((len(z), len(self.wave)))
         rows = np.arange(len(z))[:, None]
@@ -251,7 +251,7 @@ class FibreSpectra:
     def line_errors(self, z: np.ndarray, sigma: np.ndarray, var: np.ndarray) -> dict:
         """The error each of the four BPT lines' fluxes would have from pixel variances ``var``
         ``(N, L)`` with its profile known (optimal weighting: 1 / sqrt(sum P^2 / var))."""
-        from utils.science import line_profile
+        from utils.astro.science import line_profile
 
         out = {}
         for name in LINES:

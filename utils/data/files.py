@@ -1,13 +1,13 @@
 """Where downloaded SDSS files live, how a cutout JPEG is checked and which survey measurements a
 catalog carries: shared by the downloader
-(utils.sdss) and the preparation (utils.prepare), which import this module and not each other's."""
+(utils.data.sdss) and the preparation (utils.data.prepare), which import this module and not each other's."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from utils.dataset import IMAGE_SHAPES
+from utils.data.dataset import IMAGE_SHAPES
 
 
 def spectrum_path(folder: Path, specobjid: int) -> Path:
@@ -39,7 +39,7 @@ def read_cutout_jpeg(path: Path) -> np.ndarray | str:
 #: the survey's own measurements (MPA-JHU DR8 value-added tables, joined on specObjID; NULL for
 #: spectra they do not cover, e.g. BOSS): line fluxes and equivalent widths (negative for
 #: emission), Dn4000 and the BPT class; with SpecObj's velocity dispersion they travel into the
-#: dataset's catalog (utils.prepare) for generate.py's comparison (utils.report)
+#: dataset's catalog (utils.data.prepare) for generate.py's comparison (utils.eval.report)
 MPA_JHU_COLUMNS = {
     "galSpecLine": tuple(f"{line}_{what}" for line in ("h_alpha", "h_beta", "oiii_5007", "nii_6584")
                          for what in ("flux", "flux_err", "eqw", "eqw_err")),

@@ -4,20 +4,17 @@ Flux columns are in SDSS units, 1e-17 erg/s/cm^2/A; wavelengths in Angstrom (obs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from astropy.io import fits
 from astropy.table import Table
 
-from utils.calibration import PIXELS, Calibration
-from utils.dataset import SpectraDataset, open_survey
-from utils.errors import UserError
-from utils.evaluation import METRICS
+from utils.astro.science import BPT_CLASSES
+from utils.data.dataset import SpectraDataset
+from utils.eval.calibration import PIXELS, Calibration
+from utils.eval.metrics import METRICS
 from utils.plotting import plot_ranked
-from utils.science import BPT_CLASSES
 
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 
@@ -33,7 +30,7 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
                steps: int, science: dict | None = None, calibration: Calibration | None = None) -> Path:
     """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A).
 
-    ``science`` adds the measured properties (utils.report: ``<property>_gen`` the median over the
+    ``science`` adds the measured properties (utils.eval.report: ``<property>_gen`` the median over the
     samples with ``_gen_lo`` / ``_gen_hi`` its 16% / 84% quantiles, widened by ``calibration``
     where one was fitted, ``_true`` of the true spectrum, ``_knn`` of the retrieval baseline,
     ``bpt_*`` class codes, ``z_photo``). A calibration's galaxy count and per-pixel factors go to
@@ -145,7 +142,7 @@ def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bo
     return paths
 
 
-def draw_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None, n: int, top_k: int) -> None:
+def galaxy_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None, n: int, top_k: int) -> None:
     """The SPEC 4 figure for the first ``n`` galaxies."""
     raw = dataset.survey.images[dataset.kind]
     cat = dataset.survey.catalog
@@ -155,49 +152,3 @@ def draw_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None,
                     None if truth is None else truth[g], results["mean"][g], results["topk_mean"][g],
                     results["ranked"][g, :3], results["ranked_scores"][g, :3], top_k,
                     title=f"objid {int(cat['objid'][row])}, z = {float(cat['z'][row]):.3f}")
-
-
-@dataclass
-class ValidationOutput:
-    """One generate.py output of the validation split, read back (:func:`read_validation_output`)."""
-
-    config: dict
-    columns: dict  # name -> (G, ...) array, in the file's galaxy order
-    header: fits.Header  # the SPECTRA table's
-    wave: np.ndarray | None  # the WAVELENGTH extension, Angstrom (None where the file has none)
-    catalog: Table  # the dataset catalog's rows of the file's galaxies, in the file's order
-
-
-def read_validation_output(folder: Path, columns: tuple[str, ...], root: str | None = None,
-                           purpose: str = "comparisons") -> ValidationOutput:
-    """``columns`` of the SPECTRA table of the output generate.py wrote to ``folder`` and the
-    catalog rows of its galaxies (matched by object id) from the dataset ``root`` (default: the
-    output's ``data.root``). Outputs of the test split or of a catalog without spectra are refused
-    (:class:`UserError`): settings are chosen on validation galaxies with known spectra."""
-    fits_path, config_path = Path(folder) / "spectra.fits", Path(folder) / "config.yml"
-    for path in (fits_path, config_path):
-        if not path.is_file():
-            raise UserError(f"{path}: not found; give a folder generate.py wrote (spectra.fits and config.yml)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    sampling = config.get("sampling") or {}
-    if sampling.get("split") != "val" or sampling.get("catalog"):
-        raise UserError(f"{config_path}: sampling.split is {sampling.get('split')!r}"
-                        f"{' with a catalog' if sampling.get('catalog') else ''}; {purpose} are made on 'val' "
-                        "outputs with known spectra, never on the test split")
-    with fits.open(fits_path) as hdus:
-        table, header = hdus["SPECTRA"].data, hdus["SPECTRA"].header.copy()
-        missing = [c for c in columns if c not in table.columns.names]
-        if missing:
-            raise UserError(f"{fits_path}: no column {missing[0]!r}; {purpose} need the science evaluation "
-                            "(sampling.science=true) on galaxies with known spectra")
-        values = {c: np.asarray(table[c]) for c in columns}
-        objid = np.asarray(table["objid"])
-        wave = np.asarray(hdus["WAVELENGTH"].data, float) if "WAVELENGTH" in hdus else None
-    root = root or (config.get("data") or {}).get("root")
-    catalog = open_survey(root, check_values=False).catalog
-    where = {o: i for i, o in enumerate(np.asarray(catalog["objid"]))}
-    unknown = [o for o in objid if o not in where]
-    if unknown:
-        raise UserError(f"{fits_path}: {len(unknown)} galaxies (e.g. objid {unknown[0]}) are not in the catalog of "
-                        f"{root}; pass the dataset generate.py read with --root")
-    return ValidationOutput(config, values, header, wave, catalog[np.array([where[o] for o in objid], dtype=int)])

@@ -46,7 +46,7 @@ def asinh_colours(maggies: np.ndarray) -> np.ndarray:
 
 def fibre_diameters(catalog, meta: dict) -> np.ndarray:
     """``(N,)`` fibre diameter in arcsec of each catalog row: from its ``instrument`` column (SDSS
-    or BOSS, as utils.sdss downloads it) where there is one, else the dataset's ``fibre_arcsec``
+    or BOSS, as utils.data.sdss downloads it) where there is one, else the dataset's ``fibre_arcsec``
     (the mock writes it), else the legacy survey's 3"."""
     default = float(meta.get("fibre_arcsec", FIBRE_DIAMETER["sdss"]))
     if "instrument" not in catalog.colnames:

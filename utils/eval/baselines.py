@@ -7,7 +7,7 @@
   colours and r magnitude (standardised), found with scipy's k-d tree.
 
 Each returns values for the evaluated galaxies in their order; generate.py measures the spectral
-ones with the same property code (utils.science) as the generated spectra.
+ones with the same property code (utils.astro.science) as the generated spectra.
 """
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.dataset import BANDS, SpectraDataset
-from utils.training import subset
+from utils.data.dataset import BANDS, SpectraDataset
 
 logger = logging.getLogger(__name__)
 
 #: catalog features of the photometric redshift: adjacent-band colours and the r magnitude
 PHOTO_Z_COLUMNS = tuple(f"mag_{b}" for b in BANDS)
+#: neighbours averaged by the retrieval and the photo-z
+NEIGHBOURS = 25
+#: training galaxies the baselines search at most (a fixed random subset of the training split):
+#: their images are embedded once per generate.py run
+TRAIN_SEARCHED = 20000
 
 
 @torch.no_grad()
@@ -84,24 +88,23 @@ def photo_z(train_catalog, train_z: np.ndarray, query_catalog, k: int) -> np.nda
     return np.median(train_z[idx], axis=1)
 
 
-def compute_baselines(survey, dataset: SpectraDataset, data_config: dict, contrastive, device: torch.device,
-                      mean_train: np.ndarray | None, params: np.ndarray, k: int, max_train: int
+def compute_baselines(train: SpectraDataset, dataset: SpectraDataset, contrastive, device: torch.device,
+                      mean_train: np.ndarray | None, params: np.ndarray, k: int = NEIGHBOURS
                       ) -> tuple[dict, np.ndarray | None]:
     """The baselines for the galaxies of ``dataset``: ``({name: (flux (G, L), preprocessed (G, L))},
     photometric redshifts (G,) or None)``, with spectra put on each galaxy's flux scale by its own
-    preprocessing ``params`` (as the generated samples are). Neighbours come from up to
-    ``max_train`` training galaxies (a fixed random subset)."""
-    train = subset(SpectraDataset.from_config(survey, "train", data_config), max_train, seed=0)
+    preprocessing ``params`` (as the generated samples are). Neighbours come from the galaxies of
+    ``train`` (the training split, or a fixed subset of it: :data:`TRAIN_SEARCHED`)."""
     if len(train) == 0:
-        logger.warning("no training galaxies in '%s': no retrieval or photo-z baseline", survey.root)
+        logger.warning("no training galaxies in '%s': no retrieval or photo-z baseline", train.survey.root)
         return {}, None
     query = embed_images(contrastive, dataset, device, desc="embed evaluated images")
     reference = embed_images(contrastive, train, device, desc="embed training images")
     knn = neighbour_average(train, embedding_neighbours(query, reference, k))
-    out = {"knn_embedding": (dataset.invert(knn, params), knn)}
+    out = {"knn_embedding": (dataset.deprocess(knn, params), knn)}
     if mean_train is not None:
         pre = np.broadcast_to(mean_train, knn.shape)
-        out["mean_train"] = (dataset.invert(pre, params), np.array(pre))
-    cat = survey.catalog
-    z = photo_z(cat[train.rows], np.asarray(cat["z"])[train.rows], cat[dataset.rows], k)
+        out["mean_train"] = (dataset.deprocess(pre, params), np.array(pre))
+    cat = train.survey.catalog
+    z = photo_z(cat[train.rows], np.asarray(cat["z"])[train.rows], dataset.survey.catalog[dataset.rows], k)
     return out, z

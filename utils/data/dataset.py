@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -31,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from astropy.table import Table
 
+from utils.astro.photometry import BANDS
+from utils.astro.spectra import SpectralGrid
 from utils.errors import UserError
-from utils.photometry import BANDS, N_FEATURES, fibre_diameters, photometry_features
-from utils.spectra import SpectralGrid
 
 logger = logging.getLogger(__name__)
 
@@ -351,17 +350,15 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     Each item is a dict: ``image`` ``(C, 64, 64)`` float32, ``spectrum`` ``(1, L')`` float32
     (preprocessed), ``params`` ``(2,)`` float64 (to invert the preprocessing with
-    :func:`utils.spectra.deprocess`), ``index`` (row in the survey) and ``z`` (the catalog's
-    redshift, float64; NaN where a catalog has none). The photometric features of ugriz images,
-    which only a denoiser built with ``model.photometry`` reads, are measured per batch by
-    :meth:`photometry` (so items of the paper's networks do not pay for them).
+    :func:`utils.astro.spectra.deprocess`), ``index`` (row in the survey) and ``z`` (the catalog's
+    redshift, float64; NaN where a catalog has none).
 
     Parameters
     ----------
     survey : an opened :class:`Survey`.
     split : 'train', 'val', 'test' or None (all rows).
     image : 'gri' or 'ugriz'.
-    preprocessing : 'scale' or 'log' (see :func:`utils.spectra.preprocess`).
+    preprocessing : 'scale' or 'log' (see :func:`utils.astro.spectra.preprocess`).
     downsample : combine blocks of this many pixels (inverse-variance weighted); 1 keeps the grid.
     train : random crops and flips when True, centre crop otherwise.
     rows : optional explicit row indices (overrides ``split``).
@@ -384,13 +381,6 @@ class SpectraDataset(torch.utils.data.Dataset):
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
         self.z = np.asarray(survey.catalog["z"], dtype=np.float64)[self.rows]
-
-    @classmethod
-    def from_config(cls, survey: Survey, split: str | None, data: dict, train: bool = False, **kwargs
-                    ) -> "SpectraDataset":
-        """The dataset a configuration's ``data`` section describes (image bands, downsampling,
-        preprocessing): the one way trainers, generate.py and the benchmarks build one."""
-        return cls(survey, split, data["image"], data["preprocessing"], data["downsample"], train=train, **kwargs)
 
     def like(self, rows: np.ndarray, train: bool = False) -> "SpectraDataset":
         """The same grid, bands and preprocessing on other ``rows``."""
@@ -444,25 +434,6 @@ class SpectraDataset(torch.utils.data.Dataset):
     def _raw_image(self, i: int) -> torch.Tensor:
         return image_tensor(self.survey.images[self.kind][int(self.rows[i])], self.kind)
 
-    @cached_property
-    def fibre(self) -> np.ndarray:
-        """Fibre diameter (arcsec) of every survey row (batches carry survey rows), read from the
-        catalog on first use only: datasets whose models never read the photometry skip it."""
-        return fibre_diameters(self.survey.catalog, self.survey.meta)
-
-    def photometry(self, rows: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
-        """``(N, 10)`` photometric features of the survey ``rows`` (a batch's ``index``; default: all
-        items, in order), measured on the stored, unaugmented ugriz images: the asinh colours and r
-        of the whole image and of the fibre's circle at its centre
-        (:func:`utils.photometry.photometry_features`)."""
-        if self.kind != "ugriz":
-            raise DataError(f"photometry needs ugriz images; this dataset reads {self.kind} (data.image)")
-        rows = self.rows if rows is None else np.asarray(rows, dtype=np.int64)
-        images = self.survey.images[self.kind]
-        parts = [photometry_features(images[rows[i:i + chunk]], self.fibre[rows[i:i + chunk]])
-                 for i in range(0, len(rows), chunk)]
-        return np.concatenate(parts) if parts else np.zeros((0, N_FEATURES), np.float32)
-
     def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The network input spectrum ``(L',)`` of item ``i`` and the ``(2,)`` parameters that invert
         its preprocessing (without reading its image)."""
@@ -479,9 +450,9 @@ class SpectraDataset(torch.utils.data.Dataset):
         x, params = self.spectrum(i)
         return item | {"spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params)}
 
-    def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    def deprocess(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Preprocessed spectra ``(..., L')`` back to flux units."""
-        return self.grid.invert(x, params)
+        return self.grid.deprocess(x, params)
 
     def iter_batches(self, batch_size: int) -> Iterator[dict]:
         """Deterministic batches in row order (for evaluation without a DataLoader)."""

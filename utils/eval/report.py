@@ -1,15 +1,15 @@
-"""The science evaluation of one generate.py run (issue 13).
+"""The science evaluation of one generate.py run.
 
-Measures every property of utils.science on every generated sample, on the true spectra and on
-the baselines' spectra (utils.baselines), all in flux units on the dataset's grid and through the
+Measures every property of utils.astro.science on every generated sample, on the true spectra and on
+the baselines' spectra (utils.eval.baselines), all in flux units on the dataset's grid and through the
 same code, then summarises generation and baselines side by side with standard errors (bootstrap
 over galaxies for medians, NMADs and correlations; the standard error of the mean for means):
 redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000 and the
 equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
 samples' central 68% and 90% intervals per property and per pixel (widened by a calibration fitted
-on validation galaxies where one is given, utils.calibration). Where the catalog carries the
+on validation galaxies where one is given, utils.eval.calibration). Where the catalog carries the
 survey's own measurements (MPA-JHU columns of a real-SDSS dataset), the same statistics are also
-computed against those. Finally every run judges the samples against the targets of issue 15
+computed against those. Finally every run judges the samples against the science targets
 (:func:`targets`), each against a baseline of the same run.
 """
 from __future__ import annotations
@@ -19,10 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.calibration import PIXELS, Calibration, fit_calibration, uncalibrated
-from utils.evaluation import (COVERAGE_LEVELS, confusion, crps, inside_interval, interval_coverage, median_and_interval,
-                              property_stats, redshift_stats)
-from utils.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
+from utils.astro.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
+from utils.eval.calibration import PIXELS, Calibration, uncalibrated
+from utils.eval.metrics import (
+    COVERAGE_LEVELS,
+    confusion,
+    crps,
+    inside_interval,
+    interval_coverage,
+    median_and_interval,
+    property_stats,
+    redshift_stats,
+    reference_values,
+    sample_properties,
+)
 
 #: predictors in the order of the console table: key -> column heading
 PREDICTORS = {"samples": "generated", "mean_of_n": "mean of N", "knn_embedding": "kNN image",
@@ -46,7 +56,7 @@ MPA_BPT = {-1: 0, 1: 1, 2: 1, 3: 2, 4: 3, 5: 3}
 
 @dataclass
 class ScienceReport:
-    """What :func:`evaluate_science` returns."""
+    """What :func:`science_report` returns."""
 
     columns: dict  # name -> (G,) or (G, k) array, for spectra.fits
     summary: dict = field(default_factory=dict)  # for metrics.json
@@ -58,43 +68,6 @@ def _sample_intervals(values: np.ndarray, factor: float = 1.0) -> tuple[np.ndarr
     """Median and the central 68% interval (16% and 84% quantiles, widened about the median by
     ``factor``) over the samples (axis 1), NaN where no sample has a value."""
     return median_and_interval(values, 0.68, factor)
-
-
-def sample_properties(samples: np.ndarray, wave: np.ndarray, fitter: RedshiftFitter) -> dict:
-    """Every property of utils.science measured on every sample ``(G, N, L)``: ``{name: (G, N)}``."""
-    g, n, length = samples.shape
-    table = measure(samples.reshape(g * n, length), wave, fitter=fitter).table()
-    return {k: v.reshape(g, n) for k, v in table.items()}
-
-
-def reference_values(true_props: dict, catalog) -> tuple[dict, bool]:
-    """What the samples are judged against, and whether it is a mock's intrinsic truth: the
-    catalog's intrinsic properties where it has them (utils.mock), else ``true_props`` measured
-    on the true spectra; the redshift is the catalog's."""
-    known = catalog_truth(catalog)
-    values = known or dict(true_props)
-    if catalog is not None and "z" in catalog.colnames:
-        values["z"] = np.asarray(catalog["z"], dtype=np.float64)
-    return values, bool(known)
-
-
-def calibration_inputs(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, catalog,
-                       weights: np.ndarray | None = None) -> tuple[dict, dict]:
-    """The samples' properties ``{name: (G, N)}`` and the reference values ``{name: (G,)}`` they
-    are judged against, measured like :func:`evaluate_science` does: samples ``(G, N, L)`` and
-    truth ``(G, L)`` in flux units, the galaxies' catalog rows, the redshift fit's ``weights``."""
-    fitter = RedshiftFitter(wave, weights=weights)
-    reference, _ = reference_values(measure(truth, wave, fitter=fitter).table(), catalog)
-    return sample_properties(samples, wave, fitter), reference
-
-
-def calibrate(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, samples_pre: np.ndarray,
-              truth_pre: np.ndarray, catalog, weights: np.ndarray | None = None, split: str = "val") -> Calibration:
-    """Fit the interval calibration (utils.calibration) on galaxies whose truth is known and that
-    are not evaluated (the validation split): their samples ``(G, N, L)`` and truth ``(G, L)`` in
-    flux and preprocessed units (see :func:`calibration_inputs`)."""
-    props, reference = calibration_inputs(samples, wave, truth, catalog, weights)
-    return fit_calibration(props, reference, samples_pre, truth_pre, split=split)
 
 
 def class_mode(codes: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,70 +116,58 @@ def compare(predictions: dict, truth: dict, n_boot: int = 200) -> tuple[dict, di
     return stats, matrices
 
 
-def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | None = None,
-                     samples_pre: np.ndarray | None = None, truth_pre: np.ndarray | None = None,
-                     baselines: dict | None = None, photo_z: np.ndarray | None = None, catalog=None,
-                     weights: np.ndarray | None = None, n_boot: int = 200, split: str = "test",
-                     calibration: Calibration | None = None) -> ScienceReport:
-    """The science evaluation of G galaxies.
-
-    Parameters
-    ----------
-    samples : ``(G, N, L)`` generated spectra in flux units.
-    wave : ``(L,)`` observed wavelengths, Angstrom.
-    truth : ``(G, L)`` true spectra in flux units, or None (only the samples' properties are
-        measured and returned as columns).
-    samples_pre, truth_pre : the same in preprocessed units, for the per-pixel MSE, CRPS and coverage.
-    baselines : ``{name: ((G, L) flux, (G, L) preprocessed)}`` spectral baselines (keys of
-        :data:`PREDICTORS`), e.g. 'knn_embedding' and 'mean_train'.
-    photo_z : ``(G,)`` photometric redshifts (the 'photo_z' predictor), or None.
-    catalog : the galaxies' catalog rows: its 'z' is the redshift truth; MPA-JHU columns
-        (:data:`SURVEY_COLUMNS`, 'bptclass') give the survey-value comparison.
-    weights : ``(L,)`` pixel weights for the redshift fit (a typical inverse variance).
-    split : which galaxies these are, for the table's title.
-    calibration : interval widening fitted on other galaxies (:func:`calibrate`): the intervals
-        written and whose coverage is reported are the widened ones; the samples' own intervals'
-        coverage is reported beside them (``coverage68_z_raw``). The samples are not changed.
-    """
-    g, n, length = samples.shape
-    fitter = RedshiftFitter(wave, weights=weights)
-    sample_props = sample_properties(samples, wave, fitter)
+def sample_columns(sample_props: dict, calibration: Calibration | None = None) -> dict:
+    """The per-galaxy columns of the samples' properties ``{name: (G, N)}``: for every property the
+    median ``<p>_gen`` and the central 68% interval ``<p>_gen_lo`` / ``<p>_gen_hi`` (widened by the
+    ``calibration`` where one is given), the BPT class the samples hold most often ``bpt_gen`` and
+    the share of them in it ``bpt_gen_frac``."""
     widen = (calibration or uncalibrated()).factor
     columns = {}
     for prop in PROPERTIES:
         med, lo, hi = _sample_intervals(sample_props[prop], widen(prop, 0.68))
         columns.update({f"{prop}_gen": med, f"{prop}_gen_lo": lo, f"{prop}_gen_hi": hi})
     columns["bpt_gen"], columns["bpt_gen_frac"] = class_mode(sample_props["bpt"], len(BPT_CLASSES))
-    report = ScienceReport(columns=columns)
-    if truth is None:
-        return report
+    return columns
 
-    true_props = measure(truth, wave, fitter=fitter).table()
-    truth_values, known = reference_values(true_props, catalog)
+
+def predictions_of(columns: dict, samples: np.ndarray, samples_pre: np.ndarray | None, wave: np.ndarray,
+                   fitter: RedshiftFitter, baselines: dict, photo_z: np.ndarray | None,
+                   true_props: dict | None) -> tuple[dict, dict]:
+    """Every predictor's properties ``{predictor: {property: (G,)}}`` and preprocessed spectra
+    ``{predictor: (G, L) or None}``: the samples' medians, the mean of the N samples, each spectral
+    baseline, the photo-z and, where given, the observed true spectrum (the ceiling)."""
     predictions = {"samples": {k: columns[f"{k}_gen"] for k in PROPERTIES} | {"bpt": columns["bpt_gen"]},
                    "mean_of_n": measure(samples.mean(1), wave, fitter=fitter).table()}
     spectra_pre = {"samples": samples_pre, "mean_of_n": None if samples_pre is None else samples_pre.mean(1)}
-    for name, (flux, pre) in (baselines or {}).items():
+    for name, (flux, pre) in baselines.items():
         predictions[name] = measure(flux, wave, fitter=fitter).table()
         spectra_pre[name] = pre
     if photo_z is not None:
         predictions["photo_z"] = {"z": np.asarray(photo_z, dtype=np.float64)}
-    if known:  # the ceiling: the same code on the observed (noisy) true spectrum
+    if true_props is not None:
         predictions["observed"] = true_props
         spectra_pre["observed"] = None
-    for prop in PROPERTIES:
-        columns[f"{prop}_true"] = true_props[prop]
-        if "knn_embedding" in predictions:
-            columns[f"{prop}_knn"] = predictions["knn_embedding"][prop]
-    columns["bpt_true"] = true_props["bpt"]
-    if "knn_embedding" in predictions:
-        columns["bpt_knn"] = predictions["knn_embedding"]["bpt"]
-    if photo_z is not None:
-        columns["z_photo"] = predictions["photo_z"]["z"]
+    return predictions, spectra_pre
 
-    stats, matrices = compare(predictions, truth_values, n_boot)
-    if truth_pre is not None:
-        _pixel_stats(stats, spectra_pre, samples_pre, truth_pre)
+
+def truth_columns(true_props: dict, predictions: dict) -> dict:
+    """The per-galaxy columns of the true spectra's properties (``<p>_true``, ``bpt_true``), the
+    retrieval baseline's (``<p>_knn``, ``bpt_knn``) and the photo-z (``z_photo``)."""
+    columns = {f"{prop}_true": true_props[prop] for prop in PROPERTIES} | {"bpt_true": true_props["bpt"]}
+    if "knn_embedding" in predictions:
+        columns |= {f"{prop}_knn": predictions["knn_embedding"][prop] for prop in PROPERTIES}
+        columns["bpt_knn"] = predictions["knn_embedding"]["bpt"]
+    if "photo_z" in predictions:
+        columns["z_photo"] = predictions["photo_z"]["z"]
+    return columns
+
+
+def coverage_stats(stats: dict, sample_props: dict, truth_values: dict, samples_pre: np.ndarray | None,
+                   truth_pre: np.ndarray | None, calibration: Calibration | None) -> None:
+    """Add to the samples' statistics the share of truths inside their central intervals at each
+    of :data:`COVERAGE_LEVELS` (``coverage68_<p>``), per pixel and for :data:`COVERED`; with a
+    calibration, the widened intervals' and the samples' own (``..._raw``)."""
+    widen = (calibration or uncalibrated()).factor
     covered = {PIXELS: (samples_pre, truth_pre)} if truth_pre is not None else {}
     covered.update({prop: (sample_props[prop], truth_values[prop]) for prop in COVERED})
     for prop, (values, reference) in covered.items():
@@ -217,33 +178,71 @@ def evaluate_science(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray | 
                 if prop == PIXELS:  # each galaxy's share of pixels inside
                     inside = np.nanmean(inside, -1)
                 stats["samples"][key + suffix] = _mean_se(inside[np.isfinite(inside)])
+
+
+def science_report(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, samples_pre: np.ndarray | None = None,
+                   truth_pre: np.ndarray | None = None, baselines: dict | None = None,
+                   photo_z: np.ndarray | None = None, catalog=None, weights: np.ndarray | None = None,
+                   n_boot: int = 200, split: str = "test", calibration: Calibration | None = None) -> ScienceReport:
+    """The science evaluation of G galaxies whose true spectra are known.
+
+    Parameters
+    ----------
+    samples : ``(G, N, L)`` generated spectra in flux units.
+    wave : ``(L,)`` observed wavelengths, Angstrom.
+    truth : ``(G, L)`` true spectra in flux units.
+    samples_pre, truth_pre : the same in preprocessed units, for the per-pixel MSE, CRPS and coverage.
+    baselines : ``{name: ((G, L) flux, (G, L) preprocessed)}`` spectral baselines (keys of
+        :data:`PREDICTORS`), e.g. 'knn_embedding' and 'mean_train'.
+    photo_z : ``(G,)`` photometric redshifts (the 'photo_z' predictor), or None.
+    catalog : the galaxies' catalog rows: its 'z' is the redshift truth; MPA-JHU columns
+        (:data:`SURVEY_COLUMNS`, 'bptclass') give the survey-value comparison.
+    weights : ``(L,)`` pixel weights for the redshift fit (a typical inverse variance).
+    split : which galaxies these are, for the table's title.
+    calibration : interval widening fitted on other galaxies (utils.eval.calibration.calibrate): the
+        intervals written and whose coverage is reported are the widened ones; the samples' own
+        intervals' coverage is reported beside them (``coverage68_z_raw``). The samples are not
+        changed.
+    """
+    g, n, _ = samples.shape
+    fitter = RedshiftFitter(wave, weights=weights)
+    sample_props = sample_properties(samples, wave, fitter)
+    columns = sample_columns(sample_props, calibration)
+    true_props = measure(truth, wave, fitter=fitter).table()
+    truth_values, known = reference_values(true_props, catalog)
+    # with a mock's intrinsic truth, the same code on the observed (noisy) true spectrum is the ceiling
+    predictions, spectra_pre = predictions_of(columns, samples, samples_pre, wave, fitter, baselines or {}, photo_z,
+                                              true_props if known else None)
+    columns |= truth_columns(true_props, predictions)
+    stats, matrices = compare(predictions, truth_values, n_boot)
+    if truth_pre is not None:
+        _pixel_stats(stats, spectra_pre, samples_pre, truth_pre)
+    coverage_stats(stats, sample_props, truth_values, samples_pre, truth_pre, calibration)
     summary = {"truth": ("the catalog's true (intrinsic, noise-free) properties" if known else
                          "properties measured on the true spectra with the same code") + "; redshift: the catalog's",
                "n_galaxies": g, "n_samples": n, "predictors": stats, "bpt_classes": list(BPT_CLASSES),
                "bpt_confusion (rows true, columns predicted)": matrices}
     if calibration:
         summary["calibration"] = calibration.to_dict()
+    counts = np.bincount(np.asarray(truth_values["bpt"]), minlength=len(BPT_CLASSES))
+    summary["bpt_true_counts"] = dict(zip(BPT_CLASSES, counts.tolist()))
+    summary["bpt_majority_rate"] = float(counts.max() / g)
+    summary["targets"] = targets(stats, summary["bpt_majority_rate"])
+    table = (format_science_table(stats, g, n, split=split) + f"\ntruth: {summary['truth']}\ntrue BPT classes: "
+             + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
+             + f" (majority-class rate {counts.max() / g:.2f})\n\n" + format_targets(summary["targets"]))
     survey_truth = survey_values(catalog)
     if survey_truth:
         survey_stats, survey_matrices = compare({k: v for k, v in predictions.items() if k != "photo_z"},
                                                 survey_truth, n_boot)
         summary["against_survey_values"] = {"columns": sorted(survey_truth), "predictors": survey_stats,
                                             "bpt_confusion (rows true, columns predicted)": survey_matrices}
-    counts = np.bincount(np.asarray(truth_values["bpt"]), minlength=len(BPT_CLASSES))
-    summary["bpt_true_counts"] = dict(zip(BPT_CLASSES, counts.tolist()))
-    summary["bpt_majority_rate"] = float(counts.max() / g)
-    summary["targets"] = targets(stats, summary["bpt_majority_rate"])
-    report.summary = summary
-    report.table = (format_science_table(stats, g, n, split=split) + f"\ntruth: {summary['truth']}\ntrue BPT classes: "
-                    + ", ".join(f"{name} {c}" for name, c in zip(BPT_CLASSES, counts))
-                    + f" (majority-class rate {counts.max() / g:.2f})\n\n" + format_targets(summary["targets"]))
-    if "against_survey_values" in summary:
-        report.table += "\n\n" + format_science_table(
+        table += "\n\n" + format_science_table(
             survey_stats, g, n, f"Against the survey's own measurements (MPA-JHU; {', '.join(sorted(survey_truth))}):")
-    report.figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
-                          "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre,
-                          "calibration": calibration}
-    return report
+    figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
+                   "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre,
+                   "calibration": calibration}
+    return ScienceReport(columns, summary, table, figure_data)
 
 
 def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_pre: np.ndarray) -> None:
@@ -266,18 +265,6 @@ def _pixel_stats(stats: dict, spectra_pre: dict, samples_pre: np.ndarray, truth_
         stats["samples"]["crps_minus_knn"] = _mean_se(per_galaxy["samples"][1] - knn_crps)
 
 
-def catalog_truth(catalog) -> dict:
-    """Intrinsic properties a mock catalog carries (``true_<property>``, ``true_bpt``; utils.mock),
-    by property name; empty for catalogs without them."""
-    if catalog is None:
-        return {}
-    out = {prop: np.asarray(catalog[f"true_{prop}"], dtype=np.float64) for prop in PROPERTIES
-           if f"true_{prop}" in catalog.colnames}
-    if out and "true_bpt" in catalog.colnames:
-        out["bpt"] = np.asarray(catalog["true_bpt"], dtype=int)
-    return out
-
-
 def survey_values(catalog) -> dict:
     """The survey's own measurements in the catalog (MPA-JHU), converted to our conventions."""
     if catalog is None:
@@ -295,9 +282,9 @@ def survey_values(catalog) -> dict:
     return out
 
 
-#: the central intervals' required coverage (issue 15): nominal level -> (lowest, highest) share inside
+#: the central intervals' required coverage: nominal level -> (lowest, highest) share inside
 COVERAGE_TARGETS = {0.68: (0.63, 0.73), 0.90: (0.86, 0.94)}
-#: rank correlations with the truth the samples' median must reach (issue 15)
+#: rank correlations with the truth the samples' median must reach
 CORRELATION_TARGETS = {"ew_halpha": 0.6, "dn4000": 0.8}
 
 
@@ -345,7 +332,7 @@ def targets(stats: dict, majority_rate: float) -> list[dict]:
 def format_targets(rows: list[dict]) -> str:
     """The targets as console lines: met / missed / not measured, value +- standard error, reference."""
     met = sum(r["met"] is True for r in rows)
-    lines = [f"Targets (issue 15): {met} of {len(rows)} met"]
+    lines = [f"Science targets: {met} of {len(rows)} met"]
     for r in rows:
         mark = {True: "met   ", False: "missed", None: "n/a   "}[r["met"]]
         value = f"{r['value'][0]:.4f} +- {r['value'][1]:.4f}" if r["value"] else "-"
@@ -391,8 +378,9 @@ def format_science_table(stats: dict, g: int, n: int, title: str | None = None, 
 def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
     """Generated against true redshift and Dn4000, a BPT diagram of true and generated line
     ratios, and the samples' coverage against the nominal level."""
-    from utils.plotting import plot_bpt, save
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
+
+    from utils.plotting import plot_bpt, save
 
     d = report.figure_data
     if not d:

@@ -179,6 +179,6 @@ class SpectralGrid:
         """Flux ``(..., L')`` on this grid -> network input ``(..., L')`` and params ``(..., 2)``."""
         return preprocess(flux, self.wave, self.preprocessing)
 
-    def invert(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    def deprocess(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Network-space spectra ``(..., L')`` back to flux, 1e-17 erg/s/cm^2/A."""
         return deprocess(x, params, self.preprocessing)

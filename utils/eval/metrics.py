@@ -1,11 +1,14 @@
-"""Ranking generated spectra and scoring them against the truth (SPEC section 4), and putting
-spectra without a measured counterpart on a flux scale from photometry."""
+"""Ranking generated spectra and scoring them against the truth (SPEC section 4), the statistics
+of physical properties against a truth, what that truth is, and putting spectra without a
+measured counterpart on a flux scale from photometry."""
 from __future__ import annotations
 
 import warnings
 
 import astropy.units as u
 import numpy as np
+
+from utils.astro.science import PROPERTIES, RedshiftFitter, measure
 
 #: metric names written to metrics.json and the console table, with their meaning
 METRICS = {
@@ -26,8 +29,9 @@ def rank(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-safe, axis=1, kind="stable")
 
 
-def evaluate(samples: np.ndarray, scores: np.ndarray, truth: np.ndarray | None, top_k: int,
-             baseline: np.ndarray | None = None, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+def summarise_samples(samples: np.ndarray, scores: np.ndarray, truth: np.ndarray | None, top_k: int,
+                      baseline: np.ndarray | None = None, rng: np.random.Generator | None = None
+                      ) -> dict[str, np.ndarray]:
     """Per-galaxy products and errors.
 
     Parameters
@@ -73,7 +77,7 @@ def photometric_params(x: np.ndarray, wave: np.ndarray, mag_r: np.ndarray, mag_i
     """
     import speclite.filters
 
-    from utils.spectra import deprocess
+    from utils.astro.spectra import deprocess
 
     bands = speclite.filters.load_filters("sdss2010-r", "sdss2010-i")
     target = 10 ** (-0.4 * np.stack([mag_r, mag_i], 1))  # maggies
@@ -109,7 +113,7 @@ def format_table(metrics: dict, top_k: int, n: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# statistics of physical properties (utils.science) against a truth
+# statistics of physical properties (utils.astro.science) against a truth
 # --------------------------------------------------------------------------------------------
 #: |dz| / (1 + z) above which a redshift counts as an outlier
 OUTLIER_DZ = 0.15
@@ -150,7 +154,7 @@ def median_and_interval(samples: np.ndarray, level: float, factor: float = 1.0
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The median of ``samples`` along axis 1 and their central ``level`` interval ``(lo, hi)``,
     each side widened about the median by ``factor`` (1: the samples' own quantiles; a
-    calibration's factor, utils.calibration; inf: unbounded); NaN where every sample is NaN."""
+    calibration's factor, utils.eval.calibration; inf: unbounded); NaN where every sample is NaN."""
     samples = np.asarray(samples, dtype=np.float64)
     quantile = np.nanquantile if np.isnan(samples).any() else np.quantile  # the same values; nanquantile is slow
     with warnings.catch_warnings():
@@ -196,7 +200,48 @@ def crps(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.abs(x - truth[:, None]).mean(1) - spread / 2
 
 
+def ratio_se(values: np.ndarray, reference: np.ndarray, draws: int = 2000, seed: int = 0) -> float:
+    """Bootstrap standard error over galaxies of mean(``values``) / mean(``reference``), two
+    per-galaxy arrays of the same galaxies."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), (draws, len(values)))
+    return float(np.std(values[idx].mean(1) / reference[idx].mean(1)))
+
+
 def confusion(pred: np.ndarray, true: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts ``(n_classes, n_classes)``: rows the true class, columns the predicted one."""
     return np.bincount(np.asarray(true) * n_classes + np.asarray(pred), minlength=n_classes ** 2
                        ).reshape(n_classes, n_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# what the samples are judged against
+# --------------------------------------------------------------------------------------------
+def sample_properties(samples: np.ndarray, wave: np.ndarray, fitter: RedshiftFitter) -> dict:
+    """Every property of utils.astro.science measured on every sample ``(G, N, L)``: ``{name: (G, N)}``."""
+    g, n, length = samples.shape
+    table = measure(samples.reshape(g * n, length), wave, fitter=fitter).table()
+    return {k: v.reshape(g, n) for k, v in table.items()}
+
+
+def catalog_truth(catalog) -> dict:
+    """Intrinsic properties a mock catalog carries (``true_<property>``, ``true_bpt``; utils.data.mock),
+    by property name; empty for catalogs without them."""
+    if catalog is None:
+        return {}
+    out = {prop: np.asarray(catalog[f"true_{prop}"], dtype=np.float64) for prop in PROPERTIES
+           if f"true_{prop}" in catalog.colnames}
+    if out and "true_bpt" in catalog.colnames:
+        out["bpt"] = np.asarray(catalog["true_bpt"], dtype=int)
+    return out
+
+
+def reference_values(true_props: dict, catalog) -> tuple[dict, bool]:
+    """What the samples are judged against, and whether it is a mock's intrinsic truth: the
+    catalog's intrinsic properties where it has them (utils.data.mock), else ``true_props`` measured
+    on the true spectra; the redshift is the catalog's."""
+    known = catalog_truth(catalog)
+    values = known or dict(true_props)
+    if catalog is not None and "z" in catalog.colnames:
+        values["z"] = np.asarray(catalog["z"], dtype=np.float64)
+    return values, bool(known)

@@ -1,8 +1,8 @@
 """kcorrect's galaxy spectral templates (Blanton & Roweis 2007: five non-negative NMF components,
 rest frame, erg/s/cm^2/A) placed on observed pixel grids.
 
-One home for the templates: the mock survey builds its spectra from them (utils.mock) and the
-redshift fit of utils.science uses them as its basis.
+One home for the templates: the mock survey builds its spectra from them (utils.data.mock) and the
+redshift fit of utils.astro.science uses them as its basis.
 """
 from __future__ import annotations
 
