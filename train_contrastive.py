@@ -19,6 +19,7 @@ from ignite.engine import Engine
 
 from models.contrastive import ContrastiveModel, nt_xent, retrieval_metrics
 from utils.builders import build_contrastive_model
+from utils.checkpoints import GRID_KEY
 from utils.errors import cli
 from utils.plotting import plot_retrieval
 from utils.runtime import autocast, maybe_compile, unwrap
@@ -106,7 +107,7 @@ def run(local_rank: int, config: dict) -> None:
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "optimizer": optimizer},
                     validate=make_validate(model, val_set, config, device, run_dir), best_key="loss",
-                    resume_from=start.resume, loader=start.loader)
+                    resume_from=start.resume, loader=start.loader, run_extras={GRID_KEY: train_set.loglam})
     run_training(trainer, start.loader, config, run_dir)
 
 

@@ -20,7 +20,7 @@ from ignite.handlers import EMAHandler
 
 from models.diffusion import GaussianDiffusion
 from utils.builders import build_diffusion, build_generative_model, clip_value
-from utils.checkpoints import MEAN_SPECTRUM_KEY
+from utils.checkpoints import GRID_KEY, MEAN_SPECTRUM_KEY
 from utils.errors import cli
 from utils.generation import VAL_SAMPLER, run_mean_spectrum, validation_errors, warm_start_image_encoder
 from utils.plotting import plot_spectra_grid
@@ -97,7 +97,7 @@ def run(local_rank: int, config: dict) -> None:
                     to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},
                     validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
                     best_key="mse_mean", resume_from=start.resume, loader=start.loader,
-                    run_extras={MEAN_SPECTRUM_KEY: baseline})
+                    run_extras={MEAN_SPECTRUM_KEY: baseline, GRID_KEY: train_set.loglam})
     run_training(trainer, start.loader, config, run_dir)
 
 

@@ -37,8 +37,8 @@ def main() -> None:
     pair = find_models(config)
     val = subset(configured_dataset(survey, "val", config["data"]), args.galaxies, seed=0)
     pair = build_models(pair, val.n_pixels, val.n_channels, default_device())
-    # generate.py's draw for its calibration: the same subset, its seed (run.seed + 1)
-    drawn = draw_samples(pair, val, SamplingPlan.from_config(config), known=True, seed=config["run"]["seed"] + 1,
+    # generate.py's draw for its calibration: the same subset and seed
+    drawn = draw_samples(pair, val, SamplingPlan.from_config(config), known=True, seed=config["run"]["seed"],
                          desc="calibrate (val)")
     props, reference = calibration_inputs(val.deprocess(drawn.samples, drawn.params[:, None]), val.wave,
                                           val.deprocess(drawn.truth, drawn.params), val.survey.catalog[val.rows],

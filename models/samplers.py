@@ -5,14 +5,16 @@
 
 ``model(x_t, t, context)`` predicts the noise or the velocity (``diffusion.prediction``);
 ``x`` ``(B, C, L)`` is the starting Gaussian noise; ``context`` is computed once (e.g. one
-galaxy's image tokens repeated for its N samples); ``generator`` makes the draws reproducible;
+galaxy's image tokens repeated for its N samples); ``generator`` makes the draws reproducible:
+one ``torch.Generator`` for the whole batch, or a sequence of them, one per equal group of
+consecutive rows (a galaxy's samples), so that a group's draws do not depend on the others;
 ``clip`` bounds the x_0 estimates (1.0 for the 'scale' preprocessing, whose spectra lie in
 [-1, 1]). Adding a sampler means adding a function
 here and an entry in :data:`SAMPLERS`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +23,21 @@ from tqdm import tqdm
 from models.diffusion import GaussianDiffusion
 
 
-def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``: from ``generator``, or with a sequence of
+    generators, rows ``[i * B / k, (i + 1) * B / k)`` from the i-th of the k generators."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    rows, rest = divmod(x.shape[0], len(generator))
+    if rest:
+        raise ValueError(f"{x.shape[0]} rows cannot be split among {len(generator)} generators")
+    return torch.cat([torch.randn((rows, *x.shape[1:]), generator=g, device=g.device, dtype=x.dtype)
+                      for g in generator]).to(x.device)
 
 
 def _x0(model, x, t, diffusion, context, clip):
@@ -46,20 +59,20 @@ def timestep_subset(num_timesteps: int, steps: int | None) -> list[int]:
 
 @torch.no_grad()
 def ddpm(model, x: torch.Tensor, diffusion: GaussianDiffusion, context: Any = None,
-         generator: torch.Generator | None = None, steps: int | None = None, eta: float = 1.0,
+         generator: Generators = None, steps: int | None = None, eta: float = 1.0,
          clip: float | None = None, progress: bool = False) -> torch.Tensor:
     """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2); ``steps``/``eta`` unused."""
     for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), disable=not progress, desc="ddpm", leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x0, _ = _x0(model, x, t, diffusion, context, clip)
         mean, _, log_var = diffusion.q_posterior(x0, x, t)
-        x = mean + (torch.exp(0.5 * log_var) * _noise_like(x, generator) if i > 0 else 0.0)
+        x = mean + (torch.exp(0.5 * log_var) * noise_like(x, generator) if i > 0 else 0.0)
     return x
 
 
 @torch.no_grad()
 def ddim(model, x: torch.Tensor, diffusion: GaussianDiffusion, context: Any = None,
-         generator: torch.Generator | None = None, steps: int | None = 50, eta: float = 0.0,
+         generator: Generators = None, steps: int | None = 50, eta: float = 0.0,
          clip: float | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM over a subset of timesteps (Song et al. 2021, eq. 12); eta = 0 is deterministic."""
     times = timestep_subset(diffusion.num_timesteps, steps)
@@ -72,13 +85,13 @@ def ddim(model, x: torch.Tensor, diffusion: GaussianDiffusion, context: Any = No
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
         x = torch.sqrt(a_prev) * x0 + torch.sqrt((1 - a_prev - sigma ** 2).clamp(min=0)) * eps
         if eta > 0 and k + 1 < len(times):
-            x = x + sigma * _noise_like(x, generator)
+            x = x + sigma * noise_like(x, generator)
     return x
 
 
 @torch.no_grad()
 def dpmpp2m(model, x: torch.Tensor, diffusion: GaussianDiffusion, context: Any = None,
-            generator: torch.Generator | None = None, steps: int | None = 20, eta: float = 0.0,
+            generator: Generators = None, steps: int | None = 20, eta: float = 0.0,
             clip: float | None = None, progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M), the second-order multistep data-prediction solver (Lu et al. 2022)."""
     times = timestep_subset(diffusion.num_timesteps, steps)

@@ -29,12 +29,13 @@ def tiny_contrastive_args(data_root: Path, out_dir: Path) -> list[str]:
 
 
 def run_script(script: str, args: list[str], timeout: float = 240, threads: int = 1, **kw):
-    """Run an entry script with the test interpreter (``threads`` intra-op threads); returns the
-    CompletedProcess."""
+    """Run an entry script (or ``-m`` and a module in ``args``) with the test interpreter
+    (``threads`` intra-op threads); returns the CompletedProcess."""
     import subprocess
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+    target = ["-m"] if script == "-m" else [str(ROOT / script)]
+    return subprocess.run([sys.executable, *target, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
 
 
@@ -51,3 +52,29 @@ def tiny_generative_args(data_root: Path, out_dir: Path) -> list[str]:
             "diffusion.timesteps=20", "train.batch_size=8", "train.lr=1e-3",
             "val.every=3", "val.n_objects=4", "val.n_samples=2", "val.steps=4", "run.checkpoint_every=2",
             f"run.out_dir={out_dir}", "train.max_iters=4"]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_mock, tmp_path_factory):
+    """A contrastive network and a diffusion model trained for a few iterations on the tiny mock
+    (gri, 16-pixel blocks): (contrastive run, diffusion run)."""
+    out = tmp_path_factory.mktemp("runs")
+    c = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "contrastive") +
+                   ["data.downsample=16", "train.max_iters=3"])
+    assert c.returncode == 0, c.stderr[-3000:]
+    # a velocity-predicting model (the quick preset's); tests/test_diffusion.py trains the paper's
+    # noise predictor
+    g = run_script("train_generative.py", tiny_generative_args(tiny_mock, out / "generative") +
+                   ["train.max_iters=3", "diffusion.prediction=v", f"model.image_init={only_run(out / 'contrastive')}"])
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert "v prediction" in (only_run(out / "generative") / "log.txt").read_text()
+    return only_run(out / "contrastive"), only_run(out / "generative")
+
+
+def gen_args(tiny_mock, runs, out, *extra):
+    """generate.py overrides that use ``runs`` on the tiny mock's validation split, writing under ``out``."""
+    contrastive, generative = runs
+    return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16", f"sampling.contrastive_run={contrastive}",
+            f"sampling.generative_run={generative}", f"sampling.out_dir={out}", "sampling.split=val",
+            "sampling.n_samples=4", "sampling.steps=3", "sampling.top_k=2", "sampling.figures=1",
+            "sampling.batch_galaxies=3", *extra]

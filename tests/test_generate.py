@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from conftest import only_run, run_script, tiny_contrastive_args, tiny_generative_args
+from conftest import gen_args, only_run, run_script, tiny_generative_args
 from utils.astro.science import BPT_CLASSES, dn4000, measure
 from utils.astro.spectra import preprocess
 from utils.data.dataset import SpectraDataset, open_survey
@@ -48,29 +48,6 @@ def test_photometric_calibration_recovers_flux(tiny_mock, kind):
     params = photometric_params(x, ds.wave, np.asarray(m["sdss2010-r"]), np.asarray(m["sdss2010-i"]), kind)
     assert np.allclose(params, true_params, rtol=1e-4, atol=1e-3)  # measured: within 1e-4 of the truth
     assert np.allclose(ds.deprocess(x, params), flux, rtol=0.02, atol=0.02 * np.abs(flux).max())
-
-
-@pytest.fixture(scope="module")
-def trained_runs(tiny_mock, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    c = run_script("train_contrastive.py", tiny_contrastive_args(tiny_mock, out / "contrastive") +
-                   ["data.downsample=16", "train.max_iters=3"])
-    assert c.returncode == 0, c.stderr[-3000:]
-    # a velocity-predicting model (the quick preset's); tests/test_diffusion.py trains the paper's
-    # noise predictor
-    g = run_script("train_generative.py", tiny_generative_args(tiny_mock, out / "generative") +
-                   ["train.max_iters=3", "diffusion.prediction=v", f"model.image_init={only_run(out / 'contrastive')}"])
-    assert g.returncode == 0, g.stderr[-3000:]
-    assert "v prediction" in (only_run(out / "generative") / "log.txt").read_text()
-    return only_run(out / "contrastive"), only_run(out / "generative")
-
-
-def gen_args(tiny_mock, runs, out, *extra):
-    contrastive, generative = runs
-    return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16", f"sampling.contrastive_run={contrastive}",
-            f"sampling.generative_run={generative}", f"sampling.out_dir={out}", "sampling.split=val",
-            "sampling.n_samples=4", "sampling.steps=3", "sampling.top_k=2", "sampling.figures=1",
-            "sampling.batch_galaxies=3", *extra]
 
 
 @pytest.mark.slow
@@ -187,35 +164,6 @@ def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs,
     mismatch = load_config("generative", gen_args(tiny_mock, trained_runs, tmp_path) + ["data.downsample=8"])
     with pytest.raises(UserError, match="data.downsample differs"):
         find_models(mismatch)
-
-
-def test_a_catalog_of_images_without_spectra(tiny_mock, tmp_path):
-    """sampling.catalog: images whose spectra are unknown (NaN flux) are generated for, with no
-    truth; a NaN pixel in the images the models read is refused, naming the file and row."""
-    import shutil
-
-    from utils.config import load_config
-    from utils.data.dataset import DataError
-    from utils.generation import generation_set
-
-    catalog = tmp_path / "catalog"
-    shutil.copytree(tiny_mock, catalog)
-    np.save(catalog / "flux.npy", np.full_like(np.load(catalog / "flux.npy"), np.nan))
-    config = load_config("generative", [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
-                                             "data.image=ugriz", f"sampling.catalog={catalog}"])
-    survey = open_survey(tiny_mock)
-    dataset, known = generation_set(config, survey)
-    assert not known
-    assert len(dataset) == len(survey.catalog)
-    assert float(dataset[0]["spectrum"].abs().sum()) == 0.0  # no truth to read
-    images = np.load(catalog / "images_ugriz.npy")
-    images[5, 1, 3, 3] = np.nan
-    np.save(catalog / "images_ugriz.npy", images)
-    with pytest.raises(DataError, match=r"images_ugriz.npy' has non-finite values \(first in row 5\)"):
-        generation_set(config, survey)
-    gri = load_config("generative", [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
-                                          f"sampling.catalog={catalog}"])
-    assert len(generation_set(gri, survey)[0]) == len(survey.catalog)  # the gri images it reads are whole
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

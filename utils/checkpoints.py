@@ -49,6 +49,8 @@ LOCK_GRACE_S = 10.0
 #: the mean preprocessed training spectrum (L,), the naive predictor every evaluation compares with
 MEAN_SPECTRUM_FILE = "mean_train_spectrum.npy"
 MEAN_SPECTRUM_KEY = "mean_train_spectrum"
+#: the log10 wavelengths (L,) of the pixels a network was trained on, kept in its checkpoints
+GRID_KEY = "loglam"
 #: the checkpoint entry that says which trainer wrote it, with its configuration
 RUN_INFO_KEY = "run_info"
 #: what each kind of run saves as its sampling weights

@@ -19,11 +19,12 @@ import torch
 from tqdm import tqdm
 
 from models.diffusion import GaussianDiffusion
-from models.samplers import get_sampler
+from models.samplers import Generators, get_sampler, noise_like
 from models.unet import ConditionalUNet1D
 from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
 from utils.checkpoints import (
     DATA_KEYS,
+    GRID_KEY,
     MEAN_SPECTRUM_FILE,
     MEAN_SPECTRUM_KEY,
     RUN_INFO_KEY,
@@ -36,7 +37,7 @@ from utils.checkpoints import (
     newest_finished_run,
     read_checkpoint,
 )
-from utils.data.dataset import IMAGE_FILES, SpectraDataset, check_finite, open_survey
+from utils.data.dataset import IMAGE_FILES, SpectraDataset, check_finite, open_survey, splitmix64
 from utils.data.survey import configured_dataset, load_survey, subset
 from utils.errors import UserError
 from utils.eval.calibration import Calibration, calibrate
@@ -70,10 +71,12 @@ class SamplingPlan:
 @torch.no_grad()
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, *, precision: str = "fp32", clip: float | None = None,
-                      generator: torch.Generator | None = None, guidance: float = 1.0) -> torch.Tensor:
+                      generator: Generators = None, guidance: float = 1.0) -> torch.Tensor:
     """``n_samples`` spectra per image, ``(G, N, L)``: the image context is computed once per
-    galaxy and all G x N samples are drawn in one batch. ``guidance`` w != 1 uses classifier-free
-    guidance, eps = eps_null + w (eps_cond - eps_null), for a model trained with cond_drop > 0."""
+    galaxy and all G x N samples are drawn in one batch. ``generator``: one for the batch, or one
+    per galaxy (:func:`galaxy_generators`: a galaxy's samples then depend on nothing but its
+    generator). ``guidance`` w != 1 uses classifier-free guidance, eps = eps_null + w (eps_cond -
+    eps_null), for a model trained with cond_drop > 0."""
     model.eval()
     device = images.device
     with autocast(precision, device):
@@ -95,11 +98,23 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
     return x0.float().reshape(g, n_samples, -1)
 
 
-def starting_noise(galaxies: int, n_samples: int, length: int, generator: torch.Generator | None = None
-                   ) -> torch.Tensor:
-    """Standard normal starting points ``(galaxies * n_samples, 1, length)``, galaxy by galaxy."""
-    return torch.randn((galaxies * n_samples, 1, length), generator=generator,
-                       device=generator.device if generator is not None else "cpu")
+def starting_noise(galaxies: int, n_samples: int, length: int, generator: Generators = None) -> torch.Tensor:
+    """Standard normal starting points ``(galaxies * n_samples, 1, length)``, galaxy by galaxy
+    (with one generator per galaxy, each galaxy's from its own)."""
+    return noise_like(torch.empty((galaxies * n_samples, 1, length)), generator)
+
+
+def galaxy_seeds(seed: int, objid: np.ndarray) -> np.ndarray:
+    """``(G,)`` non-negative int64 seeds of the galaxies ``objid`` under the run seed ``seed``:
+    a hash of both, so that a galaxy's samples depend on nothing but the seed and its id (not on
+    the catalogue's order, its chunks, batches, a resumption or the number of processes)."""
+    mixed = splitmix64(np.asarray(objid, dtype=np.int64).astype(np.uint64) ^ splitmix64(np.array([seed]))[0])
+    return (mixed >> np.uint64(1)).astype(np.int64)
+
+
+def galaxy_generators(seed: int, objid: np.ndarray) -> list[torch.Generator]:
+    """One CPU generator per galaxy, seeded by :func:`galaxy_seeds`."""
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in galaxy_seeds(seed, objid)]
 
 
 @torch.no_grad()
@@ -240,6 +255,8 @@ class TrainedPair:
     gen_weights: dict
     con_weights: dict
     mean_train_spectrum: np.ndarray | None = None  # (L,), as the diffusion run computed it
+    gen_grid: np.ndarray | None = None  # (L,) loglam each network was trained on (None: not recorded)
+    con_grid: np.ndarray | None = None
     denoiser: torch.nn.Module | None = None
     contrastive: torch.nn.Module | None = None
     diffusion: GaussianDiffusion | None = None
@@ -251,11 +268,28 @@ def find_models(config: dict) -> TrainedPair:
     s = config["sampling"]
     gen_cfg, gen_w, gen_path, gen_info = load_trained(s["generative_run"], Path(config["run"]["out_dir"]),
                                                       "diffusion model", "generative")
-    con_cfg, con_w, con_path, _ = load_trained(s["contrastive_run"], default_runs("contrastive"),
-                                               "contrastive network", "contrastive")
+    con_cfg, con_w, con_path, con_info = load_trained(s["contrastive_run"], default_runs("contrastive"),
+                                                      "contrastive network", "contrastive")
     check_compatible(config["data"], gen_cfg["data"], con_cfg["data"], gen_path, con_path)
     return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w,
-                       mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY))
+                       mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY), gen_grid=gen_info.get(GRID_KEY),
+                       con_grid=con_info.get(GRID_KEY))
+
+
+def check_grid(pair: TrainedPair, loglam: np.ndarray, where: str) -> None:
+    """Both networks must have been trained on the wavelength grid ``loglam`` ``(L,)`` (log10 A)
+    that the spectra are generated on (``where`` names its dataset); networks whose checkpoints do
+    not record their grid are taken at their word."""
+    for grid, what, path in ((pair.gen_grid, "diffusion model", pair.gen_path),
+                             (pair.con_grid, "contrastive network", pair.con_path)):
+        if grid is None:
+            continue
+        grid = np.asarray(grid)
+        if grid.shape != np.shape(loglam) or not np.allclose(grid, loglam, rtol=0, atol=1e-6):
+            shown = lambda g: f"{len(g)} pixels, {10 ** g[0]:.1f}-{10 ** g[-1]:.1f} A"  # noqa: E731
+            raise UserError(f"the {what} ({path}) was trained on another wavelength grid ({shown(grid)}) than "
+                            f"{where} gives ({shown(np.asarray(loglam))}): use the models of that data, or its "
+                            f"data.root and data.downsample")
 
 
 def warm_start_image_encoder(model: ConditionalUNet1D, source: str, image: str, image_depth: int,
@@ -310,23 +344,34 @@ def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torc
     return pair
 
 
-def generation_set(config: dict, survey) -> tuple[SpectraDataset, bool]:
-    """The galaxies to generate for and whether their true spectra are known."""
+def split_set(config: dict, survey) -> SpectraDataset:
+    """The galaxies of a configuration's split (a fixed subset of ``sampling.max_objects``), or
+    of its ``sampling.catalog`` when that holds spectra: the galaxies evaluated against their
+    truth."""
     s, d = config["sampling"], config["data"]
     if s["catalog"]:
-        images = open_survey(s["catalog"], check_values=False)  # its flux may be NaN: spectra not known
-        if d["image"] in images.images:  # a NaN pixel would turn every sample of its galaxy into NaN
-            check_finite(images.root / IMAGE_FILES[d["image"]], images.images[d["image"]])
-        images.meta["image_stats"] = survey.meta["image_stats"]  # normalise like the training images
-        if len(images.loglam) != len(survey.loglam) or not np.allclose(images.loglam, survey.loglam):
-            raise UserError(f"sampling.catalog '{s['catalog']}' has a different wavelength grid from data.root")
-        known = bool(np.isfinite(np.asarray(images.flux)).all())
-        dataset = configured_dataset(images, None, d, spectra=known)
-        return subset(dataset, s["max_objects"], seed=0), known
-    dataset = configured_dataset(survey, s["split"], d)
+        other = open_survey(s["catalog"])
+        dataset = configured_dataset(other, None, d, image_stats=survey.meta["image_stats"].get(d["image"]))
+        where = f"sampling.catalog '{s['catalog']}'"
+    else:
+        dataset = configured_dataset(survey, s["split"], d)
+        where = f"split '{s['split']}' of '{survey.root}'"
     if len(dataset) == 0:
-        raise UserError(f"split '{s['split']}' of '{survey.root}' is empty")
-    return subset(dataset, s["max_objects"], seed=0), True
+        raise UserError(f"{where} is empty")
+    return subset(dataset, s["max_objects"], seed=0)
+
+
+def catalog_set(config: dict, survey, images) -> SpectraDataset:
+    """Every galaxy of a catalog of images only (``images``, opened), on the grid of the training
+    data ``survey`` and with its image standardisation; images of the kind the models read are
+    required, with finite pixels (a NaN pixel would make every sample of its galaxy NaN)."""
+    d = config["data"]
+    if d["image"] not in images.images:
+        raise UserError(f"sampling.catalog '{images.root}' has {', '.join(IMAGE_FILES[k] for k in images.images)}; "
+                        f"the models read {d['image']} images (data.image): prepare the catalog with "
+                        f"{'--images (gri JPEGs)' if d['image'] == 'gri' else '--ugriz (5-band cutouts)'}")
+    check_finite(images.root / IMAGE_FILES[d["image"]], images.images[d["image"]])
+    return configured_dataset(images, None, d, loglam=survey.loglam, image_stats=survey.meta["image_stats"][d["image"]])
 
 
 @torch.no_grad()
@@ -351,22 +396,31 @@ class Draws:
     seconds: float
 
 
+def draw_batch(pair: TrainedPair, batch: dict, objid: np.ndarray, plan: SamplingPlan, seed: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``(G, N, L)`` and their contrastive scores ``(G, N)`` of one batch of galaxies
+    (their ids ``objid``), each galaxy drawn from its own generator (:func:`galaxy_generators`)."""
+    device = next(pair.denoiser.parameters()).device
+    images = batch["image"].to(device)
+    drawn = sample_for_images(pair.denoiser, pair.diffusion, images, plan.n_samples, plan.sampler, plan.steps,
+                              precision=plan.precision, clip=plan.clip, generator=galaxy_generators(seed, objid),
+                              guidance=plan.guidance)
+    return drawn, score(pair.contrastive, images, drawn)
+
+
 def draw_samples(pair: TrainedPair, dataset: SpectraDataset, plan: SamplingPlan, known: bool, seed: int,
                  desc: str = "generate") -> Draws:
     """``plan.n_samples`` spectra for every galaxy of ``dataset``, drawn in batches of
-    ``plan.batch_galaxies`` (a progress bar) and scored by the contrastive network; seeded by
-    ``seed``."""
-    device = next(pair.denoiser.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ``plan.batch_galaxies`` (a progress bar) and scored by the contrastive network; each galaxy's
+    seeded by ``seed`` and its id."""
+    objids = np.asarray(dataset.survey.catalog["objid"], dtype=np.int64)
     samples, scores, truth, params = [], [], [], []
     start = time.perf_counter()
     with tqdm(total=len(dataset), desc=desc, unit="gal") as bar:
         for batch in dataset.iter_batches(plan.batch_galaxies):
-            images = batch["image"].to(device)
-            drawn = sample_for_images(pair.denoiser, pair.diffusion, images, plan.n_samples, plan.sampler, plan.steps,
-                                      precision=plan.precision, clip=plan.clip, generator=generator,
-                                      guidance=plan.guidance)
-            scores.append(score(pair.contrastive, images, drawn).float().cpu().numpy())
+            drawn, scored = draw_batch(pair, batch, objids[batch["index"].numpy()], plan, seed)
+            images = batch["image"]
+            scores.append(scored.float().cpu().numpy())
             samples.append(drawn.cpu().numpy())
             truth.append(batch["spectrum"][:, 0].numpy())
             params.append(batch["params"].numpy())
@@ -378,15 +432,14 @@ def draw_samples(pair: TrainedPair, dataset: SpectraDataset, plan: SamplingPlan,
 def validation_calibration(pair: TrainedPair, survey, data: dict, plan: SamplingPlan, n: int, seed: int,
                            weights: np.ndarray | None) -> Calibration:
     """The interval calibration (utils.eval.calibration) fitted on a fixed subset of ``n`` galaxies
-    of the validation split, drawn like the evaluated ones with their own seed (``seed`` + 1, so
-    that the evaluated galaxies' samples are the same with or without a calibration), and
-    measured with the evaluation's redshift-fit ``weights``."""
+    of the validation split, drawn like the evaluated ones (each galaxy's samples seeded by
+    ``seed`` and its id), and measured with the evaluation's redshift-fit ``weights``."""
     val_set = configured_dataset(survey, "val", data)
     if len(val_set) == 0:
         raise UserError(f"sampling.calibration_objects > 0 needs validation galaxies: split 'val' of "
                         f"'{survey.root}' is empty")
     val_set = subset(val_set, n, seed=0)
-    drawn = draw_samples(pair, val_set, plan, known=True, seed=seed + 1, desc="calibrate (val)")
+    drawn = draw_samples(pair, val_set, plan, known=True, seed=seed, desc="calibrate (val)")
     flux = val_set.deprocess(drawn.samples, drawn.params[:, None])
     truth = val_set.deprocess(drawn.truth, drawn.params)
     calibration = calibrate(flux, val_set.wave, truth, drawn.samples, drawn.truth,

@@ -195,8 +195,10 @@ GENERATIVE = {
     "run": RUN,
     "sampling": {
         "split": Key("test", "galaxies to generate for: train, val or test", choices="utils.data.dataset:SPLITS"),
-        "catalog": Key(None, "a dataset folder of images without spectra to predict for instead of a split"),
-        "max_objects": at_least(1, "galaxies of the split evaluated (a fixed random subset; SPEC: 5,000)", 5000),
+        "catalog": Key(None, "a dataset folder to generate for instead of a split: images only (a property "
+                             "catalogue) or with spectra (evaluated)"),
+        "max_objects": at_least(1, "galaxies evaluated (a fixed random subset of the split; SPEC: 5,000); a "
+                                   "catalogue of images only is predicted whole", 5000),
         "n_samples": at_least(1, "spectra drawn per galaxy", 25),
         "sampler": Key("ddpm", "ddpm: ancestral over all T steps (the paper's); ddim or dpmpp2m over sampling.steps",
                        choices="models.samplers:SAMPLERS"),
@@ -204,6 +206,8 @@ GENERATIVE = {
         "guidance": at_least(0, "classifier-free guidance scale (1: none; needs model.cond_drop > 0)", 1.0),
         "top_k": at_least(1, "best-ranked samples averaged ('top-k mean') and written per galaxy", 5),
         "batch_galaxies": at_least(1, "galaxies per sampling batch (times sampling.n_samples spectra)", 16),
+        "shard_size": at_least(1, "galaxies per shard of a catalogue prediction: memory and the unit of resumption",
+                               256),
         "contrastive_run": Key(None, "contrastive run folder or checkpoint (default: the newest finished run)"),
         "generative_run": Key(None, "diffusion run folder or checkpoint (default: the newest finished run)"),
         "out_dir": Key("outputs", "folder under which each output gets a time-stamped folder"),

@@ -238,7 +238,8 @@ def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, 
     not just done), a last checkpoint and ``metrics.json``. Resumes from ``resume_from`` (model,
     optimizer, scheduler, engine, clock, and the checkpoint handlers' files). ``loader`` sets the
     epoch length (and its DistributedSampler is told each epoch). ``kind`` ('contrastive' or
-    'generative'), the configuration and ``run_extras`` are saved in every checkpoint."""
+    'generative'), the configuration and ``run_extras`` (the trainers': the training grid,
+    utils.checkpoints.GRID_KEY) are saved in every checkpoint."""
     clock = TrainClock()
     attach_budget(trainer, clock, config["train"]["max_minutes"])
     attach_non_finite_stop(trainer, run_dir / CHECKPOINT_DIR)

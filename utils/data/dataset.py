@@ -10,10 +10,16 @@ A dataset is a folder::
     mask.npy          (N, L) uint8      optional; non-zero where a pixel was interpolated
     images_gri.npy    (N, 64, 64, 3) uint8      gri colour images (NeurIPS 2022 setting)
     images_ugriz.npy  (N, 5, 64, 64) float32    ugriz images in nanomaggies (ApJ 2024 setting)
-    meta.json         format version, source, per-channel image statistics of the train split
+    meta.json         format version, source, per-channel image statistics of the train split,
+                      "spectra": false for a dataset of images only
 
 Row i of every array is row i of the catalog. Arrays are ``.npy`` files opened memory-mapped,
 never one file per object. At least one of the image arrays must be present.
+
+A dataset of images only (galaxies whose spectra are to be predicted; ``"spectra": false`` in
+meta.json) has no loglam, flux, ivar or mask files, and its catalog needs only objid, ra and dec
+(z and the magnitudes are optional, NaN where unknown; there is no split). Opening one where
+spectra are needed (training, evaluation) is refused with :class:`DataError`.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ IMAGE_SIZE = 64
 #: Training-time image transform of SPEC 1: resize to 71, crop 64.
 RESIZE_TO = 71
 CATALOG_COLUMNS = ("objid", "ra", "dec", "z", *(f"mag_{b}" for b in BANDS), "split")
+#: the columns a catalog of images only must have
+IMAGES_ONLY_COLUMNS = ("objid", "ra", "dec")
 SPLITS = ("train", "val", "test")
 IMAGE_FILES = {"gri": "images_gri.npy", "ugriz": "images_ugriz.npy"}
 IMAGE_SHAPES = {"gri": (IMAGE_SIZE, IMAGE_SIZE, 3), "ugriz": (5, IMAGE_SIZE, IMAGE_SIZE)}
@@ -54,7 +62,8 @@ class DataError(UserError):
 # --------------------------------------------------------------------------------------------
 # split
 # --------------------------------------------------------------------------------------------
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of unsigned 64-bit integers: a fast, well-mixed hash."""
     x = np.asarray(x).astype(np.uint64)
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -68,7 +77,7 @@ def assign_split(objid: np.ndarray, val_fraction: float = 0.1, test_fraction: fl
 
     Returns a ``(N,)`` array of 'train' / 'val' / 'test'.
     """
-    u = (_splitmix64(objid) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u = (splitmix64(objid) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     out = np.full(len(u), "train", dtype="<U5")
     out[u < val_fraction + test_fraction] = "test"
     out[u < val_fraction] = "val"
@@ -93,13 +102,13 @@ class DatasetWriter:
     ----------
     root : destination folder.
     n_objects : number of rows N.
-    loglam : ``(L,)`` pixel grid.
+    loglam : ``(L,)`` pixel grid; None for a dataset of images only (no spectrum arrays).
     images : which image arrays will be written ('gri', 'ugriz').
     with_mask : whether a mask array is written.
     source : free text stored in meta.json.
     """
 
-    def __init__(self, root: str | Path, n_objects: int, loglam: np.ndarray, images: Sequence[str] = ("gri",),
+    def __init__(self, root: str | Path, n_objects: int, loglam: np.ndarray | None, images: Sequence[str] = ("gri",),
                  with_mask: bool = False, source: str = "unknown") -> None:
         self.root = Path(root)
         if self.root.exists():
@@ -117,21 +126,25 @@ class DatasetWriter:
         (self.tmp / PARTIAL_MARKER).write_text(f"unfinished dataset write for {self.root.name}\n")
         self.n = int(n_objects)
         self.source = source
-        loglam = np.asarray(loglam, dtype=np.float64)
-        np.save(self.tmp / "loglam.npy", loglam)
         mm = np.lib.format.open_memmap
-        self.flux = mm(self.tmp / "flux.npy", "w+", np.float32, (self.n, len(loglam)))
-        self.ivar = mm(self.tmp / "ivar.npy", "w+", np.float32, (self.n, len(loglam)))
-        self.mask = mm(self.tmp / "mask.npy", "w+", np.uint8, (self.n, len(loglam))) if with_mask else None
+        self.flux = self.ivar = self.mask = None
+        if loglam is not None:
+            loglam = np.asarray(loglam, dtype=np.float64)
+            np.save(self.tmp / "loglam.npy", loglam)
+            self.flux = mm(self.tmp / "flux.npy", "w+", np.float32, (self.n, len(loglam)))
+            self.ivar = mm(self.tmp / "ivar.npy", "w+", np.float32, (self.n, len(loglam)))
+            self.mask = mm(self.tmp / "mask.npy", "w+", np.uint8, (self.n, len(loglam))) if with_mask else None
         self.images = {k: mm(self.tmp / IMAGE_FILES[k], "w+", IMAGE_DTYPES[k], (self.n, *IMAGE_SHAPES[k]))
                        for k in images}
 
-    def write(self, start: int, flux: np.ndarray, ivar: np.ndarray, images: dict[str, np.ndarray],
+    def write(self, start: int, flux: np.ndarray | None, ivar: np.ndarray | None, images: dict[str, np.ndarray],
               mask: np.ndarray | None = None) -> None:
-        """Write rows ``start .. start + len(flux)``."""
-        stop = start + len(flux)
-        self.flux[start:stop] = flux
-        self.ivar[start:stop] = ivar
+        """Write rows ``start ..`` (as many as the images have; flux and ivar None for a dataset
+        of images only)."""
+        stop = start + len(next(iter(images.values())))
+        if self.flux is not None:
+            self.flux[start:stop] = flux
+            self.ivar[start:stop] = ivar
         if self.mask is not None and mask is not None:
             self.mask[start:stop] = mask
         for key, arr in images.items():
@@ -142,9 +155,10 @@ class DatasetWriter:
         if len(catalog) != self.n:
             raise ValueError(f"catalog has {len(catalog)} rows, dataset has {self.n}")
         catalog.write(self.tmp / "catalog.fits")
-        train = np.asarray(catalog["split"]) == "train"
-        meta = {"format_version": FORMAT_VERSION, "source": self.source, "n_objects": self.n,
-                "n_pixels": int(self.flux.shape[1]), "image_stats": {}, **(extra_meta or {})}
+        spectra = self.flux is not None
+        train = (np.asarray(catalog["split"]) == "train") if "split" in catalog.colnames else np.ones(self.n, bool)
+        meta = {"format_version": FORMAT_VERSION, "source": self.source, "n_objects": self.n, "spectra": spectra,
+                "n_pixels": int(self.flux.shape[1]) if spectra else 0, "image_stats": {}, **(extra_meta or {})}
         for key, arr in self.images.items():
             meta["image_stats"][key] = _channel_stats(arr, train, key)
         for arr in (self.flux, self.ivar, self.mask, *self.images.values()):
@@ -182,13 +196,14 @@ def _image_to_float(images: np.ndarray, kind: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Survey:
-    """A dataset folder, opened memory-mapped and checked."""
+    """A dataset folder, opened memory-mapped and checked (loglam, flux and ivar are None for a
+    dataset of images only)."""
 
     root: Path
     catalog: Table
-    loglam: np.ndarray
-    flux: np.ndarray
-    ivar: np.ndarray
+    loglam: np.ndarray | None
+    flux: np.ndarray | None
+    ivar: np.ndarray | None
     images: dict[str, np.ndarray]
     meta: dict
     mask: np.ndarray | None = None
@@ -196,6 +211,11 @@ class Survey:
 
     def __len__(self) -> int:
         return len(self.catalog)
+
+    @property
+    def has_spectra(self) -> bool:
+        """False for a dataset of images only (meta.json ``"spectra": false``)."""
+        return bool(self.meta.get("spectra", True))
 
     @property
     def wave(self) -> np.ndarray:
@@ -237,44 +257,97 @@ def check_finite(path: Path, arr: np.ndarray, chunk: int = 4096) -> None:
             raise DataError(f"dataset file '{path}' has non-finite values (first in row {row})")
 
 
-def open_survey(root: str | Path, check_values: bool = True) -> Survey:
+def read_table(path: Path, what: str = "catalog") -> Table:
+    """A FITS or CSV table, or a :class:`DataError` in one line naming ``path`` (astropy's own
+    error for a file that is not a table lists every format it tried)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} '{path}' does not exist")
+    suffix = "".join(path.suffixes[-2:]).lower()
+    try:  # FITS NaNs stay NaN (not masked): every consumer reads them as missing values
+        if path.suffix.lower() in (".csv", ".txt"):
+            table = Table.read(path, format="ascii.csv")
+        elif suffix.endswith((".fits", ".fit", ".fits.gz", ".fz")):
+            table = Table.read(path, format="fits", mask_invalid=False)
+        else:
+            table = Table.read(path)
+    except Exception as err:  # astropy raises several types for a file that is not a table
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{what} '{path}' cannot be read as a table (FITS or CSV): {detail[:200]}") from None
+    table.convert_bytestring_to_unicode()
+    return table
+
+
+def check_identities(catalog: Table, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` and the first offending row when the catalog's
+    objid are not whole numbers or repeat, or its ra / dec are not finite coordinates."""
+    objid = np.asarray(catalog["objid"])
+    if objid.dtype.kind == "f":
+        bad = ~np.isfinite(objid) | (objid != np.round(objid))
+        if bad.any():
+            raise DataError(f"{where}: objid of row {int(np.flatnonzero(bad)[0])} is {objid[bad][0]!r}, expected a "
+                            f"whole number")
+    elif objid.dtype.kind not in "iu":
+        raise DataError(f"{where}: column objid holds {objid.dtype} values, expected integers")
+    values, first, counts = np.unique(objid, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        row = int(np.sort(first[counts > 1])[0])
+        raise DataError(f"{where}: objid {objid[row]} appears {int(counts[first == row][0])} times (first in row "
+                        f"{row}); every galaxy needs its own id")
+    for column, low, high in (("ra", 0.0, 360.0), ("dec", -90.0, 90.0)):
+        values = np.ma.filled(np.ma.asarray(catalog[column], dtype=np.float64), np.nan)
+        bad = ~np.isfinite(values) | (values < low) | (values > high)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: {column} of row {row} (objid {objid[row]}) is {values[row]!r}, expected a "
+                            f"finite value in [{low:g}, {high:g}] degrees")
+
+
+def open_survey(root: str | Path, check_values: bool = True, need_spectra: bool = True) -> Survey:
     """Open a dataset folder and check that every file agrees with the catalog.
 
     Raises :class:`DataError` naming the file and the problem for missing, truncated or
-    mismatched files, and (with ``check_values``) for NaN or infinite flux, ivar or images.
+    mismatched files, and (with ``check_values``) for NaN or infinite flux, ivar or images. A
+    dataset of images only is refused unless ``need_spectra`` is False.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder '{root}' does not exist")
-    cat_path = root / "catalog.fits"
+    cat_path, meta_path = root / "catalog.fits", root / "meta.json"
     if not cat_path.is_file():
         raise DataError(f"dataset file '{cat_path}' is missing")
-    try:
-        catalog = Table.read(cat_path)
-    except Exception as err:  # astropy raises several types for a corrupt file
-        raise DataError(f"dataset file '{cat_path}' cannot be read as a FITS table ({err})") from None
-    catalog.convert_bytestring_to_unicode()
-    missing = [c for c in CATALOG_COLUMNS if c not in catalog.colnames]
-    if missing:
-        raise DataError(f"dataset file '{cat_path}' lacks column(s) {', '.join(missing)}")
-    splits = sorted(set(np.asarray(catalog["split"]).astype(str).tolist()) - set(SPLITS))
-    if splits:
-        raise DataError(f"dataset file '{cat_path}': unknown split value(s) {', '.join(map(repr, splits))}; "
-                        f"expected one of {', '.join(SPLITS)}")
-    n = len(catalog)
-    meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise DataError(f"dataset file '{meta_path}' is missing")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"dataset file '{meta_path}' is not valid JSON ({err})") from None
-    loglam = np.asarray(_load_array(root / "loglam.npy", None))
-    if loglam.ndim != 1 or not np.all(np.diff(loglam) > 0):
-        raise DataError(f"dataset file '{root / 'loglam.npy'}' must be a 1-D increasing grid")
-    flux = _load_array(root / "flux.npy", n, (len(loglam),))
-    ivar = _load_array(root / "ivar.npy", n, (len(loglam),))
-    mask = _load_array(root / "mask.npy", n, (len(loglam),)) if (root / "mask.npy").exists() else None
+    if not isinstance(meta, dict):
+        raise DataError(f"dataset file '{meta_path}' must hold a JSON object")
+    spectra = bool(meta.get("spectra", True))
+    if need_spectra and not spectra:
+        raise DataError(f"dataset '{root}' holds images only (meta.json: \"spectra\": false): predict spectra "
+                        f"for it with generate.py sampling.catalog={root}; training and evaluation need spectra")
+    catalog = read_table(cat_path, "dataset file")
+    missing = [c for c in (CATALOG_COLUMNS if spectra else IMAGES_ONLY_COLUMNS) if c not in catalog.colnames]
+    if missing:
+        raise DataError(f"dataset file '{cat_path}' lacks column(s) {', '.join(missing)}")
+    if spectra:
+        splits = sorted(set(np.asarray(catalog["split"]).astype(str).tolist()) - set(SPLITS))
+        if splits:
+            raise DataError(f"dataset file '{cat_path}': unknown split value(s) {', '.join(map(repr, splits))}; "
+                            f"expected one of {', '.join(SPLITS)}")
+    else:
+        check_identities(catalog, f"dataset file '{cat_path}'")
+    n = len(catalog)
+    loglam = flux = ivar = mask = None
+    if spectra:
+        loglam = np.asarray(_load_array(root / "loglam.npy", None))
+        if loglam.ndim != 1 or not np.all(np.diff(loglam) > 0):
+            raise DataError(f"dataset file '{root / 'loglam.npy'}' must be a 1-D increasing grid")
+        flux = _load_array(root / "flux.npy", n, (len(loglam),))
+        ivar = _load_array(root / "ivar.npy", n, (len(loglam),))
+        mask = _load_array(root / "mask.npy", n, (len(loglam),)) if (root / "mask.npy").exists() else None
     images = {}
     for key, name in IMAGE_FILES.items():
         if (root / name).exists():
@@ -282,8 +355,9 @@ def open_survey(root: str | Path, check_values: bool = True) -> Survey:
     if not images:
         raise DataError(f"dataset folder '{root}' has no image array ({' or '.join(IMAGE_FILES.values())})")
     if check_values:
-        check_finite(root / "flux.npy", flux)
-        check_finite(root / "ivar.npy", ivar)
+        if spectra:
+            check_finite(root / "flux.npy", flux)
+            check_finite(root / "ivar.npy", ivar)
         if "ugriz" in images:
             check_finite(root / IMAGE_FILES["ugriz"], images["ugriz"])
     return Survey(root, catalog, loglam, flux, ivar, images, meta, mask)
@@ -362,30 +436,40 @@ class SpectraDataset(torch.utils.data.Dataset):
     downsample : combine blocks of this many pixels (inverse-variance weighted); 1 keeps the grid.
     train : random crops and flips when True, centre crop otherwise.
     rows : optional explicit row indices (overrides ``split``).
-    spectra : False for images without spectra: ``spectrum`` and ``params`` are then zeros.
+    loglam : the stored grid the spectra live on, for a survey of images only (the grid of the
+        models' training data); default the survey's own.
+    image_stats : per-channel ``{"mean", "std"}`` that standardise the images; default the
+        survey's own (a survey of images only is standardised like the training images).
+
+    A survey of images only has no spectra: its items' ``spectrum`` and ``params`` are zeros.
     """
 
     def __init__(self, survey: Survey, split: str | None, image: str = "gri", preprocessing: str = "scale",
                  downsample: int = 1, train: bool = False, rows: np.ndarray | None = None,
-                 spectra: bool = True) -> None:
+                 loglam: np.ndarray | None = None, image_stats: dict | None = None) -> None:
         if image not in survey.images:
             raise DataError(f"dataset folder '{survey.root}' has no {IMAGE_FILES[image]} "
                             f"(config data.image={image!r}; present: {', '.join(survey.images)})")
         self.survey = survey
         self.rows = np.asarray(rows) if rows is not None else survey.rows(split)
         self.kind = image
-        self.grid = SpectralGrid(survey.loglam, downsample, preprocessing)
-        self.spectra = spectra
-        stats = survey.meta.get("image_stats", {}).get(image)
+        loglam = survey.loglam if loglam is None else loglam
+        if loglam is None:
+            raise ValueError(f"dataset '{survey.root}' holds images only: give the grid of the spectra (loglam)")
+        self.grid = SpectralGrid(loglam, downsample, preprocessing)
+        self.spectra = survey.has_spectra
+        stats = image_stats or survey.meta.get("image_stats", {}).get(image)
         if stats is None:
             raise DataError(f"dataset file '{survey.root / 'meta.json'}' lacks image_stats for '{image}'")
+        self.image_stats = stats
         self.transform = ImageTransform(stats["mean"], stats["std"], train)
-        self.z = np.asarray(survey.catalog["z"], dtype=np.float64)[self.rows]
+        z = survey.catalog["z"] if "z" in survey.catalog.colnames else np.full(len(survey), np.nan)
+        self.z = np.ma.filled(np.ma.asarray(z, dtype=np.float64), np.nan)[self.rows]
 
     def like(self, rows: np.ndarray, train: bool = False) -> "SpectraDataset":
-        """The same grid, bands and preprocessing on other ``rows``."""
+        """The same grid, bands, preprocessing and image standardisation on other ``rows``."""
         return SpectraDataset(self.survey, None, self.kind, self.preprocessing, self.downsample, train=train,
-                              rows=rows, spectra=self.spectra)
+                              rows=rows, loglam=self.grid.stored_loglam, image_stats=self.image_stats)
 
     @property
     def preprocessing(self) -> str:

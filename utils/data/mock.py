@@ -9,7 +9,7 @@ sky and photon noise. The spectrum is what a 3" (or 2") fibre sees of the same t
 plus emission lines and AGN drawn per galaxy (utils.data.mock_physics), rebinned onto the SDSS grid
 with SDSS-like noise; the catalog carries fibre magnitudes and every true property.
 
-Run ``python -m utils.data.mock --help``. Simplifications are listed in the README ("Mock survey").
+Run ``python -m utils.mock --help``. Simplifications are listed in the README ("Mock survey").
 """
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
 """Download SDSS galaxies: catalog (SQL), spec-lite spectra, colour JPEG and ugriz cutouts.
 
-    python -m utils.data.sdss catalog --n 100000 --out data/sdss/catalog.fits [--release 16]
-    python -m utils.data.sdss spectra --catalog data/sdss/catalog.fits --out data/sdss/spectra
-    python -m utils.data.sdss images  --catalog data/sdss/catalog.fits --out data/sdss/images [--ugriz]
-    python -m utils.data.sdss all --n 100000 --root data/sdss        # all of the above, then prepare
+    python -m utils.sdss catalog --n 100000 --out data/sdss/catalog.fits [--release 16]
+    python -m utils.sdss spectra --catalog data/sdss/catalog.fits --out data/sdss/spectra
+    python -m utils.sdss images  --catalog data/sdss/catalog.fits --out data/sdss/images [--ugriz]
+    python -m utils.sdss all --n 100000 --root data/sdss        # all of the above, then prepare
+    python -m utils.sdss all --photometric --n 20000 --mag-max 17.77 --root data/sdss_phot --ugriz
+
+``--photometric`` selects PhotoObj galaxies instead (the survey's imaging catalogue, most of which
+has no spectrum): by magnitude (``--mag-max``), area (``--area RA_MIN RA_MAX DEC_MIN DEC_MAX``) or a
+list of coordinates (``--coords FILE``, a FITS or CSV table with ra and dec: the nearest galaxy
+within ``--match-arcsec`` of each), with or without spectra (``--spectra with|without|any``). Its
+files are named by objID; ``all --photometric`` ends in a dataset of images only, for
+generate.py's ``sampling.catalog``.
 
 Every step can be interrupted and rerun: the catalog query resumes after the last saved page;
 downloads skip files that are already there and valid, and fetch broken ones again. Files are
@@ -30,8 +38,9 @@ import requests
 import urllib3
 from astropy.table import Table, vstack
 
-from utils.data.dataset import IMAGE_SIZE
-from utils.data.files import MPA_JHU_COLUMNS, cutout_path, jpeg_path, read_cutout_jpeg, spectrum_path
+from utils.data.dataset import IMAGE_SIZE, read_table
+from utils.data.files import (ID_KEYWORD, MPA_JHU_COLUMNS, cutout_path, jpeg_path, object_ids, read_cutout_5band,
+                              read_cutout_jpeg, spectrum_path)
 from utils.data.prepare import prepare
 from utils.errors import UserError
 
@@ -74,14 +83,49 @@ def build_query(top: int, after: int, z_min: float | None = None, z_max: float |
             f"WHERE {' AND '.join(where)} ORDER BY s.specObjID")
 
 
+#: columns of the photometric catalog query (PhotoObj; SDSS's 3" fibre magnitudes among them)
+PHOTOMETRIC_COLUMNS = ("objID", "ra", "dec", *(f"cModelMag_{b}" for b in "ugriz"), *(f"fiberMag_{b}" for b in "ugriz"),
+                       "petroRad_r", "run", "rerun", "camcol", "field")
+#: which photometric galaxies: those with a spectrum, those without, or both
+SPECTRA_CHOICES = ("any", "with", "without")
+#: PhotoObj's type code of a galaxy
+GALAXY_TYPE = 3
+
+
+def build_photometric_query(top: int, after: int, mag_max: float | None = None, spectra: str = "any",
+                            area: tuple[float, float, float, float] | None = None) -> str:
+    """SQL for one page of PhotoObj galaxies (primary detections) with objID > ``after``, ordered
+    by objID, with their spectrum's specObjID and redshift where they have one (``spectra`` 'with'
+    keeps only those, 'without' only the others); ``area`` is (ra_min, ra_max, dec_min, dec_max)
+    in degrees."""
+    if spectra not in SPECTRA_CHOICES:
+        raise ValueError(f"spectra must be one of {SPECTRA_CHOICES}, got {spectra!r}")
+    cols = ", ".join([f"p.{c}" for c in PHOTOMETRIC_COLUMNS] + ["s.specObjID", "s.z"])
+    join = "JOIN" if spectra == "with" else "LEFT OUTER JOIN"
+    where = [f"p.type = {GALAXY_TYPE}", "p.mode = 1", f"p.objID > {int(after)}"]
+    if mag_max is not None:
+        where.append(f"p.cModelMag_r < {mag_max}")
+    if area is not None:
+        ra_min, ra_max, dec_min, dec_max = area
+        where.append(f"p.ra BETWEEN {ra_min} AND {ra_max} AND p.dec BETWEEN {dec_min} AND {dec_max}")
+    if spectra == "without":
+        where.append("s.specObjID IS NULL")
+    return (f"SELECT TOP {int(top)} {cols} FROM PhotoObj AS p {join} SpecObj AS s ON s.bestObjID = p.objID "
+            f"AND s.sciencePrimary = 1 WHERE {' AND '.join(where)} ORDER BY p.objID")
+
+
 def query_catalog(n: int, out: str | Path, release: int = 17, page_size: int = PAGE_SIZE,
-                  query_fn: Callable[..., Table] | None = None, **cuts) -> Table:
-    """Fetch ``n`` galaxies page by page (keyset paging on specObjID) into the FITS table ``out``.
+                  query_fn: Callable[..., Table] | None = None, photometric: bool = False, **cuts) -> Table:
+    """Fetch ``n`` galaxies page by page into the FITS table ``out``: spectroscopic ones (keyset
+    paging on specObjID; ``cuts`` of :func:`build_query`), or with ``photometric`` PhotoObj
+    galaxies (keyset paging on objID; ``cuts`` of :func:`build_photometric_query`).
 
     Each page is saved in ``<out>.pages/`` as it arrives, so an interrupted query resumes after
     the last saved page. ``query_fn(sql, data_release=...)`` defaults to astroquery's
     ``SDSS.query_sql``.
     """
+    key = "objID" if photometric else "specObjID"
+    build = build_photometric_query if photometric else build_query
     out = Path(out)
     pages_dir = out.with_name(out.name + ".pages")
     pages_dir.mkdir(parents=True, exist_ok=True)
@@ -90,13 +134,13 @@ def query_catalog(n: int, out: str | Path, release: int = 17, page_size: int = P
         query_fn = SDSS.query_sql
     pages = [Table.read(p) for p in sorted(pages_dir.glob("page_*.fits"))]
     have = sum(len(p) for p in pages)
-    last = int(max(p["specObjID"].max() for p in pages)) if pages else 0
+    last = int(max(p[key].max() for p in pages)) if pages else 0
     if pages:
-        logger.info("resuming the catalog query after %d saved rows (specObjID > %d)", have, last)
+        logger.info("resuming the catalog query after %d saved rows (%s > %d)", have, key, last)
     from tqdm import tqdm
     bar = tqdm(total=n, initial=min(have, n), desc="catalog", unit="row")
     while have < n:
-        sql = build_query(min(page_size, n - have), last, **cuts)
+        sql = build(min(page_size, n - have), last, **cuts)
         try:
             page = query_fn(sql, data_release=release)
         except (requests.ConnectionError, requests.Timeout) as err:
@@ -108,16 +152,61 @@ def query_catalog(n: int, out: str | Path, release: int = 17, page_size: int = P
         page.write(pages_dir / f"page_{len(pages):05d}.fits")
         pages.append(page)
         have += len(page)
-        last = int(page["specObjID"].max())
+        last = int(page[key].max())
         bar.update(len(page))
     bar.close()
     if not pages:
         raise UserError("the catalog query returned no galaxies: check the cuts")
-    table = vstack(pages)[:n]
+    return write_catalog(vstack(pages)[:n], out, key)
+
+
+def write_catalog(table: Table, out: Path, key: str) -> Table:
+    """Write a catalog atomically, recording the id column its files are named by (``IDCOL``)."""
+    table.meta[ID_KEYWORD] = key
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     table.write(tmp, format="fits", overwrite=True)
     os.replace(tmp, out)
     return table
+
+
+def match_coordinates(coords: Table, out: str | Path, radius_arcsec: float = 2.0, release: int = 17,
+                      crossid_fn: Callable[..., Table] | None = None, chunk: int = 1000) -> Table:
+    """The nearest PhotoObj galaxy within ``radius_arcsec`` of each (ra, dec) of ``coords``, by
+    astroquery's ``SDSS.query_crossid`` (or ``crossid_fn`` with its signature), ``chunk``
+    coordinates per request; written like :func:`query_catalog`'s catalogs (files named by objID).
+    Coordinates without a galaxy are counted in the log and left out."""
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    if crossid_fn is None:
+        from astroquery.sdss import SDSS
+        crossid_fn = SDSS.query_crossid
+    missing = [c for c in ("ra", "dec") if c not in coords.colnames]
+    if missing:
+        raise UserError(f"--coords: the table lacks {', '.join(missing)} (degrees); it has "
+                        f"{', '.join(coords.colnames) or 'none'}")
+    parts = []
+    for start in range(0, len(coords), chunk):
+        rows = coords[start:start + chunk]
+        where = SkyCoord(np.asarray(rows["ra"], float), np.asarray(rows["dec"], float), unit="deg")
+        try:
+            found = crossid_fn(where, photoobj_fields=[*PHOTOMETRIC_COLUMNS, "type"], radius=radius_arcsec * u.arcsec,
+                               data_release=release)
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise NetworkUnreachable(f"the SDSS cross-match service cannot be reached ({type(err).__name__})"
+                                     ) from None
+        if found is not None and len(found):
+            parts.append(found[np.asarray(found["type"]) == GALAXY_TYPE] if "type" in found.colnames else found)
+    table = vstack(parts) if parts else Table()
+    if len(table) == 0:
+        raise UserError(f"no SDSS galaxy lies within {radius_arcsec}\" of any of the {len(coords)} coordinates")
+    _, first = np.unique(np.asarray(table["objID"]), return_index=True)  # one row per galaxy
+    table = table[np.sort(first)]
+    if len(table) < len(coords):
+        logger.warning("%d of %d coordinates have no SDSS galaxy within %.1f\"", len(coords) - len(table),
+                       len(coords), radius_arcsec)
+    return write_catalog(table[[c for c in PHOTOMETRIC_COLUMNS if c in table.colnames]], Path(out), "objID")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +479,9 @@ def download_spectra(catalog: Table, out: Path, downloader: Downloader, release:
 
 def download_jpegs(catalog: Table, out: Path, downloader: Downloader, release: int = 17,
                    base: str = SKYSERVER_URL) -> Report:
-    tasks = [Task(str(int(r["specObjID"])), jpeg_url(float(r["ra"]), float(r["dec"]), release, base),
-                  jpeg_path(out, r["specObjID"]), valid_jpeg) for r in catalog]
+    """The SkyServer colour cutout of every catalog row, named by its id (utils.data.files.object_ids)."""
+    tasks = [Task(str(objid), jpeg_url(float(r["ra"]), float(r["dec"]), release, base), jpeg_path(out, objid),
+                  valid_jpeg) for objid, r in zip(object_ids(catalog), catalog)]
     return downloader.run(tasks, Path(out) / "failures.csv", desc="jpeg cutouts")
 
 
@@ -406,8 +496,8 @@ def download_ugriz(catalog: Table, out: Path, downloader: Downloader, release: i
     frames_dir = out / "frames"
     key = lambda r: (int(r["run"]), int(r["rerun"]), int(r["camcol"]), int(r["field"]))  # noqa: E731
     groups: dict[tuple, list] = {}
-    for r in catalog:
-        groups.setdefault(key(r), []).append(r)
+    for objid, r in zip(object_ids(catalog), catalog):
+        groups.setdefault(key(r), []).append((objid, r))
     tasks = [Task(f"frame-{b}-{run:06d}-{camcol}-{fld:04d}", frame_url(run, rerun, camcol, fld, b, release, base),
                   frames_dir / f"frame-{b}-{run:06d}-{camcol}-{fld:04d}.fits.bz2", valid_frame)
              for (run, rerun, camcol, fld) in groups for b in "ugriz"]
@@ -416,15 +506,15 @@ def download_ugriz(catalog: Table, out: Path, downloader: Downloader, release: i
     for (run, rerun, camcol, fld), rows in groups.items():
         names = [frames_dir / f"frame-{b}-{run:06d}-{camcol}-{fld:04d}.fits.bz2" for b in "ugriz"]
         if not all(p.exists() for p in names):
-            for r in rows:
-                failures[str(int(r["specObjID"]))] = "a frame of its field could not be downloaded"
+            for objid, _ in rows:
+                failures[str(objid)] = "a frame of its field could not be downloaded"
             continue
         images = []
         for p in names:
             with fits.open(p) as hdus:
                 images.append((hdus[0].data.astype(np.float32), WCS(hdus[0].header)))
-        for r in rows:
-            dest = cutout_path(out, r["specObjID"])
+        for objid, r in rows:
+            dest = cutout_path(out, objid)
             if dest.exists():
                 continue
             position = SkyCoord(float(r["ra"]), float(r["dec"]), unit="deg")
@@ -432,7 +522,7 @@ def download_ugriz(catalog: Table, out: Path, downloader: Downloader, release: i
                 stack = np.stack([Cutout2D(data, position, IMAGE_SIZE, wcs=wcs, mode="partial", fill_value=0.0).data
                                   for data, wcs in images])
             except Exception as err:  # outside the frame
-                failures[str(int(r["specObjID"]))] = f"cutout failed: {err}"
+                failures[str(objid)] = f"cutout failed: {err}"
                 continue
             tmp = dest.with_name(dest.name + ".part.npy")
             np.save(tmp, stack.astype(np.float32))
@@ -450,6 +540,64 @@ def _downloader(args) -> Downloader:
                       backoff=args.backoff)
 
 
+def add_selection(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the catalog's galaxies."""
+    parser.add_argument("--n", type=int, default=None, help="galaxies to fetch (required unless --coords)")
+    for name in ("z-min", "z-max"):
+        parser.add_argument(f"--{name}", type=float, default=None, help="redshift cut (spectroscopic catalog)")
+    parser.add_argument("--mag-max", type=float, default=None, help="r-band model magnitude limit")
+    parser.add_argument("--photometric", action="store_true", help="PhotoObj galaxies (most without a spectrum) "
+                        "instead of spectroscopic ones; their files are named by objID")
+    parser.add_argument("--spectra", dest="with_spectra", choices=SPECTRA_CHOICES, default="any",
+                        help="--photometric: galaxies with a spectrum, without one, or both")
+    parser.add_argument("--area", type=float, nargs=4, default=None, metavar=("RA_MIN", "RA_MAX", "DEC_MIN", "DEC_MAX"),
+                        help="--photometric: a box on the sky, degrees")
+    parser.add_argument("--coords", default=None, help="--photometric: a FITS or CSV table with ra and dec; the "
+                        "nearest galaxy of each")
+    parser.add_argument("--match-arcsec", type=float, default=2.0, help="--coords: the largest separation")
+
+
+def fetch_catalog(args, out: Path) -> Table:
+    """The catalog the selection options ask for, written to ``out``."""
+    if not args.photometric:
+        for flag in ("coords", "area"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} selects photometric galaxies: add --photometric")
+        if args.n is None:
+            raise UserError("give --n, the number of galaxies to fetch")
+        return query_catalog(args.n, out, args.release, z_min=args.z_min, z_max=args.z_max, mag_max=args.mag_max)
+    if args.coords:
+        return match_coordinates(read_table(Path(args.coords), "--coords table"), out, args.match_arcsec, args.release)
+    if args.n is None:
+        raise UserError("give --n, the number of galaxies to fetch (or --coords)")
+    return query_catalog(args.n, out, args.release, photometric=True, mag_max=args.mag_max,
+                         spectra=args.with_spectra, area=tuple(args.area) if args.area else None)
+
+
+def with_cutouts(catalog: Table, images_dir: Path, ugriz_dir: Path | None, out: Path) -> Path:
+    """Write the rows of ``catalog`` whose downloaded cutouts are all usable to ``out`` (a FITS
+    catalog); the others are listed with the reason in ``<out>.dropped.csv``."""
+    ids = object_ids(catalog)
+    keep, dropped = np.ones(len(catalog), bool), []
+    for i, objid in enumerate(ids):
+        reason = valid_jpeg(jpeg_path(images_dir, objid)) if jpeg_path(images_dir, objid).exists() else "no JPEG"
+        if reason is None and ugriz_dir is not None:
+            cut = read_cutout_5band(cutout_path(ugriz_dir, objid))
+            reason = cut if isinstance(cut, str) else None
+        if reason:
+            keep[i] = False
+            dropped.append((int(objid), reason))
+    if not keep.any():
+        raise UserError(f"none of the {len(catalog)} galaxies has its cutouts (see {images_dir}/failures.csv)")
+    kept = catalog[keep]
+    write_catalog(kept, out, catalog.meta.get(ID_KEYWORD, "objID"))
+    write_failures(out.with_name(out.name + ".dropped.csv"), {str(k): v for k, v in dropped})
+    if dropped:
+        logger.warning("%d of %d galaxies lack a usable cutout and are left out (listed in %s)", len(dropped),
+                       len(catalog), out.with_name(out.name + ".dropped.csv"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download SDSS galaxies (catalog, spectra, images).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -463,10 +611,8 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--sas-url", default=SAS_URL, help="base URL of the Science Archive Server (or a mirror)")
     common.add_argument("--skyserver-url", default=SKYSERVER_URL, help="base URL of SkyServer (or a mirror)")
     cat = sub.add_parser("catalog", parents=[common])
-    cat.add_argument("--n", type=int, required=True)
     cat.add_argument("--out", required=True)
-    for name in ("z-min", "z-max", "mag-max"):
-        cat.add_argument(f"--{name}", type=float, default=None)
+    add_selection(cat)
     for name in ("spectra", "images"):
         p = sub.add_parser(name, parents=[common])
         p.add_argument("--catalog", required=True)
@@ -474,36 +620,41 @@ def main(argv: list[str] | None = None) -> None:
         if name == "images":
             p.add_argument("--ugriz", action="store_true", help="also 5-band cutouts from the corrected frames")
     every = sub.add_parser("all", parents=[common])
-    every.add_argument("--n", type=int, required=True)
     every.add_argument("--root", default="data/sdss")
     every.add_argument("--ugriz", action="store_true")
-    for name in ("z-min", "z-max", "mag-max"):
-        every.add_argument(f"--{name}", type=float, default=None)
+    add_selection(every)
     args = parser.parse_args(argv)
-    cuts = {k: getattr(args, k, None) for k in ("z_min", "z_max", "mag_max")}
     if args.command == "catalog":
-        query_catalog(args.n, args.out, args.release, **cuts)
+        fetch_catalog(args, Path(args.out))
         return
     if args.command == "all":
-        root = Path(args.root)
-        catalog = query_catalog(args.n, root / "catalog.fits", args.release, **cuts)
-        download_spectra(catalog, root / "spectra", _downloader(args), args.release, args.sas_url)
-        download_jpegs(catalog, root / "images", _downloader(args), args.release, args.skyserver_url)
-        if args.ugriz:
-            download_ugriz(catalog, root / "ugriz", _downloader(args), args.release, args.sas_url)
-        prepare(root / "catalog.fits", root / "spectra", root / "images", root / "dataset",
-                ugriz_dir=root / "ugriz" if args.ugriz else None)
+        run_all(args, Path(args.root))
         return
-    path = Path(args.catalog)
-    if not path.is_file():
-        raise UserError(f"catalog '{path}' does not exist (make it with: python -m utils.data.sdss catalog ...)")
-    catalog = Table.read(path)
+    catalog = read_table(Path(args.catalog))
     if args.command == "spectra":
+        if "specObjID" not in catalog.colnames:
+            raise UserError(f"catalog '{args.catalog}' has no specObjID: a photometric catalog has no spectra to fetch")
         download_spectra(catalog, Path(args.out), _downloader(args), args.release, args.sas_url)
     else:
         download_jpegs(catalog, Path(args.out), _downloader(args), args.release, args.skyserver_url)
         if args.ugriz:
             download_ugriz(catalog, Path(args.out) / "ugriz", _downloader(args), args.release, args.sas_url)
+
+
+def run_all(args, root: Path) -> Path:
+    """Catalog, downloads and preparation into ``root``: a dataset with spectra, or with
+    ``--photometric`` a dataset of images only (of the galaxies whose cutouts arrived)."""
+    catalog = fetch_catalog(args, root / "catalog.fits")
+    if not args.photometric:
+        download_spectra(catalog, root / "spectra", _downloader(args), args.release, args.sas_url)
+    download_jpegs(catalog, root / "images", _downloader(args), args.release, args.skyserver_url)
+    ugriz = root / "ugriz" if args.ugriz else None
+    if ugriz is not None:
+        download_ugriz(catalog, ugriz, _downloader(args), args.release, args.sas_url)
+    if args.photometric:
+        usable = with_cutouts(catalog, root / "images", ugriz, root / "catalog_with_cutouts.fits")
+        return prepare(usable, None, root / "images", root / "dataset", ugriz_dir=ugriz)
+    return prepare(root / "catalog.fits", root / "spectra", root / "images", root / "dataset", ugriz_dir=ugriz)
 
 
 if __name__ == "__main__":
