@@ -22,9 +22,10 @@ from models.diffusion import GaussianDiffusion
 from utils.builders import build_diffusion, build_generative_model, clip_value
 from utils.checkpoints import GRID_KEY, MEAN_SPECTRUM_KEY
 from utils.errors import cli
-from utils.generation import VAL_SAMPLER, run_mean_spectrum, validation_errors, warm_start_image_encoder
+from utils.generation import VAL_SAMPLER, run_mean_spectrum, validation_errors
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
+from utils.trained import warm_start_image_encoder
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
 
 logger = logging.getLogger("train_generative")

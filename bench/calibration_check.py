@@ -23,8 +23,9 @@ from utils.data.survey import configured_dataset, load_survey, subset
 from utils.eval.calibration import PIXELS, calibration_inputs, fit_calibration
 from utils.eval.metrics import COVERAGE_LEVELS, interval_coverage
 from utils.eval.report import COVERED
-from utils.generation import SamplingPlan, build_models, draw_samples, find_models
+from utils.generation import SamplingPlan, draw_samples
 from utils.runtime import default_device
+from utils.trained import build_models, find_models
 
 
 def main() -> None:

@@ -34,8 +34,9 @@ from utils.checkpoints import default_runs
 from utils.config import load_config
 from utils.data.survey import configured_dataset, load_survey, subset
 from utils.eval.metrics import summarise_samples
-from utils.generation import build_models, find_models, load_trained, sample_for_images, score, sequential_ddpm
+from utils.generation import sample_for_images, score, sequential_ddpm
 from utils.runtime import default_device
+from utils.trained import build_models, find_models, load_trained
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from models.diffusion import GaussianDiffusion
 
-
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 

@@ -171,23 +171,32 @@ class ConditionalUNet1D(nn.Module):
     cond_drop : in training, the share of items whose context is replaced by a learned null
         context, so that the same network also predicts unconditionally (classifier-free
         guidance, Ho & Salimans 2022; not in the paper: 0 reproduces it).
+    low_channel : the super stage of the cascade (SPEC 5): a second input channel holds a
+        low-resolution spectrum interpolated onto the full grid (``forward``'s ``low``).
+    noise_level : with ``low_channel``, the step of the noise that augments that input
+        (``forward``'s ``level``, Ho et al. 2021) is embedded like the timestep and added to it.
     """
 
     def __init__(self, length: int, image_channels: int = 3, width: int = 64,
                  mults: tuple[int, ...] = (1, 2, 4, 8, 16), attn_levels: tuple[int, ...] = (4,),
                  head_dim: int = HEAD_DIM, conditioning: str = "x-attention", image_depth: int = 18,
                  image_width: int = 64, context_pos: bool = False, grad_checkpoint: bool = False,
-                 cond_drop: float = 0.0) -> None:
+                 cond_drop: float = 0.0, low_channel: bool = False, noise_level: bool = False) -> None:
         super().__init__()
         dims = check_layout(length, width, mults, attn_levels, conditioning)
         self.length = length
         self.conditioning = conditioning
         self.grad_checkpoint = grad_checkpoint
         self.cond_drop = cond_drop
+        self.low_channel = low_channel
         self.time_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, 4 * width), nn.ReLU(),
                                         nn.Linear(4 * width, width))
+        if noise_level:
+            self.level_embed = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, 4 * width), nn.ReLU(),
+                                             nn.Linear(4 * width, width))
         context_dim, in_channels = self._build_conditioning(length, image_channels, image_depth, image_width,
                                                             context_pos, cond_drop)
+        in_channels += int(low_channel)
         attn = set(attn_levels) if conditioning != "concat" else set()
         self._build_levels(dims, in_channels, width, width * mults[-1], attn, context_dim, head_dim)
 
@@ -265,14 +274,20 @@ class ConditionalUNet1D(nn.Module):
         return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                images: torch.Tensor | None = None) -> torch.Tensor:
+                images: torch.Tensor | None = None, low: torch.Tensor | None = None,
+                level: torch.Tensor | None = None) -> torch.Tensor:
         """Network output ``(B, 1, L)`` for ``x`` ``(B, 1, L)`` at timesteps ``t`` ``(B,)``.
 
         Pass a precomputed ``context`` (sampling) or the ``images`` (training, so that the encoder
         runs inside forward and data-parallel wrappers see it). In training mode with
         ``cond_drop > 0`` each item's context is replaced by the null context with that
-        probability.
+        probability. A super-stage network also takes ``low`` ``(B, 1, L)``, the low-resolution
+        spectrum on the full grid, and with ``noise_level`` its noise step ``level`` ``(B,)``.
         """
+        if self.low_channel:
+            if low is None:
+                raise ValueError("a super-stage network needs its low-resolution input (low)")
+            x = torch.cat([x, low.to(x.dtype)], dim=1)
         if context is None and images is not None:
             context = self.encode(images)
             if self.training and self.cond_drop > 0 and context is not None:
@@ -282,6 +297,10 @@ class ConditionalUNet1D(nn.Module):
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         tokens = context if self.conditioning == "x-attention" else None
         temb = self.time_embed(t)
+        if hasattr(self, "level_embed"):
+            if level is None:
+                raise ValueError("this network was trained with noisy low-resolution inputs: pass their level")
+            temb = temb + self.level_embed(level)
         h, skips = x, []
         for block, down, attn in zip(self.down_blocks, self.downsample, self.down_attn):
             h = self._run(block, h, temb)

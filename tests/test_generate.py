@@ -139,7 +139,7 @@ def test_generate_end_to_end_writes_readable_fits(tiny_mock, trained_runs, tmp_p
 def test_generate_refuses_missing_and_mismatched_models(tiny_mock, trained_runs, tmp_path):
     from utils.config import load_config
     from utils.errors import UserError
-    from utils.generation import find_models
+    from utils.trained import find_models
 
     # how the models are looked up (in-process: each script launch costs seconds of imports) ...
     config = load_config("generative", gen_args(tiny_mock, trained_runs, tmp_path) + [
@@ -218,7 +218,7 @@ def test_image_encoder_warm_start_from_the_contrastive_network(tiny_mock, traine
     from utils.builders import build_generative_model
     from utils.config import load_config
     from utils.errors import UserError
-    from utils.generation import load_trained, warm_start_image_encoder
+    from utils.trained import load_trained, warm_start_image_encoder
 
     contrastive = trained_runs[0]
     config = load_config("generative", tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])

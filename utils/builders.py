@@ -31,14 +31,18 @@ def build_contrastive_model(model: dict, in_channels: int, image_weights: bool =
     return net
 
 
-def build_generative_model(model: dict, length: int, image_channels: int) -> ConditionalUNet1D:
-    """The conditional UNet of a generative ``model`` section for ``length`` pixels."""
+def build_generative_model(model: dict, length: int, image_channels: int, noise_level: bool = False
+                           ) -> ConditionalUNet1D:
+    """The conditional UNet of a generative ``model`` section for ``length`` pixels; a super-stage
+    network takes its low-resolution input as a second channel, and with ``noise_level`` (trained
+    with ``train.cond_noise`` > 0) that input's noise level."""
     try:
         return ConditionalUNet1D(length, image_channels, width=model["width"], mults=tuple(model["mults"]),
                                  attn_levels=tuple(model["attn_levels"]), conditioning=model["conditioning"],
                                  image_depth=model["image_depth"], image_width=model["image_width"],
                                  context_pos=model["context_pos"], grad_checkpoint=model["grad_checkpoint"],
-                                 cond_drop=model["cond_drop"])
+                                 cond_drop=model["cond_drop"], low_channel=model["stage"] == "super",
+                                 noise_level=noise_level)
     except ValueError as err:
         raise ConfigError(f"model settings: {err}") from None
 

@@ -30,15 +30,13 @@ from pathlib import Path
 
 import ignite.distributed as idist
 import numpy as np
-import torch
 from astropy.io import fits
 from astropy.table import Table
 from tqdm import tqdm
 
 from utils.astro.photometry import fibre_diameters, photometry_features
 from utils.astro.science import BPT_CLASSES, RedshiftFitter, redshift_weights
-from utils.checkpoints import (METRICS_FILE, claim_run_folder, new_stamped_folder, release_run_folder,
-                               write_json)
+from utils.checkpoints import METRICS_FILE, claim_run_folder, new_stamped_folder, release_run_folder, write_json
 from utils.config import flatten, save_config
 from utils.data.dataset import SpectraDataset
 from utils.data.survey import configured_dataset, subset
@@ -47,7 +45,8 @@ from utils.eval.calibration import PIXELS, Calibration, uncalibrated
 from utils.eval.export import FLUX_UNIT, galaxy_figures, write_per_galaxy
 from utils.eval.metrics import median_and_interval, photometric_params, sample_properties, summarise_samples
 from utils.eval.report import sample_columns
-from utils.generation import SamplingPlan, TrainedPair, draw_batch, validation_calibration
+from utils.generation import SamplingPlan, draw_batch, validation_calibration
+from utils.trained import TrainedPair
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +312,9 @@ def merge_catalogue(paths: list[Path], out: Path) -> int:
 def catalogue_figure(path: Path, out: Path) -> Path | None:
     """What the catalogue holds, at a glance: the samples' redshifts against the catalogue's where
     it has them (else their distribution), and Dn4000 against EW(H-alpha) by BPT class."""
-    from utils.plotting import BPT_COLOURS, save
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
+
+    from utils.plotting import BPT_COLOURS, save
 
     cat = Table.read(path)
     if not len(cat):
@@ -398,6 +398,7 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset) -> Pat
                                  extras["columns"], calibration if calibration.n_galaxies else None)
             if shard.index == 0 and s["figures"]:
                 galaxy_figures(folder / "figures", shard.dataset, extras["results"], None, s["figures"], s["top_k"])
+            dataset.survey.remap()  # memory stays that of one shard, whatever the catalogue's size
     seconds = time.perf_counter() - start
     if world > 1:
         idist.barrier()

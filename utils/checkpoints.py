@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import ignite.distributed as idist
 import torch
+import yaml
 from ignite.handlers import Checkpoint, DiskSaver
 
 from utils.config import flatten, save_config
@@ -321,7 +322,7 @@ def load_checkpoint(path: Path, to_load: dict[str, Any]) -> None:
 DATA_KEYS = ("image", "preprocessing", "downsample")
 #: settings a resumed run must share with its checkpoint: they fix the networks' shapes or what
 #: their inputs and outputs mean (train.*, val.*, run.*, sampling.* and the data folder may change)
-RESUME_FIXED = ("model.", "diffusion.", *(f"data.{key}" for key in DATA_KEYS))
+RESUME_FIXED = ("model.", "diffusion.", "train.cond_noise", *(f"data.{key}" for key in DATA_KEYS))
 #: ... except these: memory only, or read only when a run starts afresh
 RESUME_FREE = ("model.grad_checkpoint", "model.image_init")
 
@@ -495,10 +496,22 @@ def default_runs(kind: str) -> Path:
     return Path(schema_keys(kind)["run.out_dir"].default)
 
 
-def newest_finished_run(folder: Path, what: str) -> Path:
-    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished)."""
-    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()), key=lambda p: p.stat().st_mtime)
+def run_stage(run: Path) -> str:
+    """The cascade stage (``model.stage``) a run folder's config.yml names; 'single' without one."""
+    try:
+        config = yaml.safe_load((run / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "single"
+    return str((config.get("model") or {}).get("stage", "single"))
+
+
+def newest_finished_run(folder: Path, what: str, stages: tuple[str, ...] | None = None) -> Path:
+    """The newest run folder under ``folder`` that wrote metrics.json (i.e. finished), of one of
+    ``stages`` (cascade stages; any when None)."""
+    runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()
+                   and (stages is None or run_stage(p) in stages)), key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise UserError(f"no finished {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one first, "
-                        f"or name a run folder or checkpoint in the config")
+        kind = f" {'/'.join(stages)}-stage" if stages else ""
+        raise UserError(f"no finished{kind} {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one "
+                        f"first, or name a run folder or checkpoint in the config")
     return runs[-1]

@@ -157,6 +157,9 @@ def check_consistency(config: dict) -> None:
     if "top_k" in s and s["top_k"] > s["n_samples"]:
         raise ConfigError(f"config key 'sampling.top_k': got {s['top_k']}, expected at most sampling.n_samples "
                           f"({s['n_samples']})")
+    if "low_keep" in s and s["low_keep"] > s["low_samples"]:
+        raise ConfigError(f"config key 'sampling.low_keep': got {s['low_keep']}, expected at most "
+                          f"sampling.low_samples ({s['low_samples']})")
     if s.get("calibration_objects") and s.get("split") == "val" and not s.get("catalog"):
         raise ConfigError(f"config key 'sampling.calibration_objects': got {s['calibration_objects']}, expected 0 "
                           f"when sampling.split is 'val' (the calibration is fitted on validation galaxies, so they "

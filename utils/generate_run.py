@@ -12,7 +12,7 @@ from utils import catalog_run, split_run
 from utils.data.dataset import open_survey
 from utils.data.survey import load_survey
 from utils.errors import ConfigError, UserError
-from utils.generation import build_models, catalog_set, check_grid, find_models, split_set
+from utils.trained import build_models, catalog_set, check_grid, find_models, split_set
 
 logger = logging.getLogger(__name__)
 

@@ -21,27 +21,18 @@ from tqdm import tqdm
 from models.diffusion import GaussianDiffusion
 from models.samplers import Generators, get_sampler, noise_like
 from models.unet import ConditionalUNet1D
-from utils.builders import build_contrastive_model, build_diffusion, build_generative_model, clip_value
+from utils.builders import build_diffusion, clip_value
 from utils.checkpoints import (
-    DATA_KEYS,
-    GRID_KEY,
     MEAN_SPECTRUM_FILE,
     MEAN_SPECTRUM_KEY,
-    RUN_INFO_KEY,
-    WEIGHTS_KEY,
-    CheckpointError,
-    best_checkpoint,
-    checkpoint_kind,
     default_runs,
-    find_checkpoint,
-    newest_finished_run,
-    read_checkpoint,
 )
-from utils.data.dataset import IMAGE_FILES, SpectraDataset, check_finite, open_survey, splitmix64
+from utils.data.dataset import SpectraDataset, splitmix64
 from utils.data.survey import configured_dataset, load_survey, subset
 from utils.errors import UserError
 from utils.eval.calibration import Calibration, calibrate
 from utils.runtime import autocast
+from utils.trained import TrainedPair, build_denoiser, load_trained
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +62,14 @@ class SamplingPlan:
 @torch.no_grad()
 def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, images: torch.Tensor, n_samples: int,
                       sampler: str, steps: int, *, precision: str = "fp32", clip: float | None = None,
-                      generator: Generators = None, guidance: float = 1.0) -> torch.Tensor:
+                      generator: Generators = None, guidance: float = 1.0, low: torch.Tensor | None = None,
+                      level: int = 0) -> torch.Tensor:
     """``n_samples`` spectra per image, ``(G, N, L)``: the image context is computed once per
     galaxy and all G x N samples are drawn in one batch. ``generator``: one for the batch, or one
     per galaxy (:func:`galaxy_generators`: a galaxy's samples then depend on nothing but its
     generator). ``guidance`` w != 1 uses classifier-free guidance, eps = eps_null + w (eps_cond -
-    eps_null), for a model trained with cond_drop > 0."""
+    eps_null), for a model trained with cond_drop > 0. A super-stage model is given each sample's
+    low-resolution spectrum on the full grid, ``low`` ``(G, N, L)``, and its noise step ``level``."""
     model.eval()
     device = images.device
     with autocast(precision, device):
@@ -85,12 +78,19 @@ def sample_for_images(model: ConditionalUNet1D, diffusion: GaussianDiffusion, im
         context = context.repeat_interleave(n_samples, dim=0)
     g = images.shape[0]
     noise = starting_noise(g, n_samples, model.length, generator).to(device)
+    extra = {}
+    if getattr(model, "low_channel", False):
+        if low is None:
+            raise ValueError("a super-stage model samples given low-resolution spectra (low)")
+        extra["low"] = low.reshape(g * n_samples, 1, -1).to(device)
+        extra["level"] = torch.full((g * n_samples,), int(level), dtype=torch.long, device=device)
 
     def denoiser(x, t, ctx):
         with autocast(precision, device):
             if guidance == 1.0 or ctx is None:
-                return model(x, t, ctx)
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, model.unconditional(ctx)]))
+                return model(x, t, ctx, **extra)
+            doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, model.unconditional(ctx)]), **doubled)
             cond, null = both.float().chunk(2)
             return null + guidance * (cond - null)
 
@@ -194,7 +194,7 @@ def validate_run(run: str | Path | None, galaxies: int, steps: int | None = None
     survey = load_survey(config["data"])
     val = subset(configured_dataset(survey, "val", config["data"]), galaxies, seed=config["run"]["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_denoiser(config["model"], weights, path, val.n_pixels, val.n_channels, device)
+    model = build_denoiser(config, weights, path, val.n_pixels, val.n_channels, device)
     baseline = info.get(MEAN_SPECTRUM_KEY)
     if baseline is None:
         baseline = mean_spectrum(configured_dataset(survey, "train", config["data"]))
@@ -203,175 +203,6 @@ def validate_run(run: str | Path | None, galaxies: int, steps: int | None = None
                                      precision=config["run"]["precision"],
                                      clip=clip_value(config["data"]["preprocessing"]), progress=progress)
     return {"checkpoint": path, "mse": mse, "base": base, "steps": steps, "n_samples": n_samples}
-
-
-def load_trained(path: str | Path | None, default_dir: Path, what: str, kind: str) -> tuple[dict, dict, Path, dict]:
-    """``(run config, weights, checkpoint path, run info)`` of a trained model of ``kind``, from a
-    run folder (its best checkpoint, else its latest), a checkpoint file alone, or the newest
-    finished run in ``default_dir``. The configuration is the one saved in the checkpoint; the
-    run info also holds what the run computed once (``mean_train_spectrum`` for diffusion runs)."""
-    run = Path(path) if path else newest_finished_run(default_dir, what)
-    checkpoint = best_checkpoint(run) if run.is_dir() else find_checkpoint(run)
-    # mapped, not read: only the weights used are paged in, not the optimizer state beside them
-    state = read_checkpoint(checkpoint, f"{what} checkpoint", mmap=True)
-    config = checkpoint_kind(state, checkpoint, kind, f"{what} checkpoint")
-    return config, state[WEIGHTS_KEY[kind]], checkpoint, state[RUN_INFO_KEY]
-
-
-def check_compatible(data: dict, gen_data: dict, con_data: dict, gen_path: Path, con_path: Path) -> None:
-    """Both models must have been trained on data prepared like the ``data`` we generate for (the
-    ``data`` sections of this run and of both models' runs)."""
-    for key in DATA_KEYS:
-        values = {"this run": data[key], f"diffusion model ({gen_path})": gen_data[key],
-                  f"contrastive network ({con_path})": con_data[key]}
-        if len(set(map(str, values.values()))) > 1:
-            shown = "; ".join(f"{k}: {v!r}" for k, v in values.items())
-            raise UserError(f"data.{key} differs between the models and the data ({shown}): the spectrum length, "
-                            f"bands and preprocessing must match")
-
-
-def strip_prefixes(weights: dict) -> dict:
-    """A state dict without the key prefixes data parallelism ('module.') and torch.compile
-    ('_orig_mod.') add."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-
-
-def load_weights(model: torch.nn.Module, weights: dict, path: Path, what: str) -> None:
-    try:
-        model.load_state_dict(strip_prefixes(weights))
-    except RuntimeError as err:
-        raise CheckpointError(f"{what} checkpoint '{path}' does not fit the model built from its own configuration: "
-                              f"{str(err).splitlines()[0]}") from None
-
-
-@dataclass
-class TrainedPair:
-    """The two trained networks generate.py needs, with where they came from."""
-
-    gen_cfg: dict
-    con_cfg: dict
-    gen_path: Path
-    con_path: Path
-    gen_weights: dict
-    con_weights: dict
-    mean_train_spectrum: np.ndarray | None = None  # (L,), as the diffusion run computed it
-    gen_grid: np.ndarray | None = None  # (L,) loglam each network was trained on (None: not recorded)
-    con_grid: np.ndarray | None = None
-    denoiser: torch.nn.Module | None = None
-    contrastive: torch.nn.Module | None = None
-    diffusion: GaussianDiffusion | None = None
-
-
-def find_models(config: dict) -> TrainedPair:
-    """Locate both trained models (config paths or newest finished runs) and check that they fit
-    the configured data."""
-    s = config["sampling"]
-    gen_cfg, gen_w, gen_path, gen_info = load_trained(s["generative_run"], Path(config["run"]["out_dir"]),
-                                                      "diffusion model", "generative")
-    con_cfg, con_w, con_path, con_info = load_trained(s["contrastive_run"], default_runs("contrastive"),
-                                                      "contrastive network", "contrastive")
-    check_compatible(config["data"], gen_cfg["data"], con_cfg["data"], gen_path, con_path)
-    return TrainedPair(gen_cfg, con_cfg, gen_path, con_path, gen_w, con_w,
-                       mean_train_spectrum=gen_info.get(MEAN_SPECTRUM_KEY), gen_grid=gen_info.get(GRID_KEY),
-                       con_grid=con_info.get(GRID_KEY))
-
-
-def check_grid(pair: TrainedPair, loglam: np.ndarray, where: str) -> None:
-    """Both networks must have been trained on the wavelength grid ``loglam`` ``(L,)`` (log10 A)
-    that the spectra are generated on (``where`` names its dataset); networks whose checkpoints do
-    not record their grid are taken at their word."""
-    for grid, what, path in ((pair.gen_grid, "diffusion model", pair.gen_path),
-                             (pair.con_grid, "contrastive network", pair.con_path)):
-        if grid is None:
-            continue
-        grid = np.asarray(grid)
-        if grid.shape != np.shape(loglam) or not np.allclose(grid, loglam, rtol=0, atol=1e-6):
-            shown = lambda g: f"{len(g)} pixels, {10 ** g[0]:.1f}-{10 ** g[-1]:.1f} A"  # noqa: E731
-            raise UserError(f"the {what} ({path}) was trained on another wavelength grid ({shown(grid)}) than "
-                            f"{where} gives ({shown(np.asarray(loglam))}): use the models of that data, or its "
-                            f"data.root and data.downsample")
-
-
-def warm_start_image_encoder(model: ConditionalUNet1D, source: str, image: str, image_depth: int,
-                             image_width: int) -> Path:
-    """Copy a trained contrastive network's image encoder into the diffusion model's condition
-    encoder before training (``model.image_init``), which then trains on jointly as before.
-
-    ``source`` is 'contrastive' (the newest finished run in the contrastive runs folder) or a
-    contrastive run folder or checkpoint file. The two encoders must be the same ResNet
-    (``image_depth``, ``image_width``) on the same ``image`` bands; the contrastive projection head
-    is not copied. Returns the checkpoint used.
-    """
-    if getattr(model, "image_encoder", None) is None:
-        raise UserError("model.image_init needs an image encoder to initialise: model.conditioning is 'none'")
-    con_cfg, weights, path, _ = load_trained(None if source == "contrastive" else source,
-                                             default_runs("contrastive"), "contrastive network", "contrastive")
-    mine = {"data.image": image, "model.image_depth": image_depth, "model.image_width": image_width}
-    differ = [f"{key}: {value!r} here, {con_cfg[key.split('.')[0]][key.split('.')[1]]!r} in {path}"
-              for key, value in mine.items() if value != con_cfg[key.split(".")[0]][key.split(".")[1]]]
-    if differ:
-        raise UserError(f"model.image_init: the contrastive network's image encoder differs from the diffusion "
-                        f"model's ({'; '.join(differ)})")
-    prefix = "image_encoder."
-    state = {k[len(prefix):]: v for k, v in strip_prefixes(weights).items()
-             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
-    try:
-        model.image_encoder.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"model.image_init: the image encoder of '{path}' does not fit: "
-                              f"{str(err).splitlines()[0]}") from None
-    logger.info("image encoder initialised from the contrastive network %s", path)
-    return path
-
-
-def build_denoiser(model: dict, weights: dict, path: Path, n_pixels: int, n_channels: int,
-                   device: torch.device) -> torch.nn.Module:
-    """The trained diffusion model of a run's ``model`` section and weights, on ``device``, in
-    eval mode."""
-    net = build_generative_model(model, n_pixels, n_channels)
-    load_weights(net, weights, path, "diffusion model")
-    return net.to(device).eval()
-
-
-def build_models(pair: TrainedPair, n_pixels: int, n_channels: int, device: torch.device) -> TrainedPair:
-    """Build both networks from their own run configs, load the weights, move them to ``device``."""
-    pair.denoiser = build_denoiser(pair.gen_cfg["model"], pair.gen_weights, pair.gen_path, n_pixels, n_channels,
-                                   device)
-    pair.contrastive = build_contrastive_model(pair.con_cfg["model"], n_channels, image_weights=False)
-    load_weights(pair.contrastive, pair.con_weights, pair.con_path, "contrastive network")
-    pair.contrastive.to(device).eval()
-    pair.diffusion = build_diffusion(pair.gen_cfg["diffusion"])
-    return pair
-
-
-def split_set(config: dict, survey) -> SpectraDataset:
-    """The galaxies of a configuration's split (a fixed subset of ``sampling.max_objects``), or
-    of its ``sampling.catalog`` when that holds spectra: the galaxies evaluated against their
-    truth."""
-    s, d = config["sampling"], config["data"]
-    if s["catalog"]:
-        other = open_survey(s["catalog"])
-        dataset = configured_dataset(other, None, d, image_stats=survey.meta["image_stats"].get(d["image"]))
-        where = f"sampling.catalog '{s['catalog']}'"
-    else:
-        dataset = configured_dataset(survey, s["split"], d)
-        where = f"split '{s['split']}' of '{survey.root}'"
-    if len(dataset) == 0:
-        raise UserError(f"{where} is empty")
-    return subset(dataset, s["max_objects"], seed=0)
-
-
-def catalog_set(config: dict, survey, images) -> SpectraDataset:
-    """Every galaxy of a catalog of images only (``images``, opened), on the grid of the training
-    data ``survey`` and with its image standardisation; images of the kind the models read are
-    required, with finite pixels (a NaN pixel would make every sample of its galaxy NaN)."""
-    d = config["data"]
-    if d["image"] not in images.images:
-        raise UserError(f"sampling.catalog '{images.root}' has {', '.join(IMAGE_FILES[k] for k in images.images)}; "
-                        f"the models read {d['image']} images (data.image): prepare the catalog with "
-                        f"{'--images (gri JPEGs)' if d['image'] == 'gri' else '--ugriz (5-band cutouts)'}")
-    check_finite(images.root / IMAGE_FILES[d["image"]], images.images[d["image"]])
-    return configured_dataset(images, None, d, loglam=survey.loglam, image_stats=survey.meta["image_stats"][d["image"]])
 
 
 @torch.no_grad()

@@ -131,6 +131,15 @@ VAL = {
     "n_objects": at_least(1, "validation galaxies (a fixed random subset of the split)", 5000),
 }
 
+#: the cascade (SPEC 5): which spectra a network models, and how their low-resolution version is made
+STAGE = {
+    "stage": Key("single", "what the network models: the full spectrum (single), its low-resolution version (low), "
+                           "or the full spectrum given that version (super)", choices="utils.data.dataset:STAGES"),
+    "low_factor": at_least(2, "the low-resolution version keeps one pixel in this many (the ApJ's 8)", 8),
+    "low_reduction": Key("decimate", "how: every low_factor-th pixel (decimate, the ApJ's) or the mean of each block "
+                                     "(mean)", choices="utils.astro.spectra:LOW_REDUCTIONS"),
+}
+
 IMAGE_ENCODER = {
     "image_depth": Key(50, "ResNet depth of the network's image encoder (contrastive: the image tower; generative: "
                            "the condition encoder the UNet attends to)", choices="models.encoders:RESNET_LAYOUTS"),
@@ -147,6 +156,7 @@ CONTRASTIVE = {
         "image_weights": Key(None, "a local .pt state_dict for the image encoder (nothing is downloaded)"),
         "spectrum_width": at_least(1, "base channels of the 1D ResNet spectrum encoder (levels x1, 2, 4, 8, 16)", 64),
         "latent_dim": at_least(1, "size of the shared embedding", 128),
+        **STAGE,
     },
     "train": {
         **TRAIN,
@@ -175,6 +185,7 @@ GENERATIVE = {
         "cond_drop": fraction("share of training items with a null image context, for classifier-free guidance", 0.0),
         "image_init": Key(None, "start the image encoder from a trained contrastive network: 'contrastive' (the "
                                 "newest finished run) or a run folder or checkpoint"),
+        **STAGE,
     },
     "diffusion": {
         "timesteps": at_least(1, "diffusion steps T", 250),
@@ -186,11 +197,16 @@ GENERATIVE = {
         **TRAIN,
         "ema_decay": Key(0.99, "per-step Polyak average of the weights, used for validation and sampling", low=0,
                          high=1, open_high=True),
+        "cond_noise": fraction("super stage: noise its low-resolution input to a random level up to this share of "
+                               "the T steps, told to the network (Ho et al. 2021); 0: clean inputs, the ApJ's", 0.0,
+                               open_high=False),
     },
     "val": {
         **VAL,
         "n_samples": at_least(1, "samples per validation galaxy; the MSE of their mean is the score", 25),
         "steps": at_least(1, "DDIM steps of the validation samples", 25),
+        "low_run": Key(None, "super stage: the low-stage run whose samples condition the validation's (default: the "
+                             "newest finished one)"),
     },
     "run": RUN,
     "sampling": {
@@ -216,6 +232,13 @@ GENERATIVE = {
         "science": Key(True, "measure redshift, Dn4000, lines and BPT class of samples, truth and baselines"),
         "calibration_objects": at_least(0, "validation galaxies on which the samples' intervals are calibrated "
                                            "(0: their own intervals)", 0),
+        "low_run": Key(None, "cascade: the low-stage diffusion run (default: the newest finished one)"),
+        "low_contrastive_run": Key(None, "cascade: the low-stage ranker (default: the newest finished one)"),
+        "low_samples": at_least(1, "cascade: low-resolution samples drawn per galaxy", 3),
+        "low_keep": at_least(1, "cascade: best-ranked low-resolution samples kept; sampling.n_samples super samples "
+                                "are shared among them, the better ranked first", 2),
+        "cond_noise": fraction("cascade: the noise level of the super stage's low-resolution input, a share of the T "
+                               "steps (0 for a model trained with train.cond_noise 0)", 0.0, open_high=False),
     },
 }
 

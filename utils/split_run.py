@@ -21,7 +21,8 @@ from utils.eval.baselines import TRAIN_SEARCHED, compute_baselines
 from utils.eval.export import galaxy_figures, write_fits, write_per_galaxy
 from utils.eval.metrics import METRICS, format_table, summarise_samples
 from utils.eval.report import ScienceReport, science_figures, science_report
-from utils.generation import Draws, SamplingPlan, TrainedPair, draw_samples, mean_spectrum, validation_calibration
+from utils.generation import Draws, SamplingPlan, draw_samples, mean_spectrum, validation_calibration
+from utils.trained import TrainedPair
 
 logger = logging.getLogger(__name__)
 

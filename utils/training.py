@@ -40,7 +40,7 @@ from utils.checkpoints import (
 )
 from utils.config import load_config
 from utils.data.dataset import SpectraDataset
-from utils.data.survey import configured_dataset, load_survey, subset
+from utils.data.survey import configured_dataset, load_survey, stage_of, subset
 from utils.errors import Interrupted, UserError
 from utils.runtime import keep_freed_memory
 
@@ -65,9 +65,10 @@ def setup_logging(run_dir: Path) -> None:
 # data
 # --------------------------------------------------------------------------------------------
 def datasets(config: dict, survey) -> tuple[SpectraDataset, SpectraDataset]:
-    """Train (augmented) and validation (centre-cropped) datasets."""
-    train = configured_dataset(survey, "train", config["data"], train=True)
-    val = configured_dataset(survey, "val", config["data"])
+    """Train (augmented) and validation (centre-cropped) datasets of the configured stage."""
+    stage = stage_of(config["model"])
+    train = configured_dataset(survey, "train", config["data"], train=True, stage=stage)
+    val = configured_dataset(survey, "val", config["data"], stage=stage)
     if len(train) == 0 or len(val) == 0:
         raise UserError(f"dataset '{survey.root}' needs objects in both the train and val splits "
                         f"(has {len(train)} train, {len(val)} val)")

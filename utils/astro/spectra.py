@@ -182,3 +182,71 @@ class SpectralGrid:
     def deprocess(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Network-space spectra ``(..., L')`` back to flux, 1e-17 erg/s/cm^2/A."""
         return deprocess(x, params, self.preprocessing)
+
+
+#: how a low-resolution spectrum is made from a full one: every ``factor``-th pixel (the ApJ 2024
+#: research code's decimation) or the mean of each block of ``factor`` pixels
+LOW_REDUCTIONS = ("decimate", "mean")
+
+
+class LowResolution:
+    """The low-resolution version of spectra on a uniform grid of ``n_pixels`` (the cascade's low
+    stage, SPEC 5), and its linear interpolation back onto the full grid (the super stage's
+    conditioning).
+
+    ``decimate`` keeps pixels 0, f, 2f, ...; ``mean`` averages blocks of f pixels (a last, shorter
+    block over what is left). Either way there are ceil(L / f) low pixels, each placed at the
+    mean index of the full pixels it stands for, so that the interpolation lines up with the
+    pixels' true wavelengths (the research code's half-pixel-centred interpolation shifted them).
+
+    Parameters
+    ----------
+    n_pixels : L, pixels of the full spectra.
+    factor : f >= 2.
+    reduction : one of :data:`LOW_REDUCTIONS`.
+    """
+
+    def __init__(self, n_pixels: int, factor: int, reduction: str = "decimate") -> None:
+        if reduction not in LOW_REDUCTIONS:
+            raise ValueError(f"unknown reduction '{reduction}': expected one of {LOW_REDUCTIONS}")
+        if int(factor) < 2:
+            raise ValueError(f"a low-resolution factor must be >= 2, got {factor}")
+        self.n_pixels, self.factor, self.reduction = int(n_pixels), int(factor), reduction
+        self.n_low = -(-self.n_pixels // self.factor)
+        starts = np.arange(self.n_low) * self.factor
+        stops = np.minimum(starts + self.factor, self.n_pixels)
+        #: ``(L_low,)`` fractional full-grid index of each low pixel
+        self.positions = starts.astype(np.float64) if reduction == "decimate" else (starts + stops - 1) / 2.0
+        self._starts, self._stops = starts, stops
+
+    def reduce(self, x: np.ndarray) -> np.ndarray:
+        """Full spectra ``(..., L)`` -> low-resolution ``(..., L_low)`` (same units, dtype)."""
+        x = np.asarray(x)
+        if x.shape[-1] != self.n_pixels:
+            raise ValueError(f"spectra have {x.shape[-1]} pixels, this low resolution expects {self.n_pixels}")
+        if self.reduction == "decimate":
+            return x[..., :: self.factor]
+        sums = np.add.reduceat(x.astype(np.float64), self._starts, axis=-1)
+        return (sums / (self._stops - self._starts)).astype(x.dtype)
+
+    def coordinate(self, values: np.ndarray) -> np.ndarray:
+        """A coordinate of the full pixels ``(L,)`` (e.g. loglam, uniform) at the low pixels ``(L_low,)``."""
+        return np.interp(self.positions, np.arange(self.n_pixels), np.asarray(values, dtype=np.float64))
+
+    def upsample_matrix(self) -> np.ndarray:
+        """``(L, L_low)`` float32 weights of the linear interpolation of low-resolution spectra onto the
+        full pixels (constant beyond the first and last low pixel): ``full = low @ W.T``."""
+        index = np.arange(self.n_pixels, dtype=np.float64)
+        right = np.clip(np.searchsorted(self.positions, index, side="right"), 1, max(self.n_low - 1, 1))
+        left = right - 1
+        span = np.where(self.positions[right] > self.positions[left], self.positions[right] - self.positions[left], 1.0)
+        frac = np.clip((index - self.positions[left]) / span, 0.0, 1.0) if self.n_low > 1 else np.zeros_like(index)
+        weights = np.zeros((self.n_pixels, self.n_low))
+        rows = np.arange(self.n_pixels)
+        np.add.at(weights, (rows, left), 1.0 - frac)
+        np.add.at(weights, (rows, np.minimum(right, self.n_low - 1)), frac)
+        return weights.astype(np.float32)
+
+    def upsample(self, low: np.ndarray) -> np.ndarray:
+        """Low-resolution spectra ``(..., L_low)`` linearly interpolated onto the full pixels ``(..., L)``."""
+        return np.asarray(low, dtype=np.float32) @ self.upsample_matrix().T

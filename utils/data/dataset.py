@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from astropy.table import Table
 
 from utils.astro.photometry import BANDS
-from utils.astro.spectra import SpectralGrid
+from utils.astro.spectra import LowResolution, SpectralGrid
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,26 @@ CATALOG_COLUMNS = ("objid", "ra", "dec", "z", *(f"mag_{b}" for b in BANDS), "spl
 #: the columns a catalog of images only must have
 IMAGES_ONLY_COLUMNS = ("objid", "ra", "dec")
 SPLITS = ("train", "val", "test")
+#: what a network of the cascade models (SPEC 5): the full spectrum alone ('single', the NeurIPS
+#: model), its low-resolution version ('low'), or the full spectrum given that version ('super')
+STAGES = ("single", "low", "super")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A network's stage and how its low-resolution spectra are made (utils.astro.spectra.LowResolution)."""
+
+    name: str = "single"
+    factor: int = 8
+    reduction: str = "decimate"
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGES:
+            raise ValueError(f"unknown stage '{self.name}': expected one of {STAGES}")
+
+    def low(self, n_pixels: int) -> LowResolution | None:
+        """The low resolution of a full grid of ``n_pixels``, None for a single-stage network."""
+        return None if self.name == "single" else LowResolution(n_pixels, self.factor, self.reduction)
 IMAGE_FILES = {"gri": "images_gri.npy", "ugriz": "images_ugriz.npy"}
 IMAGE_SHAPES = {"gri": (IMAGE_SIZE, IMAGE_SIZE, 3), "ugriz": (5, IMAGE_SIZE, IMAGE_SIZE)}
 IMAGE_DTYPES = {"gri": np.uint8, "ugriz": np.float32}
@@ -216,6 +236,16 @@ class Survey:
     def has_spectra(self) -> bool:
         """False for a dataset of images only (meta.json ``"spectra": false``)."""
         return bool(self.meta.get("spectra", True))
+
+    def remap(self) -> None:
+        """Map every array anew from its file: the pages read so far leave this process's resident
+        memory (the system keeps them cached), which a pass over a large survey would otherwise
+        grow without bound."""
+        for key in self.images:
+            self.images[key] = np.load(self.root / IMAGE_FILES[key], mmap_mode="r")
+        for name in ("flux", "ivar", "mask"):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.load(self.root / f"{name}.npy", mmap_mode="r"))
 
     @property
     def wave(self) -> np.ndarray:
@@ -440,13 +470,16 @@ class SpectraDataset(torch.utils.data.Dataset):
         models' training data); default the survey's own.
     image_stats : per-channel ``{"mean", "std"}`` that standardise the images; default the
         survey's own (a survey of images only is standardised like the training images).
+    stage : what the network models (:class:`Stage`): for 'low', ``spectrum`` is the
+        low-resolution version of the preprocessed spectrum and ``n_pixels`` / ``wave`` are its;
+        for 'super' the items also carry ``low`` ``(1, L_low)``, the truth's low-resolution version.
 
     A survey of images only has no spectra: its items' ``spectrum`` and ``params`` are zeros.
     """
 
     def __init__(self, survey: Survey, split: str | None, image: str = "gri", preprocessing: str = "scale",
                  downsample: int = 1, train: bool = False, rows: np.ndarray | None = None,
-                 loglam: np.ndarray | None = None, image_stats: dict | None = None) -> None:
+                 loglam: np.ndarray | None = None, image_stats: dict | None = None, stage: Stage = Stage()) -> None:
         if image not in survey.images:
             raise DataError(f"dataset folder '{survey.root}' has no {IMAGE_FILES[image]} "
                             f"(config data.image={image!r}; present: {', '.join(survey.images)})")
@@ -457,6 +490,9 @@ class SpectraDataset(torch.utils.data.Dataset):
         if loglam is None:
             raise ValueError(f"dataset '{survey.root}' holds images only: give the grid of the spectra (loglam)")
         self.grid = SpectralGrid(loglam, downsample, preprocessing)
+        self.stage = stage
+        #: the low resolution of the cascade's stages (None for 'single')
+        self.low = stage.low(self.grid.n_pixels)
         self.spectra = survey.has_spectra
         stats = image_stats or survey.meta.get("image_stats", {}).get(image)
         if stats is None:
@@ -469,7 +505,14 @@ class SpectraDataset(torch.utils.data.Dataset):
     def like(self, rows: np.ndarray, train: bool = False) -> "SpectraDataset":
         """The same grid, bands, preprocessing and image standardisation on other ``rows``."""
         return SpectraDataset(self.survey, None, self.kind, self.preprocessing, self.downsample, train=train,
-                              rows=rows, loglam=self.grid.stored_loglam, image_stats=self.image_stats)
+                              rows=rows, loglam=self.grid.stored_loglam, image_stats=self.image_stats,
+                              stage=self.stage)
+
+    def at_stage(self, stage: Stage) -> "SpectraDataset":
+        """The same galaxies, grid, bands and preprocessing for a network of another ``stage``."""
+        return SpectraDataset(self.survey, None, self.kind, self.preprocessing, self.downsample,
+                              train=self.transform.train, rows=self.rows, loglam=self.grid.stored_loglam,
+                              image_stats=self.image_stats, stage=stage)
 
     @property
     def preprocessing(self) -> str:
@@ -481,16 +524,19 @@ class SpectraDataset(torch.utils.data.Dataset):
 
     @property
     def loglam(self) -> np.ndarray:
-        return self.grid.loglam
+        """``(L',)`` log10 wavelength of the pixels the network models (the low-resolution ones
+        for the low stage)."""
+        return self.grid.loglam if self.stage.name != "low" else self.low.coordinate(self.grid.loglam)
 
     @property
     def wave(self) -> np.ndarray:
-        """``(L',)`` wavelength in A of the (possibly rebinned) grid."""
-        return self.grid.wave
+        """``(L',)`` wavelength in A of the pixels the network models."""
+        return 10.0 ** self.loglam
 
     @property
     def n_pixels(self) -> int:
-        return self.grid.n_pixels
+        """Pixels of the spectra the network models."""
+        return self.grid.n_pixels if self.stage.name != "low" else self.low.n_low
 
     @property
     def n_channels(self) -> int:
@@ -524,7 +570,8 @@ class SpectraDataset(torch.utils.data.Dataset):
         flux, _ = self.flux(i)
         if not np.all(np.isfinite(flux)):
             raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {self.rows[i]} has non-finite flux")
-        return self.grid.preprocess(flux)
+        x, params = self.grid.preprocess(flux)
+        return (self.low.reduce(x), params) if self.stage.name == "low" else (x, params)
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
@@ -532,7 +579,10 @@ class SpectraDataset(torch.utils.data.Dataset):
         if not self.spectra:
             return item | {"spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64)}
         x, params = self.spectrum(i)
-        return item | {"spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params)}
+        item |= {"spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params)}
+        if self.stage.name == "super":
+            item["low"] = torch.from_numpy(np.ascontiguousarray(self.low.reduce(x)))[None]
+        return item
 
     def deprocess(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Preprocessed spectra ``(..., L')`` back to flux units."""

@@ -39,10 +39,26 @@ from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
 from utils.astro.spectra import APJ_SMOOTH_SIGMA, APJ_WAVE_STEP, LOGLAM_STEP, apj_wave, neurips_loglam
-from utils.data.dataset import (BANDS, IMAGE_SHAPES, PARTIAL_MARKER, DataError, DatasetWriter, assign_split,
-                                check_identities, read_table)
-from utils.data.files import (ID_KEYWORD, SURVEY_MEASUREMENTS, cutout_path, id_column, jpeg_path, read_cutout_5band,
-                              read_cutout_jpeg, spectrum_path)
+from utils.data.dataset import (
+    BANDS,
+    IMAGE_SHAPES,
+    PARTIAL_MARKER,
+    DataError,
+    DatasetWriter,
+    assign_split,
+    check_identities,
+    read_table,
+)
+from utils.data.files import (
+    ID_KEYWORD,
+    SURVEY_MEASUREMENTS,
+    cutout_path,
+    id_column,
+    jpeg_path,
+    read_cutout_5band,
+    read_cutout_jpeg,
+    spectrum_path,
+)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)

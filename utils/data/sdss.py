@@ -39,8 +39,16 @@ import urllib3
 from astropy.table import Table, vstack
 
 from utils.data.dataset import IMAGE_SIZE, read_table
-from utils.data.files import (ID_KEYWORD, MPA_JHU_COLUMNS, cutout_path, jpeg_path, object_ids, read_cutout_5band,
-                              read_cutout_jpeg, spectrum_path)
+from utils.data.files import (
+    ID_KEYWORD,
+    MPA_JHU_COLUMNS,
+    cutout_path,
+    jpeg_path,
+    object_ids,
+    read_cutout_5band,
+    read_cutout_jpeg,
+    spectrum_path,
+)
 from utils.data.prepare import prepare
 from utils.errors import UserError
 

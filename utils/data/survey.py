@@ -10,7 +10,7 @@ from __future__ import annotations
 import ignite.distributed as idist
 import numpy as np
 
-from utils.data.dataset import SpectraDataset, Survey, open_survey
+from utils.data.dataset import SpectraDataset, Stage, Survey, open_survey
 
 
 def load_survey(data: dict) -> Survey:
@@ -30,6 +30,11 @@ def configured_dataset(survey: Survey, split: str | None, data: dict, train: boo
     preprocessing); ``train`` turns on the training augmentation."""
     return SpectraDataset(survey, split, data["image"], data["preprocessing"], data["downsample"], train=train,
                           **kwargs)
+
+
+def stage_of(model: dict) -> Stage:
+    """The :class:`Stage` of a configuration's ``model`` section."""
+    return Stage(model["stage"], model["low_factor"], model["low_reduction"])
 
 
 def subset_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
