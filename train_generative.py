@@ -21,11 +21,11 @@ from ignite.handlers import EMAHandler
 from models.diffusion import GaussianDiffusion
 from utils.builders import build_diffusion, build_generative_model, clip_value
 from utils.checkpoints import GRID_KEY, MEAN_SPECTRUM_KEY
-from utils.errors import cli
-from utils.generation import VAL_SAMPLER, run_mean_spectrum, validation_errors
+from utils.errors import UserError, cli
+from utils.generation import VAL_SAMPLER, run_mean_spectrum, super_stage_input, validation_errors
 from utils.plotting import plot_spectra_grid
 from utils.runtime import autocast, maybe_compile, unwrap
-from utils.trained import warm_start_image_encoder
+from utils.trained import LowStage, build_low_stage, find_low_stage, warm_start_image_encoder
 from utils.training import attach_ema, attach_training, launch, run_training, start_run
 
 logger = logging.getLogger("train_generative")
@@ -36,16 +36,17 @@ FIGURE_SAMPLES = 3
 
 
 def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config: dict, device: torch.device,
-                  run_dir: Path, baseline: np.ndarray):
+                  run_dir: Path, baseline: np.ndarray, low_stage: LowStage | None):
     """Validation with the EMA model: MSE of the mean of N samples against the truth, next to
-    the MSE of the mean training spectrum; a figure of a few galaxies."""
+    the MSE of the mean training spectrum; a figure of a few galaxies. A super stage is validated
+    on samples of its ``low_stage``."""
     v = config["val"]
 
     def validate(engine: Engine) -> dict:
         mse, base, first = validation_errors(unwrap(ema.ema_model), diffusion, val_set, baseline,
                                              n_samples=v["n_samples"], steps=v["steps"], seed=config["run"]["seed"],
                                              device=device, precision=config["run"]["precision"],
-                                             clip=clip_value(config["data"]["preprocessing"]))
+                                             clip=clip_value(config["data"]["preprocessing"]), low_stage=low_stage)
         metrics = {"mse_mean": float(np.mean(mse)), "mse_mean_train_spectrum": float(np.mean(base))}
         metrics["mse_ratio"] = metrics["mse_mean"] / metrics["mse_mean_train_spectrum"]
         if first is not None:  # validation runs on rank 0 only (utils.training.create_validation)
@@ -62,10 +63,14 @@ def make_validate(ema: EMAHandler, diffusion: GaussianDiffusion, val_set, config
 
 
 def run(local_rank: int, config: dict) -> None:
+    low_stage = validation_low_stage(config) if config["model"]["stage"] == "super" else None  # before a run folder
     start = start_run(config, config["val"]["n_objects"], KIND)
     run_dir, device, train_set, val_set = start.run_dir, start.device, start.train_set, start.val_set
     m = config["model"]
-    model = build_generative_model(m, train_set.n_pixels, train_set.n_channels)
+    max_level = int(round(config["train"]["cond_noise"] * (config["diffusion"]["timesteps"] - 1)))
+    model = build_generative_model(m, train_set.n_pixels, train_set.n_channels, config["train"]["cond_noise"] > 0)
+    if low_stage is not None:
+        build_low_stage(low_stage, train_set.n_pixels, train_set.n_channels, device)
     if m["image_init"] and start.resume is None:  # a resumed run has its own trained weights
         warm_start_image_encoder(model, m["image_init"], config["data"]["image"], m["image_depth"], m["image_width"])
     diffusion = build_diffusion(config["diffusion"])
@@ -80,12 +85,15 @@ def run(local_rank: int, config: dict) -> None:
     forward = maybe_compile(model, config["run"]["compile"])
     precision = config["run"]["precision"]
 
+    upsample = torch.from_numpy(train_set.low.upsample_matrix()).to(device) if m["stage"] == "super" else None
+
     def step(engine: Engine, batch: dict) -> float:
         model.train()
         x0 = batch["spectrum"].to(device, non_blocking=True)
         images = batch["image"].to(device, non_blocking=True)
+        extra = {} if upsample is None else super_stage_input(batch["low"].to(device), diffusion, max_level, upsample)
         with autocast(precision, device):
-            loss = diffusion.training_loss(forward, x0, images=images)
+            loss = diffusion.training_loss(forward, x0, images=images, **extra)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -96,10 +104,20 @@ def run(local_rank: int, config: dict) -> None:
     baseline = run_mean_spectrum(run_dir, train_set)
     attach_training(trainer, config=config, kind=KIND, run_dir=run_dir, optimizer=optimizer,
                     to_save={"model": model, "ema_model": ema.ema_model, "optimizer": optimizer},
-                    validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline),
+                    validate=make_validate(ema, diffusion, val_set, config, device, run_dir, baseline, low_stage),
                     best_key="mse_mean", resume_from=start.resume, loader=start.loader,
                     run_extras={MEAN_SPECTRUM_KEY: baseline, GRID_KEY: train_set.loglam})
     run_training(trainer, start.loader, config, run_dir)
+
+
+def validation_low_stage(config: dict) -> LowStage:
+    """The low-stage model whose samples the super stage is validated on (``val.low_run``,
+    default the newest finished low-stage run in ``run.out_dir``)."""
+    try:
+        return find_low_stage(config["val"]["low_run"], False, config["data"], config, "this run",
+                              Path(config["run"]["out_dir"]))
+    except UserError as err:
+        raise UserError(f"the super stage is validated on samples of its low stage (val.low_run): {err}") from None
 
 
 def main(argv: Sequence[str]) -> None:

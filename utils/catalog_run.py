@@ -214,10 +214,10 @@ def predict_shard(shard: Shard, pair: TrainedPair, plan: SamplingPlan, seed: int
     ids = np.asarray(ds.survey.catalog["objid"], dtype=np.int64)  # by survey row, as batches carry them
     samples, scores = [], []
     for batch in ds.iter_batches(plan.batch_galaxies):
-        drawn, scored = draw_batch(pair, batch, ids[batch["index"].numpy()], plan, seed)
-        samples.append(drawn.cpu().numpy())
-        scores.append(scored.float().cpu().numpy())
-        bar.update(len(drawn))
+        drawn = draw_batch(pair, batch, ids[batch["index"].numpy()], plan, seed)
+        samples.append(drawn.samples.cpu().numpy())
+        scores.append(drawn.scores.float().cpu().numpy())
+        bar.update(len(drawn.samples))
     results = summarise_samples(np.concatenate(samples), np.concatenate(scores), None, top_k)
     params, codes = flux_scales(ds, results["ranked"])
     flux = ds.deprocess(results["ranked"], params[:, None])

@@ -32,7 +32,7 @@ from utils.data.survey import configured_dataset, load_survey, subset
 from utils.errors import UserError
 from utils.eval.calibration import Calibration, calibrate
 from utils.runtime import autocast
-from utils.trained import TrainedPair, build_denoiser, load_trained
+from utils.trained import LowStage, TrainedPair, build_denoiser, load_trained
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 class SamplingPlan:
     """How to draw a galaxy's samples: ``n_samples`` per galaxy with ``sampler`` over ``steps``
     (DDPM walks all T), classifier-free ``guidance``, ``batch_galaxies`` galaxies at a time, in
-    ``precision``, x_0 estimates clipped to ``clip`` (None: not clipped)."""
+    ``precision``, x_0 estimates clipped to ``clip`` (None: not clipped). A cascade first draws
+    ``low_samples`` low-resolution samples, keeps the ``low_keep`` best-ranked and shares the
+    ``n_samples`` among them; the super stage sees them noised to ``cond_noise`` x T steps."""
 
     n_samples: int
     sampler: str
@@ -50,13 +52,23 @@ class SamplingPlan:
     batch_galaxies: int = 16
     precision: str = "fp32"
     clip: float | None = None
+    low_samples: int = 3
+    low_keep: int = 2
+    cond_noise: float = 0.0
 
     @classmethod
     def from_config(cls, config: dict) -> "SamplingPlan":
         """The plan of generate.py's ``sampling`` section."""
         s = config["sampling"]
         return cls(s["n_samples"], s["sampler"], s["steps"], s["guidance"], s["batch_galaxies"],
-                   config["run"]["precision"], clip_value(config["data"]["preprocessing"]))
+                   config["run"]["precision"], clip_value(config["data"]["preprocessing"]), s["low_samples"],
+                   s["low_keep"], s["cond_noise"])
+
+    def shares(self) -> np.ndarray:
+        """The super samples each kept low-resolution sample gets, the best-ranked first
+        ``(low_keep,)``; they add up to ``n_samples``."""
+        keep = min(self.low_keep, self.low_samples)
+        return np.array([self.n_samples // keep + (i < self.n_samples % keep) for i in range(keep)])
 
 
 @torch.no_grad()
@@ -163,18 +175,26 @@ VAL_SAMPLER = "ddim"
 
 def validation_errors(model: ConditionalUNet1D, diffusion: GaussianDiffusion, val_set, baseline: np.ndarray, *,
                       n_samples: int, steps: int, seed: int, device: torch.device, precision: str = "fp32",
-                      clip: float | None = None, progress: bool = False):
+                      clip: float | None = None, progress: bool = False, low_stage: LowStage | None = None):
     """Per-galaxy MSE of the mean of ``n_samples`` DDIM samples and of the mean training spectrum
     ``baseline``; also returns the first batch (index, truth, samples) for a figure. Seeded by
-    ``seed``, so repeated calls give the same numbers."""
+    ``seed``, so repeated calls give the same numbers. A super-stage ``model`` is validated on
+    what it will be given (SPEC 5's research code gave it the truth's low-resolution version): one
+    sample of the ``low_stage`` per galaxy conditions all its ``n_samples``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     mse, base, first = [], [], None
     batch_size = max(1, 512 // n_samples)
     for batch in tqdm(val_set.iter_batches(batch_size), total=-(-len(val_set) // batch_size), disable=not progress,
                       desc="validation", unit="batch"):
         truth = batch["spectrum"][:, 0].numpy()
-        samples = sample_for_images(model, diffusion, batch["image"].to(device), n_samples, VAL_SAMPLER, steps,
-                                    precision=precision, clip=clip, generator=generator).cpu().numpy()
+        images = batch["image"].to(device)
+        extra = {}
+        if low_stage is not None:
+            low = sample_for_images(low_stage.denoiser, low_stage.diffusion, images, 1, VAL_SAMPLER, steps,
+                                    precision=precision, clip=clip, generator=generator)
+            extra = {"low": condition(low_stage, low.repeat(1, n_samples, 1), 0, generator), "level": 0}
+        samples = sample_for_images(model, diffusion, images, n_samples, VAL_SAMPLER, steps, precision=precision,
+                                    clip=clip, generator=generator, **extra).cpu().numpy()
         mse.extend(((samples.mean(1) - truth) ** 2).mean(1))
         base.extend(((baseline[None] - truth) ** 2).mean(1))
         if first is None:
@@ -218,25 +238,83 @@ def score(contrastive, images: torch.Tensor, samples: torch.Tensor) -> torch.Ten
 class Draws:
     """What :func:`draw_samples` returns for G galaxies: samples ``(G, N, L)`` (preprocessed
     units), their contrastive scores ``(G, N)``, the true spectra ``(G, L)`` (None where
-    unknown), the preprocessing parameters ``(G, 2)`` and the sampling wall time."""
+    unknown), the preprocessing parameters ``(G, 2)`` and the sampling wall time; for a cascade
+    also the low-resolution samples ``(G, N_low, L_low)`` and their low-stage scores."""
 
     samples: np.ndarray
     scores: np.ndarray
     truth: np.ndarray | None
     params: np.ndarray
     seconds: float
+    low_samples: np.ndarray | None = None
+    low_scores: np.ndarray | None = None
 
 
-def draw_batch(pair: TrainedPair, batch: dict, objid: np.ndarray, plan: SamplingPlan, seed: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples ``(G, N, L)`` and their contrastive scores ``(G, N)`` of one batch of galaxies
-    (their ids ``objid``), each galaxy drawn from its own generator (:func:`galaxy_generators`)."""
+@dataclass
+class BatchDraw:
+    """One batch's samples ``(G, N, L)`` and scores ``(G, N)``, and a cascade's low stage's."""
+
+    samples: torch.Tensor
+    scores: torch.Tensor
+    low_samples: torch.Tensor | None = None
+    low_scores: torch.Tensor | None = None
+
+
+def noise_level(low: LowStage, cond_noise: float) -> int:
+    """The step to which the super stage's low-resolution input is noised: ``cond_noise`` of T."""
+    return int(round(cond_noise * (low.level_steps - 1)))
+
+
+def condition(low: LowStage, kept: torch.Tensor, level: int, generator) -> torch.Tensor:
+    """Low-resolution samples ``(G, M, L_low)`` as the super stage's input ``(G, M, L)``: noised
+    to step ``level`` (none at 0 without a trained noise level) and interpolated onto the full grid."""
+    g, m, n_low = kept.shape
+    x = kept.reshape(g * m, 1, n_low)
+    if level > 0:
+        t = torch.full((g * m,), level, dtype=torch.long, device=x.device)
+        x = low.diffusion.q_sample(x, t, noise_like(x, generator).to(x.device))
+    return (x @ low.upsample.T.to(x.dtype)).reshape(g, m, -1)
+
+
+def super_stage_input(low: torch.Tensor, diffusion: GaussianDiffusion, max_level: int, upsample: torch.Tensor) -> dict:
+    """The super stage's low-resolution input for a batch of the truth's low versions ``(B, 1,
+    L_low)``: with conditioning augmentation (Ho et al. 2021; ``max_level`` > 0) each noised to a
+    random step in 0..max_level, that step told to the network; on the full grid ``(B, 1, L)``."""
+    level = torch.randint(0, max_level + 1, (low.shape[0],), device=low.device)
+    if max_level > 0:
+        low = diffusion.q_sample(low, level, torch.randn_like(low))
+    return {"low": low @ upsample.T, "level": level}
+
+
+def draw_batch(pair: TrainedPair, batch: dict, objid: np.ndarray, plan: SamplingPlan, seed: int) -> BatchDraw:
+    """Samples and contrastive scores of one batch of galaxies (their ids ``objid``), each galaxy
+    drawn from its own generator (:func:`galaxy_generators`). A cascade (SPEC 5): ``low_samples``
+    low-resolution samples ranked by the low-stage ranker, the ``low_keep`` best each given its
+    share of the ``n_samples`` super samples (:meth:`SamplingPlan.shares`), those ranked by the
+    full-spectrum ranker."""
     device = next(pair.denoiser.parameters()).device
     images = batch["image"].to(device)
+    generators = galaxy_generators(seed, objid)
+    options = dict(precision=plan.precision, clip=plan.clip, generator=generators, guidance=plan.guidance)
+    low = pair.low_stage
+    if low is None:
+        drawn = sample_for_images(pair.denoiser, pair.diffusion, images, plan.n_samples, plan.sampler, plan.steps,
+                                  **options)
+        return BatchDraw(drawn, score(pair.contrastive, images, drawn))
+    low_samples = sample_for_images(low.denoiser, low.diffusion, images, plan.low_samples, plan.sampler, plan.steps,
+                                    **options)
+    low_scores = score(low.contrastive, images, low_samples)
+    order = torch.argsort(torch.nan_to_num(low_scores, nan=-torch.inf), dim=1, descending=True, stable=True)
+    shares = plan.shares()
+    picks = torch.repeat_interleave(order[:, : len(shares)], torch.as_tensor(shares, device=order.device), dim=1)
+    kept = torch.take_along_dim(low_samples, picks[:, :, None], dim=1)  # (G, N, L_low)
+    level = noise_level(low, plan.cond_noise)
+    if level > 0 and not hasattr(pair.denoiser, "level_embed"):
+        raise UserError(f"sampling.cond_noise {plan.cond_noise} asks for noisy low-resolution inputs; the super stage "
+                        f"'{pair.gen_path}' was trained on clean ones (train.cond_noise 0): set sampling.cond_noise=0")
     drawn = sample_for_images(pair.denoiser, pair.diffusion, images, plan.n_samples, plan.sampler, plan.steps,
-                              precision=plan.precision, clip=plan.clip, generator=galaxy_generators(seed, objid),
-                              guidance=plan.guidance)
-    return drawn, score(pair.contrastive, images, drawn)
+                              low=condition(low, kept, level, generators), level=level, **options)
+    return BatchDraw(drawn, score(pair.contrastive, images, drawn), low_samples, low_scores)
 
 
 def draw_samples(pair: TrainedPair, dataset: SpectraDataset, plan: SamplingPlan, known: bool, seed: int,
@@ -245,19 +323,21 @@ def draw_samples(pair: TrainedPair, dataset: SpectraDataset, plan: SamplingPlan,
     ``plan.batch_galaxies`` (a progress bar) and scored by the contrastive network; each galaxy's
     seeded by ``seed`` and its id."""
     objids = np.asarray(dataset.survey.catalog["objid"], dtype=np.int64)
-    samples, scores, truth, params = [], [], [], []
+    parts: dict[str, list] = {"samples": [], "scores": [], "truth": [], "params": [], "low_samples": [],
+                              "low_scores": []}
     start = time.perf_counter()
     with tqdm(total=len(dataset), desc=desc, unit="gal") as bar:
         for batch in dataset.iter_batches(plan.batch_galaxies):
-            drawn, scored = draw_batch(pair, batch, objids[batch["index"].numpy()], plan, seed)
-            images = batch["image"]
-            scores.append(scored.float().cpu().numpy())
-            samples.append(drawn.cpu().numpy())
-            truth.append(batch["spectrum"][:, 0].numpy())
-            params.append(batch["params"].numpy())
-            bar.update(len(images))
-    return Draws(np.concatenate(samples), np.concatenate(scores), np.concatenate(truth) if known else None,
-                 np.concatenate(params), time.perf_counter() - start)
+            drawn = draw_batch(pair, batch, objids[batch["index"].numpy()], plan, seed)
+            for name in ("samples", "scores", "low_samples", "low_scores"):
+                if getattr(drawn, name) is not None:
+                    parts[name].append(getattr(drawn, name).float().cpu().numpy())
+            parts["truth"].append(batch["spectrum"][:, 0].numpy())
+            parts["params"].append(batch["params"].numpy())
+            bar.update(len(drawn.samples))
+    joined = {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    return Draws(joined["samples"], joined["scores"], joined["truth"] if known else None, joined["params"],
+                 time.perf_counter() - start, joined["low_samples"], joined["low_scores"])
 
 
 def validation_calibration(pair: TrainedPair, survey, data: dict, plan: SamplingPlan, n: int, seed: int,

@@ -116,21 +116,29 @@ def plot_retrieval(path: str | Path, wave: np.ndarray, query: np.ndarray, query_
 
 def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np.ndarray | None, mean: np.ndarray,
                 topk_mean: np.ndarray, best: np.ndarray, best_scores: Sequence[float], top_k: int,
-                title: str = "") -> Path:
+                title: str = "", low: tuple[np.ndarray, np.ndarray, Sequence[float]] | None = None) -> Path:
     """SPEC 4 figure for one galaxy: image, true spectrum, mean of all samples, mean of the top k,
-    and the top-ranked samples, each titled with its contrastive score and MSE."""
+    and the top-ranked samples, each titled with its contrastive score and MSE. ``low``: a
+    cascade's first stage, ``(wave (L_low,), samples (N_low, L_low) ranked, their scores)``, drawn
+    in a last panel over the true spectrum."""
     mse = (lambda s: f", MSE {np.mean((s - truth) ** 2):.4f}") if truth is not None else (lambda s: "")
-    panels = [("mean of all samples" + mse(mean), mean), (f"mean of the top {top_k}" + mse(topk_mean), topk_mean)]
-    panels += [(f"rank {j + 1}: score {best_scores[j]:.3f}" + mse(s), s) for j, s in enumerate(best)]
+    panels = [("mean of all samples" + mse(mean), wave, mean), (f"mean of the top {top_k}" + mse(topk_mean), wave,
+                                                                 topk_mean)]
+    panels += [(f"rank {j + 1}: score {best_scores[j]:.3f}" + mse(s), wave, s) for j, s in enumerate(best)]
+    if low is not None:
+        panels.append((f"low-resolution stage: its {len(low[1])} samples, scores "
+                       + ", ".join(f"{v:.2f}" for v in low[2]) + " (best first)", low[0], low[1]))
     fig = plt.figure(figsize=(12, 1.7 * (len(panels) + 1)))
     grid = fig.add_gridspec(len(panels), 2, width_ratios=[1, 5])
     ax = fig.add_subplot(grid[:2, 0])
     show_image(ax, image)
-    for i, (label, spec) in enumerate(panels):
+    for i, (label, x, spec) in enumerate(panels):
         ax = fig.add_subplot(grid[i, 1])
         if truth is not None:
             ax.plot(wave, truth, color="0.6", lw=0.8, label="true spectrum")
-        ax.plot(wave, spec, color="tab:blue" if i < 2 else "tab:red", lw=0.9, label=label)
+        colour = "tab:blue" if i < 2 else ("tab:red" if x is wave else "tab:green")
+        for row in np.atleast_2d(spec):
+            ax.plot(x, row, color=colour, lw=0.9 if x is wave else 0.7, alpha=1.0 if x is wave else 0.6)
         ax.set_xlim(wave[0], wave[-1])
         ax.set_title(label, fontsize=9, loc="left")
         if i == 0 and truth is not None:

@@ -96,6 +96,8 @@ DATA = {
                           "exist", choices=("mock", "folder")),
     "mock_objects": at_least(1, "galaxies in a generated mock survey", 10000),
     "mock_seed": at_least(0, "seed of a generated mock survey", 0),
+    "mock_grid": Key("neurips", "wavelength grid of a generated mock survey: the SDSS pixels (neurips) or 4000-8500 A "
+                                "in 1 A steps (apj)", choices="utils.data.prepare:GRIDS"),
     "image": Key("gri", "images the networks see: gri 8-bit colour (NeurIPS 2022) or ugriz nanomaggies (ApJ 2024)",
                  choices="utils.data.dataset:IMAGE_FILES"),
     "preprocessing": Key("scale", "spectrum normalisation: scale, min-max to [-1, 1] (NeurIPS 2022); log, "
@@ -119,6 +121,9 @@ RUN = {
 TRAIN = {
     "batch_size": at_least(1, "galaxies per optimisation step, over all processes", 64),
     "lr": positive("Adam learning rate", 1.0e-4),
+    "lr_schedule": Key("epoch", "learning-rate schedule: x train.lr_decay at every epoch's end (epoch, the NeurIPS "
+                                "paper's), or down linearly to 1e-6 over the whole training (linear, the ApJ's)",
+                       choices=("epoch", "linear")),
     "lr_decay": Key(0.997, "learning rate multiplied by this at the end of every epoch", low=0, high=1, open_low=True),
     "max_epochs": at_least(1, "epochs to train (when train.max_iters is 0)", 100),
     "max_iters": at_least(0, "stop after this many iterations (0: no limit)", 0),

@@ -84,7 +84,12 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset, device
     science = science_of(pair, survey, dataset, config, plan, ev, device) if s["science"] else None
     calibration = science.figure_data["calibration"] if science else None
     columns = science.columns if science else None
-    write_fits(out_dir / "spectra.fits", dataset, ev.results, ev.flux, True, config, steps, columns, calibration)
+    low = None
+    if drawn.low_samples is not None:  # a cascade: its first stage's samples, in flux units
+        low_wave = 10 ** pair.low_stage.low.coordinate(dataset.loglam)
+        low = (low_wave, dataset.deprocess(drawn.low_samples, drawn.params[:, None]), drawn.low_scores)
+    write_fits(out_dir / "spectra.fits", dataset, ev.results, ev.flux, True, config, steps, columns, calibration,
+               low)
     if s["per_galaxy_fits"]:
         write_per_galaxy(out_dir / "galaxies", dataset, ev.results, ev.flux, True, columns, calibration)
     summary = {"n_galaxies": len(dataset), "n_samples": plan.n_samples, "sampler": plan.sampler, "steps": steps,
@@ -97,7 +102,8 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset, device
         summary["science"] = science.summary
         print(science.table)
     write_json(out_dir / METRICS_FILE, summary)
-    galaxy_figures(out_dir / "figures", dataset, ev.results, drawn.truth, s["figures"], s["top_k"])
+    galaxy_figures(out_dir / "figures", dataset, ev.results, drawn.truth, s["figures"], s["top_k"],
+                   None if low is None else (low[0], drawn.low_samples, drawn.low_scores))
     if science:
         science_figures(out_dir / "figures", science)
     logger.info("%d spectra in %.1f s (%.1f spectra/s); results in %s", len(dataset) * plan.n_samples, drawn.seconds,

@@ -154,7 +154,7 @@ def find_models(config: dict) -> TrainedPair:
 
 
 def find_low_stage(low_run: str | None, low_contrastive_run: str | None | bool, data: dict, super_cfg: dict,
-                   super_path: Path, runs: Path) -> LowStage:
+                   super_path: Path | str, runs: Path) -> LowStage:
     """The low stage of the super-stage model ``super_cfg`` (``super_path``): the diffusion run
     ``low_run`` (default: the newest finished low-stage run under ``runs``) and, unless
     ``low_contrastive_run`` is False, its ranker (default: the newest finished low-stage
@@ -162,6 +162,7 @@ def find_low_stage(low_run: str | None, low_contrastive_run: str | None | bool, 
     on data prepared like ``data``."""
     gen_cfg, gen_w, gen_path, gen_info = load_trained(low_run, runs, "low-stage diffusion model", "generative", ("low",))
     require_stage(gen_cfg, gen_path, ("low",), "diffusion model", "sampling.low_run")
+    check_compatible(data, gen_cfg["data"], gen_cfg["data"], gen_path, gen_path)
     stage = LowStage(gen_cfg, gen_path, gen_w, gen_info.get(GRID_KEY))
     models = [(gen_cfg, gen_path)]
     if low_contrastive_run is not False:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, EMAHandler, LRScheduler, ProgressBar
+from ignite.handlers import Checkpoint, EMAHandler, LRScheduler, PiecewiseLinear, ProgressBar
 from ignite.utils import manual_seed
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data.distributed import DistributedSampler
@@ -140,6 +140,21 @@ def attach_lr_decay(trainer: Engine, optimizer: torch.optim.Optimizer, decay: fl
     return scheduler
 
 
+#: where the 'linear' learning-rate schedule ends (SPEC 5: the ApJ's decay to 1e-6)
+LINEAR_LR_END = 1e-6
+
+
+def attach_linear_decay(trainer: Engine, optimizer: torch.optim.Optimizer, total_iterations: int) -> PiecewiseLinear:
+    """Learning rate from its start value down linearly to :data:`LINEAR_LR_END` at iteration
+    ``total_iterations`` (Ignite's PiecewiseLinear, set after each iteration for the next one, so
+    that checkpoints and resumes see the rate the next step uses)."""
+    start = optimizer.param_groups[0]["lr"]
+    scheduler = PiecewiseLinear(optimizer, "lr", milestones_values=[(0, start),
+                                                                    (max(total_iterations, 1), LINEAR_LR_END)])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, scheduler)
+    return scheduler
+
+
 def attach_budget(trainer: Engine, clock: TrainClock, max_minutes: float) -> None:
     """Count training wall time in ``clock``; stop after ``max_minutes`` of it (0: no limit)."""
 
@@ -244,7 +259,11 @@ def attach_training(trainer: Engine, *, config: dict, kind: str, run_dir: Path, 
     clock = TrainClock()
     attach_budget(trainer, clock, config["train"]["max_minutes"])
     attach_non_finite_stop(trainer, run_dir / CHECKPOINT_DIR)
-    scheduler = attach_lr_decay(trainer, optimizer, config["train"]["lr_decay"], len(loader))
+    t = config["train"]
+    if t["lr_schedule"] == "linear":
+        scheduler = attach_linear_decay(trainer, optimizer, t["max_iters"] or t["max_epochs"] * len(loader))
+    else:
+        scheduler = attach_lr_decay(trainer, optimizer, t["lr_decay"], len(loader))
     attach_sampler_epochs(trainer, loader)
     to_save = {**to_save, "trainer": trainer, "lr_scheduler": scheduler, "clock": clock,
                RUN_INFO_KEY: RunInfo(kind, config, run_extras)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from utils.astro.photometry import FIBRE_DIAMETER, PIXEL_SCALE, aperture_weights
 from utils.astro.science import LINES, bpt_class, dn4000
-from utils.astro.spectra import neurips_loglam
+from utils.astro.spectra import apj_wave, neurips_loglam
 from utils.astro.templates import FLUX_UNIT, TemplateSpectra
 from utils.data.dataset import BANDS, IMAGE_SIZE, DatasetWriter, assign_split, open_survey
 from utils.data.mock_physics import (
@@ -44,6 +45,8 @@ from utils.data.mock_physics import (
     draw_lines,
     stellar_mass,
 )
+from utils.data.prepare import GRIDS, to_grid
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +364,7 @@ TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{
 
 def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0, ugriz: bool = False,
                   val_fraction: float = 0.1, test_fraction: float = 0.1, progress: bool = True,
-                  fibre: str = "sdss", halpha_scatter_dex: float = HALPHA_SCATTER_DEX) -> Path:
+                  fibre: str = "sdss", halpha_scatter_dex: float = HALPHA_SCATTER_DEX, grid: str = "neurips") -> Path:
     """Generate the mock survey into ``root`` in the dataset format (see utils.data.dataset).
 
     Parameters
@@ -373,15 +376,21 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
     fibre : 'sdss' (3" diameter) or 'boss' (2").
     halpha_scatter_dex : the star-forming H-alpha's scatter about its disc's prediction
         (utils.data.mock_physics.draw_lines); only a ceiling measurement changes it.
+    grid : 'neurips' (SDSS pixels, 3,598) or 'apj' (4000-8500 A in 1 A steps, SPEC 5): the
+        spectra are made on the SDSS pixels and, for 'apj', resampled as utils.data.prepare
+        resamples SDSS spectra (cubic spline, 2 A Gaussian smoothing).
     """
     if fibre not in FIBRE_DIAMETER:
         raise ValueError(f"unknown fibre '{fibre}': expected one of {tuple(FIBRE_DIAMETER)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid '{grid}': expected one of {GRIDS}")
     gal = sample_galaxies(n_objects, seed)
     split = assign_split(gal.objid, val_fraction, test_fraction)
     n = len(gal)
-    loglam = neurips_loglam()
     physics = neurips_fibre_spectra()
-    writer = DatasetWriter(root, n, loglam, images=("gri", "ugriz") if ugriz else ("gri",), source="mock")
+    stored = neurips_loglam() if grid == "neurips" else np.log10(apj_wave())
+    writer = DatasetWriter(root, n, stored, images=("gri", "ugriz") if ugriz else ("gri",), source="mock",
+                           with_mask=grid != "neurips")
     bt_all = bulge_fractions(gal, physics.old)
     props = galaxy_physics(gal, bt_all, seed)
     true = {name: np.zeros(n) for name in TRUE_COLUMNS}
@@ -395,13 +404,16 @@ def generate_mock(root: str | Path, n_objects: int | None = None, seed: int = 0,
             for name, values in chunk.true.items():
                 true[name][sl] = values
             fibre_bands[sl] = chunk.fibre_bands
-            writer.write(start, chunk.flux, chunk.ivar, chunk.images if ugriz else {"gri": chunk.images["gri"]})
+            flux, ivar, mask = chunk.flux, chunk.ivar, None
+            if grid != "neurips":
+                flux, ivar, mask = resample(physics.loglam, flux, ivar, grid)
+            writer.write(start, flux, ivar, chunk.images if ugriz else {"gri": chunk.images["gri"]}, mask)
             bar.update(sl.stop - start)
     true["veldisp"], true["log_mass"], true["fibre_frac_r"] = props["veldisp"], props["log_mass"], fibre_bands[:, 2]
     catalog = mock_catalog(gal, split, bt_all, fibre_bands, true)
     catalog.meta["SEED"] = seed
     catalog.meta["FIBRE"] = FIBRE_DIAMETER[fibre]
-    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects,
+    return writer.finish(catalog, extra_meta={"seed": seed, "n_requested": n_objects, "grid": grid,
                                                "fibre_arcsec": FIBRE_DIAMETER[fibre],
                                                "generator": "utils.data.mock (kcorrect templates, fibre spectra, "
                                                             "drawn emission lines)"})
@@ -462,14 +474,33 @@ def mock_catalog(gal: MockGalaxies, split: np.ndarray, bt: np.ndarray, fibre_ban
     return catalog
 
 
-def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False) -> Path:
-    """Generate the mock survey at ``root`` unless a dataset is already there."""
+def resample(loglam: np.ndarray, flux: np.ndarray, ivar: np.ndarray, grid: str
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spectra ``(N, L)`` on the SDSS pixels ``loglam`` onto another grid of utils.data.prepare."""
+    out = [to_grid(loglam, f.astype(np.float64), v.astype(np.float64), grid) for f, v in zip(flux, ivar)]
+    bad = [i for i, o in enumerate(out) if isinstance(o, str)]
+    if bad:
+        raise ValueError(f"mock spectrum {bad[0]} cannot be put on the {grid} grid: {out[bad[0]]}")
+    return tuple(np.stack(parts) for parts in zip(*out))
+
+
+def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False, grid: str = "neurips"
+                ) -> Path:
+    """Generate the mock survey at ``root`` unless a dataset is already there; one that is there
+    must be on the requested ``grid``."""
     root = Path(root)
     if (root / "catalog.fits").exists():
+        try:
+            have = json.loads((root / "meta.json").read_text()).get("grid") or "neurips"
+        except (OSError, ValueError, AttributeError):
+            return root  # a missing or broken meta.json: opening the dataset reports it
+        if have != grid:
+            raise UserError(f"the mock survey at '{root}' is on the {have} grid, the configuration asks for {grid} "
+                            f"(data.mock_grid): point data.root at another folder")
         return root
-    logger.info("mock survey not found at %s: generating %s galaxies (seed %d)", root,
-                n_objects if n_objects else "all real", seed)
-    return generate_mock(root, n_objects, seed, ugriz=ugriz)
+    logger.info("mock survey not found at %s: generating %s galaxies (seed %d, %s grid)", root,
+                n_objects if n_objects else "all real", seed, grid)
+    return generate_mock(root, n_objects, seed, ugriz=ugriz, grid=grid)
 
 
 def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
@@ -577,10 +608,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ugriz", action="store_true", help="also store 5-band float images")
     parser.add_argument("--fibre", choices=tuple(FIBRE_DIAMETER), default="sdss",
                         help="fibre diameter of the spectra: sdss 3\" (default) or boss 2\"")
+    parser.add_argument("--grid", choices=GRIDS, default="neurips",
+                        help="neurips: the SDSS pixels (default); apj: 4000-8500 A in 1 A steps (SPEC 5)")
     parser.add_argument("--figures", default=None, help="write the mock figures into this folder")
     args = parser.parse_args(argv)
     if not Path(args.root, "catalog.fits").exists():
-        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz, fibre=args.fibre)
+        generate_mock(args.root, args.n, args.seed, ugriz=args.ugriz, fibre=args.fibre, grid=args.grid)
     if args.figures:
         mock_figures(args.root, args.figures)
 

@@ -19,7 +19,8 @@ def load_survey(data: dict) -> Survey:
     if data["source"] == "mock" and idist.get_rank() == 0:
         from utils.data.mock import ensure_mock  # here, not at the top: the mock's imports cost every script ~1 s
 
-        ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz")
+        ensure_mock(data["root"], data["mock_objects"], data["mock_seed"], ugriz=data["image"] == "ugriz",
+                    grid=data["mock_grid"])
     if idist.get_world_size() > 1:
         idist.barrier()
     return open_survey(data["root"])

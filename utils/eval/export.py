@@ -27,7 +27,8 @@ def pixel_factor_cards(calibration: Calibration) -> dict:
 
 
 def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, known: bool, config: dict,
-               steps: int, science: dict | None = None, calibration: Calibration | None = None) -> Path:
+               steps: int, science: dict | None = None, calibration: Calibration | None = None,
+               low: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
     """One FITS file: HDU 1 a table with a row per galaxy, HDU 2 the wavelength grid (A).
 
     ``science`` adds the measured properties (utils.eval.report: ``<property>_gen`` the median over the
@@ -35,7 +36,8 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
     where one was fitted, ``_true`` of the true spectrum, ``_knn`` of the retrieval baseline,
     ``bpt_*`` class codes, ``z_photo``). A calibration's galaxy count and per-pixel factors go to
     the header (CALIBN, CALPIX68, CALPIX90: stretch the samples' central 68% / 90% interval of a
-    pixel, preprocessed units, about its median by this factor)."""
+    pixel, preprocessed units, about its median by this factor). ``low``, a cascade's first stage
+    (wavelengths, samples ``(G, N_low, L_low)`` in flux units, scores), adds HDUs LOWSTAGE and LOWWAVE."""
     cat = dataset.survey.catalog[dataset.rows]
     table = Table({"objid": np.asarray(cat["objid"]), "ra": np.asarray(cat["ra"]), "dec": np.asarray(cat["dec"]),
                    "z": np.asarray(cat["z"])})
@@ -68,6 +70,13 @@ def write_fits(path: Path, dataset: SpectraDataset, results: dict, flux: dict, k
                          fits.ImageHDU(dataset.wave.astype(np.float64), name="WAVELENGTH")])
     hdus[1].name = "SPECTRA"
     hdus[2].header["BUNIT"] = "Angstrom"
+    if low is not None:  # a cascade's first stage
+        wave, samples, scores = low
+        stage = fits.table_to_hdu(Table({"objid": table["objid"], "samples": samples.astype(np.float32),
+                                         "scores": scores.astype(np.float32)}))
+        stage.name = "LOWSTAGE"
+        stage.header["COMMENT"] = "the low-resolution samples (flux units), in drawing order; grid: LOWWAVE"
+        hdus += [stage, fits.ImageHDU(wave.astype(np.float64), name="LOWWAVE")]
     hdus.writeto(path)
     return path
 
@@ -142,13 +151,20 @@ def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bo
     return paths
 
 
-def galaxy_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None, n: int, top_k: int) -> None:
-    """The SPEC 4 figure for the first ``n`` galaxies."""
+def galaxy_figures(folder: Path, dataset, results: dict, truth: np.ndarray | None, n: int, top_k: int,
+                   low: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+    """The SPEC 4 figure for the first ``n`` galaxies; ``low``: a cascade's first stage, its
+    wavelengths ``(L_low,)``, samples ``(G, N_low, L_low)`` and scores ``(G, N_low)``."""
     raw = dataset.survey.images[dataset.kind]
     cat = dataset.survey.catalog
     for g in range(min(n, len(dataset))):
         row = dataset.rows[g]
+        stage = None
+        if low is not None:
+            order = np.argsort(-np.nan_to_num(low[2][g], nan=-np.inf), kind="stable")
+            stage = (low[0], low[1][g][order], low[2][g][order])
+        z = float(cat["z"][row]) if "z" in cat.colnames else float("nan")
         plot_ranked(folder / f"galaxy_{int(cat['objid'][row])}.png", dataset.wave, raw[row],
                     None if truth is None else truth[g], results["mean"][g], results["topk_mean"][g],
                     results["ranked"][g, :3], results["ranked_scores"][g, :3], top_k,
-                    title=f"objid {int(cat['objid'][row])}, z = {float(cat['z'][row]):.3f}")
+                    title=f"objid {int(cat['objid'][row])}, z = {z:.3f}", low=stage)
