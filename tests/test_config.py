@@ -216,7 +216,7 @@ def test_presets_of_both_trainers_prepare_the_same_data(preset):
     argv = ["--preset", preset] if preset else []
     con, gen = load_config("contrastive", argv), load_config("generative", argv)
     assert con["data"] == gen["data"]
-    if preset:  # every preset judges calibrated intervals, fitted on validation galaxies
+    if preset and gen["model"]["stage"] != "low":  # every preset generate.py runs judges calibrated intervals
         assert gen["sampling"]["calibration_objects"] >= gen["sampling"]["max_objects"]
 
 

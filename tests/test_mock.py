@@ -86,7 +86,7 @@ def test_deterministic_by_seed(tmp_path):
     # without the H-alpha scatter the same galaxies keep everything but their star formation's line strengths
     d = open_survey(generate_mock(tmp_path / "d", 12, seed=5, progress=False, halpha_scatter_dex=0.0))
     assert np.array_equal(a.images["gri"], d.images["gri"])
-    for col in ("z", "agn", "ebv_gas", "oh_gas", "fibre_frac_disc", "true_dn4000"):
+    for col in ("z", "agn", "true_ebv_gas", "oh_gas", "true_oh_n2", "fibre_frac_disc", "true_dn4000"):
         assert np.allclose(np.asarray(a.catalog[col], float), np.asarray(d.catalog[col], float)), col
     ha_a, ha_d = (np.asarray(x.catalog["true_flux_halpha"], float) for x in (a, d))
     star_forming = (np.asarray(a.catalog["agn"]) == 0) & (ha_a > 0)

@@ -18,7 +18,10 @@ from utils.astro.science import (
     bpt_class,
     dn4000,
     fit_lines,
+    balmer_ebv,
+    ccm_k,
     measure,
+    n2_metallicity,
     redshift_weights,
 )
 from utils.astro.spectra import block_grid, neurips_loglam
@@ -90,15 +93,16 @@ def test_dn4000_of_power_laws(downsample):
     assert np.isnan(dn4000(flux[:1], wave, np.array([-0.05]))[0])  # the blue window leaves the grid
 
 
-def line_spectra(wave, z, fluxes, continuum=5.0, noise=0.05, seed=0):
-    """Power-law continuum plus pixel-integrated Gaussian lines (tied companions included)."""
+def line_spectra(wave, z, fluxes, continuum=5.0, noise=0.05, seed=0, sigma_kms=120.0):
+    """Power-law continuum plus pixel-integrated Gaussian lines (tied companions included) of
+    width ``sigma_kms`` (a number or one per spectrum)."""
     rng = np.random.default_rng(seed)
     edges = pixel_edges(np.log10(wave))
     spec = continuum * (wave / 5000.0) ** -1.0 * np.ones((len(z), 1))
 
     def add(rest, flux):
         mu = rest * (1 + z)[:, None]
-        sig = mu * 120 / C_KMS
+        sig = mu * np.reshape(sigma_kms, (-1, 1)) / C_KMS
         return flux[:, None] * (ndtr((edges[1:] - mu) / sig) - ndtr((edges[:-1] - mu) / sig)) / np.diff(edges)
 
     for name, rest in LINES.items():
@@ -161,6 +165,62 @@ def test_measure_classifies_synthetic_star_formers_and_agn():
     props = measure(line_spectra(wave, z, fluxes, noise=0.1), wave, z=z)
     assert [BPT_CLASSES[c] for c in props.bpt] == ["star-forming", "AGN"]
     assert np.all(props.table()["ew_halpha"] > 0)
+
+
+def test_line_width_is_measured_where_the_pixels_resolve_it():
+    """The lines' sigma (80 to 300 km/s, as the mock's star formers and AGN) within 5% on SDSS
+    pixels (69 km/s), NaN on 16-pixel blocks (1100 km/s) and where no line reaches S/N 3."""
+    rng = np.random.default_rng(4)
+    z = rng.uniform(0.03, 0.25, 30)
+    sigma = rng.uniform(80, 300, len(z))
+    fluxes = {name: rng.uniform(40, 150, len(z)) for name in LINES}
+    wave = grid(1)
+    found = measure(line_spectra(wave, z, fluxes, sigma_kms=sigma), wave, z=z).sigma_lines
+    assert np.all(np.abs(found / sigma - 1) < 0.05)
+    coarse = grid(16)
+    assert np.isnan(measure(line_spectra(coarse, z, fluxes, sigma_kms=sigma), coarse, z=z).sigma_lines).all()
+    none = {name: np.zeros(len(z)) for name in LINES}
+    assert np.isnan(measure(line_spectra(wave, z, none, sigma_kms=sigma), wave, z=z).sigma_lines).all()
+
+
+def test_balmer_decrement_and_n2_metallicity():
+    """E(B-V) from lines reddened by the CCM curve from case B comes back; N2 gives 8.90 + 0.57 N2
+    for star formers and unclassified galaxies, NaN for composites, AGN and at low S/N."""
+    ebv = np.array([0.0, 0.2, 0.5, 0.3])
+    ha = np.full(4, 100.0)
+    hb = ha / 2.86 * 10 ** (-0.4 * ebv * (ccm_k(LINES["hbeta"]) - ccm_k(LINES["halpha"])))
+    nii = ha * 10 ** np.array([-1.0, -0.5, -0.2, -1.0])
+    flux = {"halpha": ha, "hbeta": hb, "nii_6584": nii, "oiii_5007": ha / 10}
+    err = {k: np.ones(4) for k in flux}
+    assert balmer_ebv(flux, err) == pytest.approx(ebv, abs=1e-9)
+    sf, agn = BPT_CLASSES.index("star-forming"), BPT_CLASSES.index("AGN")
+    unclassified, composite = BPT_CLASSES.index("unclassified"), BPT_CLASSES.index("composite")
+    oh = n2_metallicity(flux, err, np.array([sf, unclassified, composite, agn]))
+    assert oh[:2] == pytest.approx([8.90 - 0.57, 8.90 - 0.57 * 0.5])
+    assert np.isnan(oh[2:]).all()  # composites' and AGN's lines are not HII regions
+    faint = dict(err, hbeta=hb / 4)  # H-beta at S/N 4: too faint for the decrement
+    assert np.isnan(balmer_ebv(flux, faint)[1:]).all()
+    assert np.isnan(n2_metallicity(dict(flux, nii_6584=np.full(4, 2.0)), err, np.full(4, sf))).all()  # S/N 2
+
+
+def test_the_mocks_dust_metallicity_and_line_widths_are_measured_on_its_spectra(tiny_mock):
+    """Measured on the tiny mock's observed spectra, the lines' width, the Balmer E(B-V) and the
+    N2 metallicity follow the catalog's intrinsic values where their lines are detected (rank
+    correlation), with small biases."""
+    from scipy.stats import spearmanr
+
+    from utils.data.dataset import open_survey
+
+    survey = open_survey(tiny_mock)
+    flux, ivar = survey.flux.astype(np.float64), survey.ivar.astype(np.float64)
+    wave = 10 ** survey.loglam
+    found = measure(flux, wave, z=np.asarray(survey.catalog["z"], float)).table()
+    for prop, floor, bias in (("sigma_lines", 0.7, 15.0), ("ebv_gas", 0.3, 0.1), ("oh_n2", 0.3, 0.05)):
+        truth = np.asarray(survey.catalog[f"true_{prop}"], float)
+        ok = np.isfinite(found[prop])
+        assert ok.sum() >= 12, prop
+        assert spearmanr(found[prop][ok], truth[ok]).statistic > floor, prop
+        assert abs(np.median(found[prop][ok] - truth[ok])) < bias, prop
 
 
 def test_statistics():
@@ -238,6 +298,39 @@ def test_report_compares_with_survey_values_in_their_conventions():
     assert stats["ours"]["dn4000_corr"][0] == pytest.approx(1)
     assert stats["ours"]["bpt_accuracy"][0] == 1
     assert np.trace(matrices["ours"]) == 4
+    assert stats["ours"]["bpt_auc_AGN"][0] == 1  # a perfect classification ranks perfectly
+    # the survey's line fluxes give E(B-V) and the N2 metallicity through our conventions
+    lines = Table({"z": [0.1, 0.1], "bptclass": [1, 4], "h_alpha_flux": [286.0, 100.0],
+                   "h_alpha_flux_err": [1.0, 1.0], "h_beta_flux": [100.0, 10.0], "h_beta_flux_err": [1.0, 5.0],
+                   "nii_6584_flux": [28.6, 60.0], "nii_6584_flux_err": [1.0, 1.0]})
+    derived = survey_values(lines)
+    assert derived["ebv_gas"] == pytest.approx([0.0, np.nan], nan_ok=True)  # case B; H-beta at S/N 2
+    assert derived["oh_n2"] == pytest.approx([8.90 - 0.57, np.nan], nan_ok=True)  # the AGN has none
+
+
+def test_bpt_roc_auc_uses_the_samples_shares():
+    """roc_auc equals the share of (positive, negative) pairs ordered right, ties one half; a
+    constant score gives 0.5; compare() scores the samples by their share in each class, so samples
+    that know the AGN without ever being mostly AGN get an AUC the mode's hard class cannot."""
+    from utils.eval.report import class_shares, compare, roc_auc
+
+    rng = np.random.default_rng(0)
+    score, positive = rng.integers(0, 5, 40).astype(float), rng.random(40) < 0.4
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in score[positive] for b in score[~positive]]
+    assert roc_auc(score, positive) == pytest.approx(np.mean(pairs))
+    assert roc_auc(np.ones(40), positive) == 0.5
+    assert np.isnan(roc_auc(score, np.ones(40, bool)))
+    agn, sf = BPT_CLASSES.index("AGN"), BPT_CLASSES.index("star-forming")
+    true = np.array([agn] * 10 + [sf] * 30)
+    codes = np.full((40, 10), sf)
+    codes[:10, :4] = agn  # the AGN's samples: 40% AGN, the rest star-forming
+    codes[10:, 0] = np.where(np.arange(30) < 10, agn, sf)  # some star formers: 10% AGN
+    stats, _ = compare({"samples": {"bpt": np.full(40, sf), "bpt_shares": class_shares(codes)}}, {"bpt": true},
+                       n_boot=20)
+    assert stats["samples"]["bpt_accuracy"][0] == 0.75
+    assert stats["samples"]["bpt_auc_AGN"][0] == 1
+    hard, _ = compare({"mode": {"bpt": np.full(40, sf)}}, {"bpt": true}, n_boot=20)
+    assert hard["mode"]["bpt_auc_AGN"][0] == 0.5
 
 
 @pytest.mark.parametrize("downsample", [1, 16])

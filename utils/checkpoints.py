@@ -511,7 +511,7 @@ def newest_finished_run(folder: Path, what: str, stages: tuple[str, ...] | None 
     runs = sorted((p for p in folder.glob("*") if (p / METRICS_FILE).is_file()
                    and (stages is None or run_stage(p) in stages)), key=lambda p: p.stat().st_mtime)
     if not runs:
-        kind = f" {'/'.join(stages)}-stage" if stages else ""
-        raise UserError(f"no finished{kind} {what} run in '{folder}' (a run folder with {METRICS_FILE}): train one "
+        kind = f" of model.stage {' or '.join(stages)}" if stages else ""
+        raise UserError(f"no finished {what} run{kind} in '{folder}' (a run folder with {METRICS_FILE}): train one "
                         f"first, or name a run folder or checkpoint in the config")
     return runs[-1]

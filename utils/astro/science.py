@@ -14,7 +14,17 @@ same code:
   fitted where the pixels resolve it;
 - the BPT class (Baldwin, Phillips & Terlevich 1981 diagram, [N II]/H-alpha against
   [O III]/H-beta): star-forming below Kauffmann et al. (2003), AGN above Kewley et al. (2001),
-  composite between, unclassified when a line's signal-to-noise is below :data:`BPT_MIN_SNR`.
+  composite between, unclassified when a line's signal-to-noise is below :data:`BPT_MIN_SNR`;
+- the emission lines' velocity dispersion (instrumental broadening included), the width fitted
+  to the complex of the line with the highest signal-to-noise, where the pixels resolve it;
+- the gas's E(B-V) from the Balmer decrement H-alpha / H-beta against case B's 2.86 with the
+  Cardelli, Clayton & Mathis (1989) extinction curve;
+- the gas-phase metallicity 12 + log(O/H) = 8.90 + 0.57 N2, N2 = log([N II] 6584 / H-alpha)
+  (Pettini & Pagel 2004), for star-forming galaxies (it saturates above N2 = -0.3);
+- the Balmer lines' fluxes with the stars' absorption under them fitted as a broad Gaussian where
+  the pixels resolve the lines.
+
+Each is NaN where the lines it needs have a signal-to-noise below :data:`BPT_MIN_SNR`.
 
 Equivalent widths are positive for emission (the MPA-JHU catalogue's are negative).
 """
@@ -41,6 +51,11 @@ COMPLEXES = (((4780.0, 5080.0), ("hbeta", "oiii_5007")), ((6450.0, 6680.0), ("ha
 LINE_SIGMAS_KMS = tuple(40.0 * 1.4 ** np.arange(8))  # 40 to 422 km/s
 #: pixels wider than this (km/s) do not resolve the lines: their width is not fitted
 UNRESOLVED_PIXEL_KMS = 600.0
+#: the Balmer lines, whose emission sits in the stars' absorption: where the pixels resolve the
+#: lines, the fit adds a Gaussian absorption of :data:`BALMER_ABSORPTION_KMS` at each (the wings
+#: of A stars' Balmer lines, ~25 A); without it H-beta's flux on the mock reads 12% low
+BALMER_LINES = ("hbeta", "halpha")
+BALMER_ABSORPTION_KMS = 1500.0
 #: Dn4000 windows (Balogh et al. 1999), rest frame, Angstrom
 DN4000_BLUE, DN4000_RED = (3850.0, 3950.0), (4000.0, 4100.0)
 BPT_CLASSES = ("unclassified", "star-forming", "composite", "AGN")
@@ -48,7 +63,77 @@ BPT_MIN_SNR = 3.0
 #: the redshift fit's default range and largest number of pixels (longer spectra are block-averaged)
 Z_RANGE = (0.0, 0.6)
 FIT_PIXELS = 600
-PROPERTIES = ("z", "dn4000", *(f"ew_{name}" for name in LINES), *(f"flux_{name}" for name in LINES))
+#: the signal-to-noise both Balmer lines need for E(B-V): at 3, H-beta's error alone (0.14 dex in
+#: the decrement, 0.33 in E(B-V)) exceeds the spread of dust among galaxies
+EBV_MIN_SNR = 5.0
+#: case-B Balmer decrement H-alpha / H-beta at 10^4 K (Osterbrock & Ferland 2006)
+BALMER_DECREMENT = 2.86
+#: the lowest N2 = log([N II] 6584 / H-alpha) that Pettini & Pagel (2004) calibrated
+N2_MIN = -2.5
+#: properties derived from the line fit: the lines' width, the gas's dust and metallicity
+DERIVED = ("sigma_lines", "ebv_gas", "oh_n2")
+PROPERTIES = ("z", "dn4000", *(f"ew_{name}" for name in LINES), *(f"flux_{name}" for name in LINES), *DERIVED)
+
+
+def ccm_k(wave: np.ndarray | float, r_v: float = 3.1) -> np.ndarray:
+    """k(lambda) = A_lambda / E(B-V) of Cardelli, Clayton & Mathis (1989), optical/NIR (0.3-3.3 um^-1);
+    ``wave`` in Angstrom."""
+    x = 1e4 / np.asarray(wave, dtype=np.float64)
+    y = x - 1.82
+    a = 1 + 0.17699 * y - 0.50447 * y ** 2 - 0.02427 * y ** 3 + 0.72085 * y ** 4 + 0.01979 * y ** 5 \
+        - 0.77530 * y ** 6 + 0.32999 * y ** 7
+    b = 1.41338 * y + 2.28305 * y ** 2 + 1.07233 * y ** 3 - 5.38434 * y ** 4 - 0.62251 * y ** 5 \
+        + 5.30260 * y ** 6 - 2.09002 * y ** 7
+    ir = x < 1.1
+    a = np.where(ir, 0.574 * x ** 1.61, a)
+    b = np.where(ir, -0.527 * x ** 1.61, b)
+    return r_v * a + b
+
+
+def _detected(flux: dict, err: dict, names: tuple[str, ...], min_snr: float) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.all([np.nan_to_num(flux[n] / err[n]) >= min_snr for n in names], axis=0)
+
+
+def balmer_ebv(flux: dict, err: dict, min_snr: float = EBV_MIN_SNR) -> np.ndarray:
+    """The gas's E(B-V) ``(M,)`` from H-alpha / H-beta (``flux`` and ``err`` dicts of line
+    fluxes keyed as :data:`LINES`): 2.5 / (k(H-beta) - k(H-alpha)) log10(ratio / 2.86) with
+    :func:`ccm_k`; NaN where either line's signal-to-noise is below ``min_snr``. A ratio below
+    case B gives a negative value, as measured."""
+    ok = _detected(flux, err, ("halpha", "hbeta"), min_snr)
+    scale = 2.5 / (ccm_k(LINES["hbeta"]) - ccm_k(LINES["halpha"]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.asarray(flux["halpha"], float) / np.asarray(flux["hbeta"], float)
+        return np.where(ok, scale * np.log10(ratio / BALMER_DECREMENT), np.nan)
+
+
+def n2_metallicity(flux: dict, err: dict, bpt: np.ndarray, min_snr: float = BPT_MIN_SNR) -> np.ndarray:
+    """12 + log(O/H) ``(M,)`` = 8.90 + 0.57 N2 (Pettini & Pagel 2004) where H-alpha and [N II]
+    6584 reach ``min_snr``, N2 is above :data:`N2_MIN` and the BPT diagram (``bpt`` codes of
+    :data:`BPT_CLASSES`) does not place the galaxy among composites or AGN, whose lines do not
+    trace HII regions: star formers and galaxies whose H-beta or [O III] is too faint to classify
+    (metal-rich star formers have weak [O III]); NaN otherwise. N2 saturates near solar
+    metallicity: Pettini & Pagel calibrated it below N2 = -0.3 (8.73); above, the value is the
+    calibration extended, and it underestimates metal-rich galaxies."""
+    ok = _detected(flux, err, ("halpha", "nii_6584"), min_snr)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n2 = np.log10(np.asarray(flux["nii_6584"], float) / np.asarray(flux["halpha"], float))
+    ok &= np.isin(np.asarray(bpt), [BPT_CLASSES.index("star-forming"), BPT_CLASSES.index("unclassified")])
+    ok &= n2 > N2_MIN
+    return np.where(ok, 8.90 + 0.57 * n2, np.nan)
+
+
+def line_width(widths: dict, flux: dict, err: dict, min_snr: float = BPT_MIN_SNR) -> np.ndarray:
+    """The lines' velocity dispersion ``(M,)`` km/s: the width fitted to the complex of the line
+    with the highest signal-to-noise (``widths`` by line name, from the line fit), NaN where no
+    line reaches ``min_snr`` or the pixels do not resolve the width."""
+    names = list(LINES)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.stack([np.nan_to_num(np.asarray(flux[n], float) / np.asarray(err[n], float), nan=-np.inf)
+                        for n in names], 1)
+    best = snr.argmax(1)
+    width = np.stack([widths[n] for n in names], 1)[np.arange(len(best)), best]
+    return np.where(snr.max(1) >= min_snr, width, np.nan)
 
 
 def line_profile(lo: np.ndarray, hi: np.ndarray, centre: np.ndarray, sigma_kms: np.ndarray | float) -> np.ndarray:
@@ -252,15 +337,18 @@ def fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[f
     positive for emission; NaN where the window leaves the grid or the continuum is not positive.
     """
     flux, wave = _check_grid(flux, wave)
-    return _fit_lines(flux, wave, z, sigmas)
+    return _fit_lines(flux, wave, z, sigmas)[:3]
 
 
 def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[float, ...] = LINE_SIGMAS_KMS
-               ) -> tuple[dict, dict, dict]:
+               ) -> tuple[dict, dict, dict, dict]:
+    """:func:`fit_lines`, and the fitted width (km/s) by line name, NaN where the pixels do not
+    resolve it."""
     edges = pixel_edges(np.log10(wave))
     z = np.broadcast_to(np.asarray(z, dtype=np.float64), (len(flux),))
     rows = np.arange(len(flux))[:, None]
-    fluxes, errors, ews = {}, {}, {}
+    fluxes, errors, ews, widths = {}, {}, {}, {}
+    resolved = C_KMS * np.median(np.diff(np.log(wave))) <= UNRESOLVED_PIXEL_KMS
     for (lo, hi), names in COMPLEXES:
         start = np.searchsorted(wave, lo * (1 + z))
         stop = np.searchsorted(wave, hi * (1 + z))
@@ -272,6 +360,10 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
         lam = wave[idx]
         centre = 0.5 * (lo + hi) * (1 + z)[:, None]
         continuum_columns = [inside * 1.0, inside * (lam - centre) / (hi - lo) / (1 + z)[:, None]]
+        if resolved:  # the stars' Balmer absorption under the emission, broad against it
+            continuum_columns += [inside * line_profile(edges[idx], edges[idx + 1], LINES[name] * (1 + z)[:, None],
+                                                        BALMER_ABSORPTION_KMS)
+                                  for name in names if name in BALMER_LINES]
 
         def fit(sigma_kms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             columns = list(continuum_columns)
@@ -292,7 +384,7 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
         # the lines' width, fitted: a grid in log sigma, a parabola through the best and its neighbours;
         # lines much narrower than a pixel are boxes whatever their width: one mid-range width then
         grid = np.log(np.asarray(sigmas, dtype=np.float64))
-        if C_KMS * np.median(np.diff(np.log(wave))) > UNRESOLVED_PIXEL_KMS:
+        if not resolved:
             grid = np.log([np.sqrt(sigmas[0] * sigmas[-1])])
         rss = np.stack([fit(np.full(len(z), np.exp(g)))[0] for g in grid], 1)  # (M, S)
         if len(grid) >= 3:
@@ -305,13 +397,15 @@ def _fit_lines(flux: np.ndarray, wave: np.ndarray, z: np.ndarray, sigmas: tuple[
         var = rss / np.maximum(inside.sum(1) - n_params, 1)
         ok = (start > 0) & (stop < len(wave)) & (inside.sum(1) > n_params)
         for k, name in enumerate(names):
-            line = coeffs[:, 2 + k]
+            line = coeffs[:, len(continuum_columns) + k]
             continuum = coeffs[:, 0] + coeffs[:, 1] * (LINES[name] - 0.5 * (lo + hi)) / (hi - lo)
             fluxes[name] = np.where(ok, line, np.nan)
-            errors[name] = np.where(ok, np.sqrt(np.maximum(var * inverse[:, 2 + k, 2 + k], 0)), np.nan)
+            j = len(continuum_columns) + k
+            errors[name] = np.where(ok, np.sqrt(np.maximum(var * inverse[:, j, j], 0)), np.nan)
             with np.errstate(invalid="ignore", divide="ignore"):
                 ews[name] = np.where(ok & (continuum > 0), line / continuum / (1 + z), np.nan)
-    return fluxes, errors, ews
+            widths[name] = np.where(ok & resolved, np.exp(log_sigma), np.nan)
+    return fluxes, errors, ews, widths
 
 
 @dataclass
@@ -325,12 +419,16 @@ class SpectrumProperties:
     flux_err: dict
     ew: dict
     bpt: np.ndarray
+    sigma_lines: np.ndarray
+    ebv_gas: np.ndarray
+    oh_n2: np.ndarray
 
     def table(self) -> dict[str, np.ndarray]:
         """Flat columns named as in :data:`PROPERTIES`, plus ``bpt``."""
         out = {"z": self.z, "dn4000": self.dn4000}
         out.update({f"ew_{k}": v for k, v in self.ew.items()})
         out.update({f"flux_{k}": v for k, v in self.flux.items()})
+        out.update({name: getattr(self, name) for name in DERIVED})
         out["bpt"] = self.bpt
         return out
 
@@ -348,9 +446,10 @@ def measure(flux: np.ndarray, wave: np.ndarray, z: np.ndarray | None = None, fit
     parts = []
     for start in range(0, len(flux), chunk):
         sl = slice(start, start + chunk)
-        f, e, w = _fit_lines(flux[sl], wave, z[sl])
-        parts.append((_dn4000(flux[sl], wave, z[sl]), f, e, w))
+        parts.append((_dn4000(flux[sl], wave, z[sl]), *_fit_lines(flux[sl], wave, z[sl])))
     join = lambda i: {k: np.concatenate([p[i][k] for p in parts]) for k in LINES}  # noqa: E731
     fluxes, errors = join(1), join(2)
+    bpt = bpt_class(fluxes, errors)
     return SpectrumProperties(z=z, chi2=chi2, dn4000=np.concatenate([p[0] for p in parts]), flux=fluxes,
-                              flux_err=errors, ew=join(3), bpt=bpt_class(fluxes, errors))
+                              flux_err=errors, ew=join(3), bpt=bpt, sigma_lines=line_width(join(4), fluxes, errors),
+                              ebv_gas=balmer_ebv(fluxes, errors), oh_n2=n2_metallicity(fluxes, errors, bpt))

@@ -358,7 +358,8 @@ def galaxy_physics(gal: MockGalaxies, bulge_fraction: np.ndarray, seed: int) -> 
 
 #: the true properties written to catalog.fits (besides z): name -> description (README)
 TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{k}" for k in LINES), "true_bpt",
-                "agn", "veldisp", "log_mass", "ebv_gas", "oh_gas", "r_disc_arcsec", "r_bulge_arcsec",
+                "true_sigma_lines", "true_ebv_gas", "true_oh_n2", "agn", "veldisp", "log_mass", "oh_gas",
+                "r_disc_arcsec", "r_bulge_arcsec",
                 "fibre_frac_disc", "fibre_frac_bulge", "fibre_frac_r")
 
 
@@ -449,7 +450,9 @@ def render_chunk(part: MockGalaxies, bt: np.ndarray, veldisp: np.ndarray, log_ma
     errors = physics.line_errors(part.z, lines["sigma_kms"], 1.0 / ivar.astype(np.float64))
     true = {"true_dn4000": dn4000(clean, wave, part.z),
             "true_bpt": bpt_class(lines["flux"], errors),  # unclassified where the noise hides a line
-            "agn": lines["agn"], "ebv_gas": lines["ebv"], "oh_gas": lines["oh"],
+            "agn": lines["agn"], "true_ebv_gas": lines["ebv"], "oh_gas": lines["oh"],
+            "true_oh_n2": lines["oh_n2"],
+            "true_sigma_lines": lines["sigma_kms"],
             "r_disc_arcsec": rendered.r_disc, "r_bulge_arcsec": rendered.r_bulge,
             "fibre_frac_disc": rendered.fibre_disc, "fibre_frac_bulge": rendered.fibre_bulge}
     for name in LINES:

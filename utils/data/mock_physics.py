@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.astro.science import C_KMS, LINES, TIED, kauffmann03, kewley01
+from utils.astro.science import BALMER_DECREMENT, C_KMS, LINES, TIED, ccm_k, kauffmann03, kewley01
 
 #: every emission line the mock draws, vacuum Angstrom
 MOCK_LINES = {**LINES, "oiii_4959": TIED["oiii_4959"][1], "nii_6548": TIED["nii_6548"][1],
@@ -44,7 +44,6 @@ MOCK_LINES = {**LINES, "oiii_4959": TIED["oiii_4959"][1], "nii_6548": TIED["nii_
 TEMPLATE_LINES = (*MOCK_LINES.values(), 3869.86, 4102.89, 4341.69, 5877.25, 6302.05, 6365.54, 9071.1, 9533.2)
 CUT_HALF_WIDTH_KMS = 900.0
 HALPHA_SCATTER_DEX = 0.35
-BALMER_DECREMENT = 2.86  # case B, 10^4 K (Osterbrock & Ferland 2006)
 AGN_DECREMENT = 3.1  # narrow-line regions (Osterbrock & Ferland 2006)
 INSTRUMENT_SIGMA_KMS = 70.0  # SDSS, R ~ 1800
 SF_SIGMA_KMS, AGN_SIGMA_KMS = 50.0, 250.0
@@ -65,32 +64,18 @@ DRAWN_LINES = {"halpha": ("halpha", 1.0), "hbeta": ("hbeta", 1.0), "nii_6584": (
                "sii_6717": ("sii", 1.4 / 2.4), "sii_6731": ("sii", 1 / 2.4)}
 
 
-def ccm_k(wave: np.ndarray | float, r_v: float = 3.1) -> np.ndarray:
-    """k(lambda) = A_lambda / E(B-V) of Cardelli, Clayton & Mathis (1989), optical/NIR (0.3-3.3 um^-1)."""
-    x = 1e4 / np.asarray(wave, dtype=np.float64)
-    y = x - 1.82
-    a = 1 + 0.17699 * y - 0.50447 * y ** 2 - 0.02427 * y ** 3 + 0.72085 * y ** 4 + 0.01979 * y ** 5 \
-        - 0.77530 * y ** 6 + 0.32999 * y ** 7
-    b = 1.41338 * y + 2.28305 * y ** 2 + 1.07233 * y ** 3 - 5.38434 * y ** 4 - 0.62251 * y ** 5 \
-        + 5.30260 * y ** 6 - 2.09002 * y ** 7
-    ir = x < 1.1
-    a = np.where(ir, 0.574 * x ** 1.61, a)
-    b = np.where(ir, -0.527 * x ** 1.61, b)
-    return r_v * a + b
-
-
 def line_free(wave: np.ndarray, flux: np.ndarray) -> np.ndarray:
-    """Templates ``(K, W)`` with the emission lines of :data:`TEMPLATE_LINES` cut out: within
-    +-:data:`CUT_HALF_WIDTH_KMS` of each line the flux is interpolated linearly between the
-    window's edges."""
+    """Templates ``(K, W)`` with the emission lines of :data:`TEMPLATE_LINES` cut out: the pixels
+    within +-:data:`CUT_HALF_WIDTH_KMS` of any line are joined into runs (H-alpha's window
+    overlaps both [N II] lines') and each run is interpolated linearly between the line-free
+    pixels on either side of it."""
     out = np.array(flux, dtype=np.float64, copy=True)
+    cut = np.zeros(len(wave), dtype=bool)
     for line in TEMPLATE_LINES:
-        half = line * CUT_HALF_WIDTH_KMS / C_KMS
-        inside = (wave > line - half) & (wave < line + half)
-        if not inside.any():
-            continue
-        lo, hi = np.flatnonzero(inside)[[0, -1]]
-        lo, hi = max(lo - 1, 0), min(hi + 1, len(wave) - 1)
+        cut |= np.abs(wave - line) < line * CUT_HALF_WIDTH_KMS / C_KMS
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], cut.astype(np.int8), [0]])))
+    for first, stop in zip(edges[::2], edges[1::2]):  # the run is pixels first .. stop - 1
+        lo, hi = max(first - 1, 0), min(stop, len(wave) - 1)
         t = (wave[lo:hi + 1] - wave[lo]) / (wave[hi] - wave[lo])
         out[:, lo:hi + 1] = out[:, lo:lo + 1] + t * (out[:, hi:hi + 1] - out[:, lo:lo + 1])
     return out
@@ -151,7 +136,9 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
         everything else about the galaxies stays the same: bench/ceilings.py's scatter-free ceiling).
 
     Returns a dict: ``flux`` {line: (N,)} fibre fluxes of :data:`MOCK_LINES`, ``sigma_kms`` (N,)
-    the lines' width, ``agn`` (N,) 0 none / 1 Seyfert / 2 LINER, ``ebv`` (N,), ``oh`` (N,).
+    the lines' width, ``agn`` (N,) 0 none / 1 Seyfert / 2 LINER, ``ebv`` (N,), ``oh`` (N,) and
+    ``oh_n2`` (N,), the metallicity the drawn [N II]/H-alpha gives through N2 (saturated where
+    ``oh`` is above N2's reach).
     """
     n = len(halpha_disc)
     oh = metallicity(log_mass, rng)
@@ -194,7 +181,7 @@ def draw_lines(halpha_disc: np.ndarray, log_mass: np.ndarray, log_bulge_mass: np
     agn_sigma = np.hypot(np.clip(AGN_SIGMA_KMS + 50 * rng.standard_normal(n), 100, None), INSTRUMENT_SIGMA_KMS)
     agn_share = np.divide(active["halpha"], flux["halpha"], out=np.zeros(n), where=flux["halpha"] > 0)
     sigma = np.sqrt(agn_share * agn_sigma ** 2 + (1 - agn_share) * sf_sigma ** 2)
-    return {"flux": flux, "sigma_kms": sigma, "agn": agn, "ebv": ebv, "oh": oh}
+    return {"flux": flux, "sigma_kms": sigma, "agn": agn, "ebv": ebv, "oh": oh, "oh_n2": 8.90 + 0.57 * n2}
 
 
 class FibreSpectra:

@@ -4,8 +4,11 @@ Measures every property of utils.astro.science on every generated sample, on the
 the baselines' spectra (utils.eval.baselines), all in flux units on the dataset's grid and through the
 same code, then summarises generation and baselines side by side with standard errors (bootstrap
 over galaxies for medians, NMADs and correlations; the standard error of the mean for means):
-redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000 and the
-equivalent widths; BPT accuracy and confusion; MSE and CRPS per pixel; the coverage of the
+redshift sigma_NMAD, bias and outliers; bias, scatter and rank correlation of Dn4000, the
+equivalent widths, the lines' velocity dispersion, the Balmer-decrement E(B-V) and the N2
+metallicity; BPT accuracy, confusion and the ROC AUC of the share of each galaxy's samples in each
+class (which shows what the samples know where accuracy cannot: a mock's majority class can be
+as accurate as any retrieval); MSE and CRPS per pixel; the coverage of the
 samples' central 68% and 90% intervals per property and per pixel (widened by a calibration fitted
 on validation galaxies where one is given, utils.eval.calibration). Where the catalog carries the
 survey's own measurements (MPA-JHU columns of a real-SDSS dataset), the same statistics are also
@@ -19,7 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.astro.science import BPT_CLASSES, BPT_DEMARCATIONS, LINES, PROPERTIES, RedshiftFitter, bpt_ratios, measure
+from utils.astro.science import (
+    BPT_CLASSES,
+    BPT_DEMARCATIONS,
+    DERIVED,
+    LINES,
+    PROPERTIES,
+    RedshiftFitter,
+    balmer_ebv,
+    bpt_ratios,
+    measure,
+    n2_metallicity,
+)
 from utils.eval.calibration import PIXELS, Calibration, uncalibrated
 from utils.eval.metrics import (
     COVERAGE_LEVELS,
@@ -38,9 +52,13 @@ from utils.eval.metrics import (
 PREDICTORS = {"samples": "generated", "mean_of_n": "mean of N", "knn_embedding": "kNN image",
               "mean_train": "mean train", "photo_z": "kNN photo-z", "observed": "true spectrum"}
 #: properties whose point predictions are compared (the line fluxes go to the FITS file only)
-COMPARED = ("dn4000", *(f"ew_{name}" for name in LINES))
+COMPARED = ("dn4000", *(f"ew_{name}" for name in LINES), *DERIVED)
+#: properties whose sample intervals' coverage is a science target
+TARGET_COVERED = ("z", "dn4000", "ew_halpha", "ew_oiii_5007")
 #: properties whose sample intervals are checked for coverage
-COVERED = ("z", "dn4000", "ew_halpha", "ew_oiii_5007")
+COVERED = (*TARGET_COVERED, *DERIVED)
+#: BPT classes judged by the ROC AUC of the predicted share of each galaxy in them
+AUC_CLASSES = ("star-forming", "composite", "AGN")
 #: survey catalog columns (MPA-JHU, SpecObj) -> (property, conversion)
 SURVEY_COLUMNS = {
     "d4000_n": ("dn4000", lambda v: v),
@@ -112,8 +130,39 @@ def compare(predictions: dict, truth: dict, n_boot: int = 200) -> tuple[dict, di
             p, t = np.asarray(pred["bpt"]), np.asarray(truth["bpt"])
             out["bpt_accuracy"] = _mean_se((p == t).astype(float))
             matrices[name] = confusion(p, t, len(BPT_CLASSES)).tolist()
+            shares = pred.get("bpt_shares", np.eye(len(BPT_CLASSES))[p])
+            out.update(_stats_with_se(class_aucs, shares, t, n_boot))
         stats[name] = out
     return stats, matrices
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """The area under the ROC curve of ``score`` for the boolean labels ``positive``: the chance
+    that a random positive scores above a random negative, ties counting one half (the
+    Mann-Whitney U statistic over the number of pairs); NaN without both labels."""
+    from scipy.stats import mannwhitneyu
+
+    positive = np.asarray(positive, bool)
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(mannwhitneyu(pos, neg, alternative="two-sided").statistic / (len(pos) * len(neg)))
+
+
+def class_aucs(shares: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """``bpt_auc_<class>`` for each of :data:`AUC_CLASSES`: the ROC AUC of each galaxy's share
+    ``(G, classes)`` in the class against whether its true class (``(G,)`` codes) is that one. A
+    point prediction's share is 1 or 0; a constant share gives 0.5."""
+    out = {}
+    for name in AUC_CLASSES:
+        c = BPT_CLASSES.index(name)
+        out[f"bpt_auc_{name.replace('-', '_')}"] = roc_auc(np.asarray(shares)[:, c], np.asarray(true) == c)
+    return out
+
+
+def class_shares(codes: np.ndarray, n_classes: int = len(BPT_CLASSES)) -> np.ndarray:
+    """The share ``(G, n_classes)`` of each galaxy's samples ``(G, N)`` in each class."""
+    return np.stack([(np.asarray(codes) == c).mean(1) for c in range(n_classes)], 1)
 
 
 def sample_columns(sample_props: dict, calibration: Calibration | None = None) -> dict:
@@ -132,16 +181,19 @@ def sample_columns(sample_props: dict, calibration: Calibration | None = None) -
 
 def predictions_of(columns: dict, samples: np.ndarray, samples_pre: np.ndarray | None, wave: np.ndarray,
                    fitter: RedshiftFitter, baselines: dict, photo_z: np.ndarray | None,
-                   true_props: dict | None) -> tuple[dict, dict]:
+                   true_props: dict | None, bpt_shares: np.ndarray | None = None) -> tuple[dict, dict]:
     """Every predictor's properties ``{predictor: {property: (G,)}}`` and preprocessed spectra
-    ``{predictor: (G, L) or None}``: the samples' medians, the mean of the N samples, each spectral
-    baseline, the photo-z and, where given, the observed true spectrum (the ceiling)."""
+    ``{predictor: (G, L) or None}``: the samples' medians (and ``bpt_shares``, the share of the
+    samples in each BPT class, where given), the mean of the N samples, each spectral baseline, the
+    photo-z and, where given, the observed true spectrum (the ceiling)."""
     predictions = {"samples": {k: columns[f"{k}_gen"] for k in PROPERTIES} | {"bpt": columns["bpt_gen"]},
                    "mean_of_n": measure(samples.mean(1), wave, fitter=fitter).table()}
     spectra_pre = {"samples": samples_pre, "mean_of_n": None if samples_pre is None else samples_pre.mean(1)}
     for name, (flux, pre) in baselines.items():
         predictions[name] = measure(flux, wave, fitter=fitter).table()
         spectra_pre[name] = pre
+    if bpt_shares is not None:
+        predictions["samples"]["bpt_shares"] = bpt_shares
     if photo_z is not None:
         predictions["photo_z"] = {"z": np.asarray(photo_z, dtype=np.float64)}
     if true_props is not None:
@@ -212,7 +264,7 @@ def science_report(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, sam
     truth_values, known = reference_values(true_props, catalog)
     # with a mock's intrinsic truth, the same code on the observed (noisy) true spectrum is the ceiling
     predictions, spectra_pre = predictions_of(columns, samples, samples_pre, wave, fitter, baselines or {}, photo_z,
-                                              true_props if known else None)
+                                              true_props if known else None, class_shares(sample_props["bpt"]))
     columns |= truth_columns(true_props, predictions)
     stats, matrices = compare(predictions, truth_values, n_boot)
     if truth_pre is not None:
@@ -277,6 +329,14 @@ def survey_values(catalog) -> dict:
     if "bptclass" in catalog.colnames:
         codes = np.ma.filled(np.ma.asarray(catalog["bptclass"]), -1).astype(int)
         out["bpt"] = np.array([MPA_BPT.get(int(c), 0) for c in codes])
+    lines = {"halpha": "h_alpha", "hbeta": "h_beta", "nii_6584": "nii_6584"}
+    if all(f"{col}_{what}" in catalog.colnames for col in lines.values() for what in ("flux", "flux_err")):
+        read = lambda name: np.ma.filled(np.ma.asarray(catalog[name], dtype=np.float64), np.nan)  # noqa: E731
+        flux = {ours: read(f"{col}_flux") for ours, col in lines.items()}
+        err = {ours: np.where(read(f"{col}_flux_err") > 0, read(f"{col}_flux_err"), np.nan) for ours, col in lines.items()}
+        out["ebv_gas"] = balmer_ebv(flux, err)  # the survey's fluxes through our conventions
+        if "bpt" in out:
+            out["oh_n2"] = n2_metallicity(flux, err, out["bpt"])
     if out and "z" in catalog.colnames:
         out["z"] = np.asarray(catalog["z"], dtype=np.float64)
     return out
@@ -321,7 +381,7 @@ def targets(stats: dict, majority_rate: float) -> list[dict]:
     add("BPT accuracy above the majority class and the kNN image average", value,
         f"majority {majority_rate:.3f}" + (f", kNN {ref[0]:.3f}" if ref else ""),
         value[0] > bar if value else None)
-    for prop in ("pixels", *COVERED):
+    for prop in ("pixels", *TARGET_COVERED):
         for level, (lo, hi) in COVERAGE_TARGETS.items():
             value = gen.get(f"coverage{round(level * 100)}_{prop}")
             add(f"{round(level * 100)}% intervals cover {lo:.0%}-{hi:.0%}: {prop}", value, f"{lo:.2f}-{hi:.2f}",
@@ -347,7 +407,14 @@ TABLE_ROWS = (("mse", "MSE per pixel (preprocessed)"), ("crps_pixels", "CRPS per
               ("dn4000_scatter", "Dn4000 scatter (NMAD)"), ("dn4000_corr", "Dn4000 rank corr."),
               ("ew_halpha_corr", "EW(Ha) rank corr."), ("ew_hbeta_corr", "EW(Hb) rank corr."),
               ("ew_oiii_5007_corr", "EW([OIII]) rank corr."), ("ew_nii_6584_corr", "EW([NII]) rank corr."),
-              ("bpt_accuracy", "BPT class accuracy"), ("mse_minus_knn", "MSE minus kNN's (paired)"),
+              ("sigma_lines_bias", "line sigma bias (km/s)"), ("sigma_lines_scatter", "line sigma scatter (km/s)"),
+              ("sigma_lines_corr", "line sigma rank corr."), ("ebv_gas_bias", "E(B-V) Balmer bias"),
+              ("ebv_gas_scatter", "E(B-V) Balmer scatter"), ("ebv_gas_corr", "E(B-V) Balmer rank corr."),
+              ("oh_n2_bias", "12+log(O/H) N2 bias"), ("oh_n2_scatter", "12+log(O/H) N2 scatter"),
+              ("oh_n2_corr", "12+log(O/H) N2 rank corr."),
+              ("bpt_accuracy", "BPT class accuracy"),
+              *((f"bpt_auc_{c.replace('-', '_')}", f"BPT ROC AUC: {c}") for c in AUC_CLASSES),
+              ("mse_minus_knn", "MSE minus kNN's (paired)"),
               ("crps_minus_knn", "CRPS minus kNN's (paired)"),
               *((f"coverage{round(lv * 100)}_{p}{raw}", f"{round(lv * 100)}% interval coverage: {p}{label}")
                 for raw, label in (("", ""), ("_raw", " (raw)")) for p in (PIXELS, *COVERED) for lv in COVERAGE_LEVELS))
