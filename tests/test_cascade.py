@@ -190,6 +190,14 @@ def test_the_cascade_trains_and_generates_full_spectra(tiny_mock, trained_cascad
         assert len(hdus["LOWWAVE"].data) == 113
         assert np.isfinite(hdus["SPECTRA"].data["z_gen"]).all()
     assert list((out / "figures").glob("galaxy_*.png"))
+    # bench/cascade.py puts both stages on one grid (blocks of 4: 112 pixels; the low stage's 113th dropped)
+    bench = run_script("bench/cascade.py", [f"a={out}", f"b={out}", "--factor", "4", "--boot", "20",
+                                            "--out", str(tmp_path / "c.json")])
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["grid_pixels"] == 112 and result["galaxies"] == 3
+    assert result["a"]["low_stage"]["samples"] == 4
+    assert result["b"]["mean_of_n_minus_a"] == [0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -209,6 +217,22 @@ def test_cascade_refusals_name_the_stage(tiny_mock, trained_cascade, tmp_path):
         find_models(config(f"sampling.low_contrastive_run={trained_cascade['contrastive-super']}"))
     pair = find_models(config())
     assert pair.low_stage.gen_path.parent.parent == trained_cascade["generative-low"]
+    # stages of different low resolutions do not make a cascade
+    from utils.trained import build_models, find_low_stage
+
+    other = {**pair.gen_cfg, "model": {**pair.gen_cfg["model"], "low_factor": 8}}
+    with pytest.raises(UserError, match="model.low_factor of the low stage .* a cascade's stages must share it"):
+        find_low_stage(str(trained_cascade["generative-low"]), False, config()["data"], other, "super",
+                       tmp_path)
+    # noisy low inputs for a super stage trained on clean ones: refused before anything is drawn
+    from utils.generation import SamplingPlan, check_plan
+
+    built = build_models(pair, 449, 3, torch.device("cpu"))
+    check_plan(built, SamplingPlan.from_config(config()))
+    del built.denoiser.level_embed  # what a super stage trained with train.cond_noise=0 lacks
+    with pytest.raises(UserError, match="trained on clean ones"):
+        check_plan(built, SamplingPlan.from_config(config()))
+    check_plan(built, SamplingPlan.from_config(config("sampling.cond_noise=0")))
     no_low = run_script("train_generative.py", cascade_args(tiny_mock, tmp_path / "x", "generative", "super") +
                         [f"run.out_dir={tmp_path / 'empty'}"])
     assert no_low.returncode == 1

@@ -69,9 +69,10 @@ def same_tables(a: Table, b: Table) -> bool:
 
 
 def test_a_catalogue_of_images_only_becomes_a_property_catalogue(tiny_mock, trained_runs, catalogue, tmp_path):
-    folder = predict(tiny_mock, trained_runs, catalogue, tmp_path)
+    folder = predict(tiny_mock, trained_runs, catalogue, tmp_path, "sampling.per_galaxy_fits=true")
     table, spectra = read(folder)
     survey = open_survey(catalogue, need_spectra=False)
+    assert len(list((folder / "galaxies").glob("*.fits"))) == GALAXIES  # one spec-lite-like file a galaxy
     assert list(table["objid"]) == list(survey.catalog["objid"])  # catalogue order, every galaxy once
     for name in ("ra", "dec", "z_catalog", "z_gen", "z_gen_lo", "z_gen_hi", "dn4000_gen", "ew_halpha_gen",
                  "flux_halpha_gen_hi", "bpt_gen", "bpt_gen_frac", "bpt_frac_agn", "score_best", "fluxcal", "shard"):

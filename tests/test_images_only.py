@@ -264,3 +264,18 @@ def test_photometric_selection_ends_in_a_dataset_of_images_only(tmp_path, monkey
     assert list(dropped["key"]) == [int(fake.table["objID"][2])]
     with pytest.raises(UserError, match="--photometric"):
         sdss.fetch_catalog(argparse.Namespace(photometric=False, coords="x.csv", area=None, n=3), tmp_path / "c.fits")
+
+
+def test_spectra_of_a_photometric_catalog_are_refused_in_one_line(tmp_path):
+    """A photometric selection names no spectrum file (plate, mjd, fiberID, run2d): `utils.sdss
+    spectra` says so instead of failing on the first row, and fetches nothing."""
+    from astropy.table import Table
+
+    from utils.data.sdss import main
+    from utils.errors import UserError
+
+    Table({"objID": [1, 2], "ra": [1.0, 2.0], "dec": [0.0, 0.0], "specObjID": [0, 5], "z": [0.0, 0.1]}).write(
+        tmp_path / "phot.fits")
+    with pytest.raises(UserError, match="no plate, mjd, fiberID, run2d: spectra are fetched for a spectroscopic"):
+        main(["spectra", "--catalog", str(tmp_path / "phot.fits"), "--out", str(tmp_path / "spectra")])
+    assert not (tmp_path / "spectra").exists()

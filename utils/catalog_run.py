@@ -45,7 +45,7 @@ from utils.eval.calibration import PIXELS, Calibration, uncalibrated
 from utils.eval.export import FLUX_UNIT, galaxy_figures, write_per_galaxy
 from utils.eval.metrics import median_and_interval, photometric_params, sample_properties, summarise_samples
 from utils.eval.report import sample_columns
-from utils.generation import SamplingPlan, draw_batch, validation_calibration
+from utils.generation import SamplingPlan, check_plan, draw_batch, validation_calibration
 from utils.trained import TrainedPair
 
 logger = logging.getLogger(__name__)
@@ -372,8 +372,9 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset) -> Pat
     s = config["sampling"]
     rank, world = idist.get_rank(), idist.get_world_size()
     objid = np.asarray(dataset.survey.catalog["objid"], dtype=np.int64)[dataset.rows]
-    folder = shared_folder(config, plan_of(config, pair, objid))
     plan = SamplingPlan.from_config(config)
+    check_plan(pair, plan)
+    folder = shared_folder(config, plan_of(config, pair, objid))
     weights = training_weights(survey, config["data"])
     calibration = shared_calibration(folder, pair, survey, config, plan, weights)
     fitter = RedshiftFitter(dataset.wave, weights=weights)
@@ -403,12 +404,14 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset) -> Pat
     if world > 1:
         idist.barrier()
     if rank == 0:
-        finish(folder, shards, pair, seconds, len(todo), config)
+        finish(folder, shards, pair, seconds, todo, config)
     return folder
 
 
-def finish(folder: Path, shards: list[Shard], pair: TrainedPair, seconds: float, done_here: int, config: dict) -> None:
-    """Process 0, once every shard is there: the merged catalogue, its figure, metrics.json."""
+def finish(folder: Path, shards: list[Shard], pair: TrainedPair, seconds: float, done_here: list[Shard],
+           config: dict) -> None:
+    """Process 0, once every shard is there: the merged catalogue, its figure, metrics.json (with
+    the pace of process 0 over ``done_here``, the shards it made in this run)."""
     paths = [shard_path(folder, sh.index) for sh in shards]
     missing = [p for p, sh in zip(paths, shards) if not shard_is_done(p, sh.index, sh.objid)]
     if missing:
@@ -420,8 +423,8 @@ def finish(folder: Path, shards: list[Shard], pair: TrainedPair, seconds: float,
         codes = np.bincount(np.asarray(hdus[1].data["fluxcal"]), minlength=len(FLUX_SCALES))
     disk = sum(p.stat().st_size for p in paths) + (folder / CATALOGUE_FILE).stat().st_size
     summary = {"n_galaxies": n, "n_shards": len(shards), "shard_size": config["sampling"]["shard_size"],
-               "world_size": idist.get_world_size(), "seconds_this_run": seconds, "shards_this_run": done_here,
-               "galaxies_per_second_this_run": (sum(len(sh.objid) for sh in shards[:done_here]) / seconds
+               "world_size": idist.get_world_size(), "seconds_this_run": seconds, "shards_this_run": len(done_here),
+               "galaxies_per_second_this_run": (sum(len(sh.objid) for sh in done_here) / seconds
                                                 if seconds and done_here else None),
                "bytes_per_galaxy": disk / max(n, 1),
                "flux_scale": {FLUX_SCALES[c]: int(codes[c]) for c in FLUX_SCALES},

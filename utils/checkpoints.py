@@ -190,7 +190,7 @@ def sweep_stale_files(folder: Path) -> list[str]:
     removed = []
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.is_file() and ((path.name.startswith("tmp") and not path.suffix == ".pt")
+            if path.is_file() and ((path.name.startswith("tmp") and path.suffix != ".pt")
                                    or (path.name.startswith(f".{INDEX_FILE}.") and path.suffix == ".tmp")):
                 path.unlink()
                 removed.append(path.name)

@@ -286,6 +286,15 @@ def super_stage_input(low: torch.Tensor, diffusion: GaussianDiffusion, max_level
     return {"low": low @ upsample.T, "level": level}
 
 
+def check_plan(pair: TrainedPair, plan: SamplingPlan) -> None:
+    """Refuse, before anything is drawn or written, a plan the built models cannot follow: noisy
+    low-resolution inputs (``sampling.cond_noise`` > 0) for a super stage trained on clean ones."""
+    low = pair.low_stage
+    if low is not None and noise_level(low, plan.cond_noise) > 0 and not hasattr(pair.denoiser, "level_embed"):
+        raise UserError(f"sampling.cond_noise {plan.cond_noise} asks for noisy low-resolution inputs; the super stage "
+                        f"'{pair.gen_path}' was trained on clean ones (train.cond_noise 0): set sampling.cond_noise=0")
+
+
 def draw_batch(pair: TrainedPair, batch: dict, objid: np.ndarray, plan: SamplingPlan, seed: int) -> BatchDraw:
     """Samples and contrastive scores of one batch of galaxies (their ids ``objid``), each galaxy
     drawn from its own generator (:func:`galaxy_generators`). A cascade (SPEC 5): ``low_samples``
@@ -309,9 +318,6 @@ def draw_batch(pair: TrainedPair, batch: dict, objid: np.ndarray, plan: Sampling
     picks = torch.repeat_interleave(order[:, : len(shares)], torch.as_tensor(shares, device=order.device), dim=1)
     kept = torch.take_along_dim(low_samples, picks[:, :, None], dim=1)  # (G, N, L_low)
     level = noise_level(low, plan.cond_noise)
-    if level > 0 and not hasattr(pair.denoiser, "level_embed"):
-        raise UserError(f"sampling.cond_noise {plan.cond_noise} asks for noisy low-resolution inputs; the super stage "
-                        f"'{pair.gen_path}' was trained on clean ones (train.cond_noise 0): set sampling.cond_noise=0")
     drawn = sample_for_images(pair.denoiser, pair.diffusion, images, plan.n_samples, plan.sampler, plan.steps,
                               low=condition(low, kept, level, generators), level=level, **options)
     return BatchDraw(drawn, score(pair.contrastive, images, drawn), low_samples, low_scores)

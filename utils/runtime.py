@@ -5,7 +5,7 @@ its mmap threshold (128 KB to 32 MB) with new memory maps and unmaps them on fre
 forward pass of the paper-size denoiser at batch 25 touches about 270,000 new pages (measured with
 ``resource.getrusage``). :func:`keep_freed_memory` asks glibc to serve every block from the heap and
 keep freed memory for reuse: the same pass then costs about 7,500 page faults and 16-18% less time
-(README "Measured performance", ``bench/paper_speed.py``); the peak memory is unchanged, but the
+(docs/performance.md, ``bench/paper_speed.py``); the peak memory is unchanged, but the
 process keeps it until it exits.
 """
 from __future__ import annotations

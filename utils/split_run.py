@@ -21,7 +21,7 @@ from utils.eval.baselines import TRAIN_SEARCHED, compute_baselines
 from utils.eval.export import galaxy_figures, write_fits, write_per_galaxy
 from utils.eval.metrics import METRICS, format_table, summarise_samples
 from utils.eval.report import ScienceReport, science_figures, science_report
-from utils.generation import Draws, SamplingPlan, draw_samples, mean_spectrum, validation_calibration
+from utils.generation import Draws, SamplingPlan, check_plan, draw_samples, mean_spectrum, validation_calibration
 from utils.trained import TrainedPair
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def run(config: dict, pair: TrainedPair, survey, dataset: SpectraDataset, device
     """Evaluate the trained ``pair`` on ``dataset`` (true spectra known); returns the output folder."""
     s = config["sampling"]
     plan = SamplingPlan.from_config(config)
+    check_plan(pair, plan)
     steps = pair.diffusion.num_timesteps if plan.sampler == "ddpm" else plan.steps  # DDPM walks every step
     out_dir = new_stamped_folder(Path(s["out_dir"]), "sampling.out_dir")
     (out_dir / "figures").mkdir()

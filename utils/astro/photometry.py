@@ -3,8 +3,8 @@ spectroscopic fibre, as asinh magnitudes (Lupton, Gunn & Szalay 1999, as SDSS us
 
 What a galaxy's spectrum shows is the light inside the fibre at its centre, not the whole
 galaxy; a disc galaxy's star-forming outskirts and its old bulge have different colours. These
-colours are what ``model.photometry`` gives the denoiser, and what ``bench/ceilings.py``
-regresses the spectral properties on.
+colours are what ``bench/ceilings.py`` regresses the spectral properties on, and what a
+catalogue prediction uses to put spectra on a flux scale when the catalog has no fibre magnitudes.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ sky and photon noise. The spectrum is what a 3" (or 2") fibre sees of the same t
 plus emission lines and AGN drawn per galaxy (utils.data.mock_physics), rebinned onto the SDSS grid
 with SDSS-like noise; the catalog carries fibre magnitudes and every true property.
 
-Run ``python -m utils.mock --help``. Simplifications are listed in the README ("Mock survey").
+Run ``python -m utils.mock --help``. Simplifications are listed in docs/mock-survey.md.
 """
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def sersic_stamps(r_e: torch.Tensor, q: torch.Tensor, pa: torch.Tensor, offset: 
     offset : ``(B, 2)`` centre offset from the stamp centre in pixels.
     n : Sersic index (4 for a de Vaucouleurs bulge, 1 for an exponential disc).
     batch : profiles rendered at a time on the oversampled grid (small blocks stay in the CPU's
-        cache: four to seven times faster than 500 at once, README "Mock survey"; the result is
+        cache: four to seven times faster than 500 at once, docs/performance.md; the result is
         the same).
     """
     fine = size * OVERSAMPLE
@@ -356,7 +356,7 @@ def galaxy_physics(gal: MockGalaxies, bulge_fraction: np.ndarray, seed: int) -> 
     return {"log_mass": log_mass, "log_bulge_mass": log_mass + np.log10(bt_r), "veldisp": 10 ** log_sigma}
 
 
-#: the true properties written to catalog.fits (besides z): name -> description (README)
+#: the true properties written to catalog.fits (besides z); docs/mock-survey.md describes each
 TRUE_COLUMNS = ("true_dn4000", *(f"true_flux_{k}" for k in LINES), *(f"true_ew_{k}" for k in LINES), "true_bpt",
                 "true_sigma_lines", "true_ebv_gas", "true_oh_n2", "agn", "veldisp", "log_mass", "oh_gas",
                 "r_disc_arcsec", "r_bulge_arcsec",
@@ -489,15 +489,16 @@ def resample(loglam: np.ndarray, flux: np.ndarray, ivar: np.ndarray, grid: str
 
 def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool = False, grid: str = "neurips"
                 ) -> Path:
-    """Generate the mock survey at ``root`` unless a dataset is already there; one that is there
-    must be on the requested ``grid``."""
+    """Generate the mock survey at ``root`` unless a dataset is already there; a mock that is
+    there must be on the requested ``grid`` (another dataset, e.g. real SDSS, is used as it is)."""
     root = Path(root)
     if (root / "catalog.fits").exists():
         try:
-            have = json.loads((root / "meta.json").read_text()).get("grid") or "neurips"
+            meta = json.loads((root / "meta.json").read_text())
+            have, source = meta.get("grid") or "neurips", meta.get("source")
         except (OSError, ValueError, AttributeError):
             return root  # a missing or broken meta.json: opening the dataset reports it
-        if have != grid:
+        if source == "mock" and have != grid:
             raise UserError(f"the mock survey at '{root}' is on the {have} grid, the configuration asks for {grid} "
                             f"(data.mock_grid): point data.root at another folder")
         return root
@@ -507,7 +508,7 @@ def ensure_mock(root: str | Path, n_objects: int | None, seed: int, ugriz: bool 
 
 
 def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: int = 1) -> list[Path]:
-    """The README's mock figures: a galaxy grid, a colour-redshift diagram against the real catalog
+    """The mock's figures (docs/mock-survey.md): a galaxy grid, a colour-redshift diagram against the real catalog
     and, for a catalog with true properties, :func:`physics_figure`."""
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 
@@ -567,7 +568,7 @@ def mock_figures(root: str | Path, out_dir: str | Path, n_show: int = 6, seed: i
 
 
 def physics_figure(cat: Table, path: Path) -> Path:
-    """The README's realism check: BPT diagram and classes of the true lines, H-alpha equivalent
+    """The mock's realism check: BPT diagram and classes of the true lines, H-alpha equivalent
     widths, Dn4000 and the fibre's share of the r-band light against size."""
     import matplotlib.pyplot as plt  # after utils.plotting, which selects the Agg backend
 

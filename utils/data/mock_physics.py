@@ -1,6 +1,6 @@
 """The physics that makes a mock spectrum more than a function of the photometry.
 
-Each relation names its source; simplifications are listed in the README ("Mock survey").
+Each relation names its source; simplifications are listed in docs/mock-survey.md.
 
 - **Components.** kcorrect's fit of the galaxy's ugriz fluxes is split into a bulge, the
   template with the strongest 4000 A break (an old population), and a disc, the other four (the

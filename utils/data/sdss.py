@@ -224,6 +224,10 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: the catalog columns that name a spectrum's spec-lite file
+SPEC_FILE_COLUMNS = ("specObjID", "plate", "mjd", "fiberID", "run2d")
+
+
 def spec_url(row, release: int = 17, base: str = SAS_URL) -> str:
     """spec-lite URL of a catalog row: the SDSS tree for legacy run2d (26, 103, 104), the eBOSS
     tree for BOSS/eBOSS reductions (run2d v5_*)."""
@@ -640,8 +644,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     catalog = read_table(Path(args.catalog))
     if args.command == "spectra":
-        if "specObjID" not in catalog.colnames:
-            raise UserError(f"catalog '{args.catalog}' has no specObjID: a photometric catalog has no spectra to fetch")
+        missing = [c for c in SPEC_FILE_COLUMNS if c not in catalog.colnames]
+        if missing:
+            raise UserError(f"catalog '{args.catalog}' has no {', '.join(missing)}: spectra are fetched for a "
+                            "spectroscopic catalog ('catalog' without --photometric), which names each spectrum's file")
+
         download_spectra(catalog, Path(args.out), _downloader(args), args.release, args.sas_url)
     else:
         download_jpegs(catalog, Path(args.out), _downloader(args), args.release, args.skyserver_url)

@@ -102,7 +102,7 @@ def write_per_galaxy(folder: Path, dataset, results: dict, flux: dict, known: bo
     CALPIX68 / CALPIX90, the factors that stretch the samples' per-pixel intervals (the ivar is the
     samples' own spread).
     """
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     cat = dataset.survey.catalog[dataset.rows]
     loglam = dataset.loglam.astype(np.float32)
     paths = []

@@ -291,7 +291,7 @@ def science_report(samples: np.ndarray, wave: np.ndarray, truth: np.ndarray, sam
                                             "bpt_confusion (rows true, columns predicted)": survey_matrices}
         table += "\n\n" + format_science_table(
             survey_stats, g, n, f"Against the survey's own measurements (MPA-JHU; {', '.join(sorted(survey_truth))}):")
-    figure_data = {"truth": truth_values, "true_props": true_props, "predictions": predictions,
+    figure_data = {"truth": truth_values, "intrinsic": known, "true_props": true_props, "predictions": predictions,
                    "sample_props": sample_props, "samples_pre": samples_pre, "truth_pre": truth_pre,
                    "calibration": calibration}
     return ScienceReport(columns, summary, table, figure_data)
@@ -474,7 +474,7 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
         paths.append(save(fig, folder / f"science_{prop}.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
-    intrinsic = "flux_halpha" in truth
+    intrinsic = d["intrinsic"]
     shown = truth if intrinsic else d["true_props"]
     generated = {f"flux_{name}": cols[f"flux_{name}_gen"] for name in LINES}
     panels = (("truth (the catalog's intrinsic lines)" if intrinsic else "true spectra", shown, shown["bpt"]),
