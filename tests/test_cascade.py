@@ -25,11 +25,12 @@ def test_low_resolution_pixels_sit_where_their_wavelengths_are(reduction):
     low = LowResolution(4500, 8, reduction)
     assert low.n_low == 563
     x = np.arange(4500, dtype=np.float64)[None] * 0.01 + 3.0
-    lo = low.reduce(x)
+    identity = np.array([[-1.0, 1.0]])  # 'scale' with these parameters leaves the values as they are
+    lo = low.from_flux(x, np.ones_like(x), identity, "scale")
     assert lo.shape == (1, 563)
     assert np.allclose(lo[0], 3.0 + 0.01 * low.positions)  # a line's value at the low pixel's position
     if reduction == "decimate":
-        assert np.array_equal(lo[0], x[0, ::8])
+        assert np.allclose(lo[0], x[0, ::8])
         assert low.positions[1] == 8.0
     else:
         assert lo[0, 0] == pytest.approx(x[0, :8].mean())
@@ -43,6 +44,11 @@ def test_low_resolution_pixels_sit_where_their_wavelengths_are(reduction):
     assert low.coordinate(wave)[1] == pytest.approx(4008.0 if reduction == "decimate" else 4011.5)
     with pytest.raises(ValueError, match="factor must be >= 2"):
         LowResolution(100, 1)
+    if reduction == "mean":  # the flux's inverse-variance weighted mean: a pixel without weight counts for nothing
+        ivar = np.ones_like(x)
+        ivar[0, 0], x[0, 0] = 0.0, 1e6
+        assert low.from_flux(x, ivar, identity, "scale")[0, 0] == pytest.approx(x[0, 1:8].mean())
+        assert low.from_flux(x, np.zeros_like(x), identity, "scale")[0, 0] == pytest.approx(x[0, :8].mean())
 
 
 def test_stage_items_carry_what_each_network_models(tiny_mock):
@@ -52,13 +58,20 @@ def test_stage_items_carry_what_each_network_models(tiny_mock):
     sup = SpectraDataset(survey, "train", downsample=8, stage=Stage("super", 4, "mean"))
     assert low.n_pixels == -(-single.n_pixels // 4)
     assert sup.n_pixels == single.n_pixels
-    full = single[2]["spectrum"][0].numpy()
-    assert np.allclose(low[2]["spectrum"][0].numpy(), low.low.reduce(full))
+    flux, ivar = single.flux(2)
+    params = single[2]["params"].numpy()
+    assert np.allclose(low[2]["spectrum"][0].numpy(), low.low.from_flux(flux, ivar, params, single.preprocessing))
     assert np.allclose(sup[2]["low"][0].numpy(), low[2]["spectrum"][0].numpy())
     assert np.array_equal(sup[2]["spectrum"], single[2]["spectrum"])
     assert len(low.wave) == low.n_pixels
     assert low.wave[0] > single.wave[0]  # the first block's mean position
     assert "low" not in single[2]
+    # 'mean' in 'log' units is the binned flux's log (the data of a single-stage model binned as much),
+    # not the mean of the full pixels' logs, which noise biases low
+    logs = SpectraDataset(survey, "train", downsample=8, preprocessing="log", stage=Stage("low", 4, "mean"))
+    binned = SpectraDataset(survey, "train", downsample=32, preprocessing="log")
+    expected = np.log(np.maximum(binned.flux(2)[0] / logs[2]["params"].numpy()[0], 1e-3))
+    assert np.allclose(logs[2]["spectrum"][0].numpy()[: binned.n_pixels], expected, atol=1e-5)
 
 
 def test_super_stage_network_needs_its_low_resolution_input_and_level():

@@ -459,3 +459,28 @@ def test_torchrun_reshuffles_every_epoch_and_validates_once(tmp_path):
     assert ranks[0]["seen"]["1"] != ranks[0]["seen"]["2"] != ranks[0]["seen"]["3"]
     assert [r["calls"] for r in ranks] == [1, 0]
     assert ranks[0]["val"] == ranks[1]["val"] == 0.5
+
+
+def test_a_checkpoint_of_a_setting_no_longer_built_is_refused_by_name():
+    """A network trained with a retired model key at a value this code cannot build is refused,
+    naming the key; at the value it builds, the key is dropped and the rest kept."""
+    from utils.checkpoints import CheckpointError, upgrade_config
+
+    saved = {"model": {"width": 8, "head_dim": 32}, "val": {"max_objects": 10}}
+    config = upgrade_config(saved, "generative", "diffusion model 'x.pt'")
+    assert config["model"]["width"] == 8 and "head_dim" not in config["model"]
+    assert config["val"]["n_objects"] == 10  # a renamed key under its new name
+    with pytest.raises(CheckpointError, match="trained with model.head_dim=16, a setting this version no longer"):
+        upgrade_config({"model": {"head_dim": 16}}, "generative", "diffusion model 'x.pt'")
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
+    from utils.errors import cli
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        cli(main)
+    assert stop.value.code == Interrupted.exit_code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"

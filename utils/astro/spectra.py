@@ -185,7 +185,8 @@ class SpectralGrid:
 
 
 #: how a low-resolution spectrum is made from a full one: every ``factor``-th pixel (the ApJ 2024
-#: research code's decimation) or the mean of each block of ``factor`` pixels
+#: research code's decimation) or the inverse-variance weighted mean flux of each block of
+#: ``factor`` pixels (as the datasets bin spectra), normalised like the full spectrum
 LOW_REDUCTIONS = ("decimate", "mean")
 
 
@@ -195,7 +196,9 @@ class LowResolution:
     conditioning).
 
     ``decimate`` keeps pixels 0, f, 2f, ...; ``mean`` averages blocks of f pixels (a last, shorter
-    block over what is left). Either way there are ceil(L / f) low pixels, each placed at the
+    block over what is left) of the flux, weighted by its inverse variance, before the
+    preprocessing (:meth:`from_flux`: the mean of log-preprocessed noisy pixels is a biased,
+    noisy target in which the lines drown). Either way there are ceil(L / f) low pixels, each placed at the
     mean index of the full pixels it stands for, so that the interpolation lines up with the
     pixels' true wavelengths (the research code's half-pixel-centred interpolation shifted them).
 
@@ -219,15 +222,23 @@ class LowResolution:
         self.positions = starts.astype(np.float64) if reduction == "decimate" else (starts + stops - 1) / 2.0
         self._starts, self._stops = starts, stops
 
-    def reduce(self, x: np.ndarray) -> np.ndarray:
-        """Full spectra ``(..., L)`` -> low-resolution ``(..., L_low)`` (same units, dtype)."""
-        x = np.asarray(x)
-        if x.shape[-1] != self.n_pixels:
-            raise ValueError(f"spectra have {x.shape[-1]} pixels, this low resolution expects {self.n_pixels}")
+    def from_flux(self, flux: np.ndarray, ivar: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
+        """The low-resolution version ``(..., L_low)`` float32 of spectra given in flux units
+        ``(..., L)`` with their ``ivar``, preprocessed (``kind``) with the full spectra's ``params``
+        ``(..., 2)``: for ``mean`` each block's inverse-variance weighted mean flux (its plain mean
+        where no pixel has weight), for ``decimate`` the kept pixels."""
+        flux = np.asarray(flux, dtype=np.float64)
+        if flux.shape[-1] != self.n_pixels:
+            raise ValueError(f"spectra have {flux.shape[-1]} pixels, this low resolution expects {self.n_pixels}")
         if self.reduction == "decimate":
-            return x[..., :: self.factor]
-        sums = np.add.reduceat(x.astype(np.float64), self._starts, axis=-1)
-        return (sums / (self._stops - self._starts)).astype(x.dtype)
+            low = flux[..., :: self.factor]
+        else:
+            weight = np.maximum(np.asarray(ivar, dtype=np.float64), 0.0)
+            wsum = np.add.reduceat(weight, self._starts, axis=-1)
+            weighted = np.add.reduceat(flux * weight, self._starts, axis=-1) / np.where(wsum > 0, wsum, 1.0)
+            low = np.where(wsum > 0, weighted, np.add.reduceat(flux, self._starts, axis=-1)
+                           / (self._stops - self._starts))
+        return reprocess(low, params, kind)
 
     def coordinate(self, values: np.ndarray) -> np.ndarray:
         """A coordinate of the full pixels ``(L,)`` (e.g. loglam, uniform) at the low pixels ``(L_low,)``."""

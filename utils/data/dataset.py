@@ -567,21 +567,29 @@ class SpectraDataset(torch.utils.data.Dataset):
     def spectrum(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The network input spectrum ``(L',)`` of item ``i`` and the ``(2,)`` parameters that invert
         its preprocessing (without reading its image)."""
-        flux, _ = self.flux(i)
+        x, params, low = self._spectra(i)
+        return (low, params) if self.stage.name == "low" else (x, params)
+
+    def _spectra(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Item ``i``'s preprocessed spectrum, its parameters and, for a cascade stage, its
+        low-resolution version (utils.astro.spectra.LowResolution.from_flux)."""
+        flux, ivar = self.flux(i)
         if not np.all(np.isfinite(flux)):
             raise DataError(f"dataset file '{self.survey.root / 'flux.npy'}' row {self.rows[i]} has non-finite flux")
         x, params = self.grid.preprocess(flux)
-        return (self.low.reduce(x), params) if self.stage.name == "low" else (x, params)
+        low = None if self.low is None else self.low.from_flux(flux, ivar, params, self.grid.preprocessing)
+        return x, params, low
 
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         item = {"image": self.image(i), "index": row, "z": self.z[i]}
         if not self.spectra:
             return item | {"spectrum": torch.zeros(1, self.n_pixels), "params": torch.zeros(2, dtype=torch.float64)}
-        x, params = self.spectrum(i)
-        item |= {"spectrum": torch.from_numpy(x)[None], "params": torch.from_numpy(params)}
+        x, params, low = self._spectra(i)
+        item |= {"spectrum": torch.from_numpy(low if self.stage.name == "low" else x)[None],
+                 "params": torch.from_numpy(params)}
         if self.stage.name == "super":
-            item["low"] = torch.from_numpy(np.ascontiguousarray(self.low.reduce(x)))[None]
+            item["low"] = torch.from_numpy(np.ascontiguousarray(low))[None]
         return item
 
     def deprocess(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
