@@ -72,7 +72,8 @@ def run(local_rank: int, config: dict) -> None:
     if low_stage is not None:
         build_low_stage(low_stage, train_set.n_pixels, train_set.n_channels, device)
     if m["image_init"] and start.resume is None:  # a resumed run has its own trained weights
-        warm_start_image_encoder(model, m["image_init"], config["data"]["image"], m["image_depth"], m["image_width"])
+        warm_start_image_encoder(model, m["image_init"], config["data"]["image"], m["image_depth"], m["image_width"],
+                                 m["stage"])
     diffusion = build_diffusion(config["diffusion"])
     n_enc = sum(p.numel() for p in getattr(model, "image_encoder", torch.nn.Module()).parameters())
     n_all = sum(p.numel() for p in model.parameters())

@@ -214,6 +214,26 @@ def test_the_cascade_trains_and_generates_full_spectra(tiny_mock, trained_cascad
 
 
 @pytest.mark.slow
+def test_each_stage_starts_its_image_encoder_from_its_own_ranker(trained_cascade, tmp_path, monkeypatch):
+    """model.image_init=contrastive takes the newest finished contrastive run of the diffusion
+    model's stage, whichever stage's ranker finished last."""
+    from utils.builders import build_generative_model
+    from utils.config import load_config
+    from utils.trained import warm_start_image_encoder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "contrastive").mkdir(parents=True)
+    for name in ("contrastive-super", "contrastive-low"):  # the low stage's ranker is the newer
+        (tmp_path / "runs" / "contrastive" / name).symlink_to(trained_cascade[name])
+    cfg = load_config("generative", ["model.width=8", "model.image_width=8", "model.mults=[1,2]",
+                                     "model.attn_levels=[1]"])["model"]
+    for stage in ("super", "low"):
+        used = warm_start_image_encoder(build_generative_model(cfg, 64, 3), "contrastive", "gri", cfg["image_depth"],
+                                        8, stage)
+        assert used.resolve().is_relative_to(trained_cascade[f"contrastive-{stage}"].resolve())
+
+
+@pytest.mark.slow
 def test_cascade_refusals_name_the_stage(tiny_mock, trained_cascade, tmp_path):
     from utils.config import load_config
     from utils.errors import UserError

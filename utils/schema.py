@@ -189,7 +189,7 @@ GENERATIVE = {
         "grad_checkpoint": Key(False, "recompute UNet blocks in the backward pass to save memory"),
         "cond_drop": fraction("share of training items with a null image context, for classifier-free guidance", 0.0),
         "image_init": Key(None, "start the image encoder from a trained contrastive network: 'contrastive' (the "
-                                "newest finished run) or a run folder or checkpoint"),
+                                "newest finished run of the same model.stage) or a run folder or checkpoint"),
         **STAGE,
     },
     "diffusion": {

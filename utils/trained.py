@@ -204,19 +204,21 @@ def check_grid(pair: TrainedPair, loglam: np.ndarray, where: str) -> None:
 
 
 def warm_start_image_encoder(model: ConditionalUNet1D, source: str, image: str, image_depth: int,
-                             image_width: int) -> Path:
+                             image_width: int, stage: str = "single") -> Path:
     """Copy a trained contrastive network's image encoder into the diffusion model's condition
     encoder before training (``model.image_init``), which then trains on jointly as before.
 
-    ``source`` is 'contrastive' (the newest finished run in the contrastive runs folder) or a
-    contrastive run folder or checkpoint file. The two encoders must be the same ResNet
+    ``source`` is 'contrastive' (the newest finished run of the diffusion model's cascade
+    ``stage`` in the contrastive runs folder: a stage's ranker saw the spectra that stage models)
+    or a contrastive run folder or checkpoint file. The two encoders must be the same ResNet
     (``image_depth``, ``image_width``) on the same ``image`` bands; the contrastive projection head
     is not copied. Returns the checkpoint used.
     """
     if getattr(model, "image_encoder", None) is None:
         raise UserError("model.image_init needs an image encoder to initialise: model.conditioning is 'none'")
     con_cfg, weights, path, _ = load_trained(None if source == "contrastive" else source,
-                                             default_runs("contrastive"), "contrastive network", "contrastive")
+                                             default_runs("contrastive"), "contrastive network", "contrastive",
+                                             (stage,) if source == "contrastive" else None)
     mine = {"data.image": image, "model.image_depth": image_depth, "model.image_width": image_width}
     differ = [f"{key}: {value!r} here, {con_cfg[key.split('.')[0]][key.split('.')[1]]!r} in {path}"
               for key, value in mine.items() if value != con_cfg[key.split(".")[0]][key.split(".")[1]]]
