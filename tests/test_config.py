@@ -1,6 +1,7 @@
 """Configuration loading: the schema, presets, overlays, overrides and every error path."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import yaml
 
 from conftest import ROOT
 from utils.config import ConfigError, check_value, load_config, load_presets, preset_overrides, save_config
-from utils.schema import KINDS, SCHEMAS, keys
+from utils.schema import KINDS, SCHEMAS, WHY, keys
 
 
 def test_defaults_carry_paper_settings():
@@ -53,6 +54,22 @@ def test_every_numeric_key_has_a_range_and_every_key_a_meaning():
             if isinstance(default, (int, float)) and not isinstance(default, bool) and key.allowed() is None:
                 assert key.range_text(), f"{kind} {path} has no range"
                 check_value(path, key, key.default)  # the default is allowed
+
+
+
+def test_every_key_is_named_where_its_section_says_why_it_exists():
+    """The reference says for each section why its keys exist; a key added or renamed without a
+    reason fails here, and so does a reason left for a key that is gone."""
+    by_section: dict[str, set[str]] = {}
+    for kind in KINDS:
+        for path in keys(kind):
+            section, name = path.split(".", 1)
+            by_section.setdefault(section, set()).add(name)
+    assert set(WHY) == set(by_section)
+    for section, names in by_section.items():
+        named = set(re.findall(r"`([a-z_]+)`", WHY[section]))
+        assert names - named == set(), f"{section}: keys without a reason"
+        assert named - names == set(), f"{section}: reasons for keys that do not exist"
 
 
 def test_range_checks_follow_the_key(monkeypatch):

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from utils.errors import ConfigError, cli
-from utils.schema import KINDS, Key, check_kind, defaults, keys
+from utils.schema import KINDS, WHY, Key, check_kind, defaults, keys
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the presets of all three scripts (--preset NAME)
@@ -303,7 +303,8 @@ def reference() -> str:
         name = path.split(".")[0]
         if name != section:
             section = name
-            out += ["", f"## `{section}`", "", "| key | meaning | default | allowed |", "|---|---|---|---|"]
+            out += ["", f"## `{section}`", "", WHY[section], "", "| key | meaning | default | allowed |",
+                    "|---|---|---|---|"]
         first = next(iter(by_kind.values()))
         shown = {kind: _shown(key.default) for kind, key in by_kind.items()}
         if len(by_kind) > 1 and len(set(shown.values())) > 1:

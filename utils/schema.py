@@ -141,8 +141,8 @@ STAGE = {
     "stage": Key("single", "what the network models: the full spectrum (single), its low-resolution version (low), "
                            "or the full spectrum given that version (super)", choices="utils.data.dataset:STAGES"),
     "low_factor": at_least(2, "the low-resolution version keeps one pixel in this many (the ApJ's 8)", 8),
-    "low_reduction": Key("decimate", "how: every low_factor-th pixel (decimate, the ApJ's) or the mean of each block "
-                                     "(mean)", choices="utils.astro.spectra:LOW_REDUCTIONS"),
+    "low_reduction": Key("decimate", "how: every low_factor-th pixel (decimate, the ApJ's) or each block's "
+                                     "inverse-variance weighted mean flux (mean)", choices="utils.astro.spectra:LOW_REDUCTIONS"),
 }
 
 IMAGE_ENCODER = {
@@ -255,6 +255,41 @@ DEFAULTS = {
                    "train.lr_decay": 0.998, "train.max_epochs": 500, "val.every": 5000, "val.n_objects": 256},
 }
 
+
+#: why each section's keys exist: the reference prints it above the section's table, and a test
+#: checks that it names every key of the section (a key nobody can say a need for is removed)
+WHY = {
+    "data": "Where the survey is (`root`, `source`) and how a missing mock is made (`mock_objects`, `mock_seed`, "
+            "`mock_grid`: the NeurIPS and the ApJ grids); which of the two papers' inputs the networks see "
+            "(`image`, `preprocessing`); `downsample` bins the spectra so that a 2-core machine trains in minutes; "
+            "`num_workers` sizes the loader to the machine.",
+    "model": "The networks' sizes, so that one code runs the published models on a GPU and the small presets on 2 "
+             "cores: the image encoder (`image_depth`, `image_width`, `image_weights` for a local pretrained "
+             "encoder), the contrastive spectrum encoder and embedding (`spectrum_width`, `latent_dim`), the UNet "
+             "(`width`, `mults`, `attn_levels`, `grad_checkpoint` for the paper-size model on a small card). "
+             "`conditioning` is the paper's ablation (cross-attention, concatenation, none); `context_pos` and "
+             "`image_init` are the levers the 2-core presets measured better; `cond_drop` enables classifier-free "
+             "guidance. The cascade's stages are `stage`, `low_factor` and `low_reduction` (the ApJ's decimation "
+             "or a block mean).",
+    "train": "The optimisation each paper specifies (`batch_size`, `lr`, `lr_schedule`, `lr_decay`, "
+             "`weight_decay`, `temperature`, `ema_decay`) and the budget a user sets (`max_epochs`, `max_iters`, "
+             "`max_minutes`); `cond_noise` is the cascade's conditioning augmentation, measured against training "
+             "without it.",
+    "val": "How often and on how much the runs are validated (`every`, `n_objects`, `n_samples`, `steps`): "
+           "validation costs training time, so a small machine wants less of it; `low_run` names the low stage "
+           "whose samples a super stage is validated on.",
+    "run": "Where runs go (`out_dir`), reproducibility (`seed`), continuing a killed run (`resume`, "
+           "`checkpoint_every`) and the hardware: `precision` (bf16 on a GPU), `backend` (several GPUs or "
+           "processes), `compile` (pays on a GPU).",
+    "diffusion": "The diffusion process: `timesteps` and `schedule` as the papers set them, `prediction` the "
+                 "v-parameterisation the 2-core presets need.",
+    "sampling": "What is generated and for which galaxies (`split`, `catalog`, `max_objects`, `n_samples`); the "
+                "sampler and its cost (`sampler`, `steps`, `guidance`, `batch_galaxies`); the ranking's output "
+                "(`top_k`); which trained runs to use (`contrastive_run`, `generative_run`); what is written "
+                "(`out_dir`, `figures`, `per_galaxy_fits`, `science`, `calibration_objects` for calibrated "
+                "intervals, `shard_size` for the memory and resumption of a catalogue of millions); the cascade's "
+                "runs and budget (`low_run`, `low_contrastive_run`, `low_samples`, `low_keep`, `cond_noise`).",
+}
 
 def check_kind(kind: str) -> str:
     if kind not in SCHEMAS:

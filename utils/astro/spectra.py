@@ -198,9 +198,9 @@ class LowResolution:
     ``decimate`` keeps pixels 0, f, 2f, ...; ``mean`` averages blocks of f pixels (a last, shorter
     block over what is left) of the flux, weighted by its inverse variance, before the
     preprocessing (:meth:`from_flux`: the mean of log-preprocessed noisy pixels is a biased,
-    noisy target in which the lines drown). Either way there are ceil(L / f) low pixels, each placed at the
-    mean index of the full pixels it stands for, so that the interpolation lines up with the
-    pixels' true wavelengths (the research code's half-pixel-centred interpolation shifted them).
+    noisy target in which the lines drown). Either way there are ceil(L / f) low pixels, each
+    placed at the mean index of the full pixels it stands for, so that the interpolation lines up
+    with the pixels' true wavelengths (the research code's half-pixel-centred interpolation shifted them).
 
     Parameters
     ----------
