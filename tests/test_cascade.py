@@ -185,6 +185,24 @@ def generate_args(tiny_mock, runs, out, *extra):
             "sampling.figures=1", "sampling.batch_galaxies=3", "sampling.cond_noise=0.1", *extra]
 
 
+
+def test_a_cascade_figure_stays_readable_with_many_low_samples(tmp_path):
+    """The low stage's panel names its best scores, not all of them: 100 low samples must not
+    widen the figure beyond its 12 inches."""
+    from PIL import Image
+
+    from utils.plotting import plot_ranked
+
+    rng = np.random.default_rng(0)
+    wave, low_wave = np.linspace(3800, 9200, 400), np.linspace(3800, 9200, 25)
+    spectra = rng.normal(size=(3, 400))
+    low = (low_wave, rng.normal(size=(100, 25)), np.sort(rng.random(100))[::-1])
+    path = plot_ranked(tmp_path / "g.png", wave, rng.random((64, 64, 3)), spectra[0], spectra[1], spectra[2],
+                       spectra[:3], [0.9, 0.8, 0.7], 5, "galaxy", low=low)
+    width = Image.open(path).size[0]
+    assert width < 13 * 110, f"{width} pixels wide"
+
+
 @pytest.mark.slow
 def test_the_cascade_trains_and_generates_full_spectra(tiny_mock, trained_cascade, tmp_path):
     """The super stage validates on its low stage's samples, and generate.py runs the cascade:

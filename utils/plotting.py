@@ -36,6 +36,8 @@ def show_image(ax, image: np.ndarray) -> None:
 
 #: colours of the BPT classes in their order (unclassified, star-forming, composite, AGN)
 BPT_COLOURS = ("0.7", "tab:blue", "tab:green", "tab:red")
+#: scores of the low-resolution samples printed in a cascade figure's title (the best ones)
+LOW_SCORES_SHOWN = 5
 
 
 def plot_bpt(ax, log_nii_ha: np.ndarray, log_oiii_hb: np.ndarray, codes: np.ndarray, labels: Sequence[str],
@@ -126,8 +128,10 @@ def plot_ranked(path: str | Path, wave: np.ndarray, image: np.ndarray, truth: np
                                                                  topk_mean)]
     panels += [(f"rank {j + 1}: score {best_scores[j]:.3f}" + mse(s), wave, s) for j, s in enumerate(best)]
     if low is not None:
-        panels.append((f"low-resolution stage: its {len(low[1])} samples, scores "
-                       + ", ".join(f"{v:.2f}" for v in low[2]) + " (best first)", low[0], low[1]))
+        shown = ", ".join(f"{v:.2f}" for v in low[2][:LOW_SCORES_SHOWN])
+        more = ", ..." if len(low[2]) > LOW_SCORES_SHOWN else ""
+        panels.append((f"low-resolution stage: its {len(low[1])} samples, scores {shown}{more} (best first)",
+                       low[0], low[1]))
     fig = plt.figure(figsize=(12, 1.7 * (len(panels) + 1)))
     grid = fig.add_gridspec(len(panels), 2, width_ratios=[1, 5])
     ax = fig.add_subplot(grid[:2, 0])
