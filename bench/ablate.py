@@ -41,7 +41,8 @@ TRAININGS = {
     "log": ({"data.preprocessing": "log"}, {"data.preprocessing": "log"}),
     "cfg": ("quick", {"model.cond_drop": 0.1}),
     "w32": ("quick", {"model.width": 32, "train.max_minutes": 5.5, "train.max_iters": 0}),  # same time, not iterations
-    "ugriz_init": ("ugriz", {"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "model.image_init": "{contrastive}"}),
+    "ugriz_init": ("ugriz", {"data.image": "ugriz", "data.root": "{work}/mock_ugriz",
+                             "model.image_init": "{contrastive}"}),
     "standard_levers": ({"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "data.preprocessing": "log"},
                         {"data.image": "ugriz", "data.root": "{work}/mock_ugriz", "data.preprocessing": "log",
                          "model.image_init": "{contrastive}"}),
@@ -73,7 +74,8 @@ def _finished_run(folder: Path) -> Path | None:
 
 def _python(script: str, args: list[str], log: Path) -> None:
     with open(log, "w") as fh:
-        code = subprocess.call([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call([sys.executable, str(ROOT / script), *args], cwd=ROOT, stdout=fh,
+                               stderr=subprocess.STDOUT)
     if code:
         raise SystemExit(f"{script} failed (exit {code}); see {log}")
 
@@ -129,7 +131,8 @@ def table(results: dict) -> str:
         met = sum(t["met"] is True for t in s.get("targets", []))
         lines.append(
             f"| {name}: {r['description']} | {_pm(mean_n.get('mse'))} | {_pm(mean_n.get('mse_minus_knn'))} | "
-            f"{_pm(gen.get('z_sigma_nmad'))} ({p['photo_z']['z_sigma_nmad'][0]:.4f}) | {_pm(gen.get('ew_halpha_corr'), 2)} | "
+            f"{_pm(gen.get('z_sigma_nmad'))} ({p['photo_z']['z_sigma_nmad'][0]:.4f}) | "
+            f"{_pm(gen.get('ew_halpha_corr'), 2)} | "
             f"{_pm(gen.get('dn4000_corr'), 2)} | {_pm(gen.get('bpt_accuracy'), 2)} ({s['bpt_majority_rate']:.2f}) | "
             f"{gen['coverage68_pixels'][0]:.2f} / {gen['coverage90_pixels'][0]:.2f} | "
             f"{gen['coverage68_z'][0]:.2f} / {gen['coverage90_z'][0]:.2f} | "

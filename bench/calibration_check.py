@@ -1,6 +1,7 @@
 """Does the interval calibration hold on galaxies it was not fitted on? Validation galaxies only.
 
-    python bench/calibration_check.py [--galaxies 300] [--out bench/calibration_val.json] [--preset standard] [key=value ...]
+    python bench/calibration_check.py [--galaxies 300] [--out bench/calibration_val.json] [--preset standard]
+                                      [key=value ...]
 
 Draws ``sampling.n_samples`` spectra for ``--galaxies`` validation galaxies (generate.py's subset
 and seed for its calibration) with the trained models generate.py would use, then fits the

@@ -8,8 +8,8 @@ spectra); NAME labels it in the table. Every output's samples and truth (flux un
 one grid, blocks of ``--factor`` pixels of the finest output's grid (16 SDSS pixels: the
 standard preset's 224-pixel grid; an output already on it is left as it is), then preprocessed
 as the ApJ does ('log': divided by the truth's mean flux in 6900-6950 A, natural log), so that a
-cascade's full-resolution spectra and a single-stage model's binned ones are judged by one MSE. Per output, over the galaxies all outputs
-hold (matched by object id):
+cascade's full-resolution spectra and a single-stage model's binned ones are judged by one MSE. Per
+output, over the galaxies all outputs hold (matched by object id):
 
 - the MSE of the mean of the samples, of the top-ranked sample, of one sample drawn at random and
   of the sample nearest the samples' mean (each mean +- standard error over galaxies), and the

@@ -9,8 +9,8 @@ difference OTHER - BASE with a bootstrap standard error over galaxies (the same 
 both, so that what the galaxies share cancels): the Spearman correlation of the samples' point
 values (``<property>_gen``) with the truth generate.py judges them against (a mock's intrinsic
 truth from its catalog, else the values measured on the true spectrum, ``<property>_true``), the
-redshift sigma_NMAD against the catalog redshift and the MSE of the mean of the samples. Outputs of the test split are refused:
-settings are chosen on validation.
+redshift sigma_NMAD against the catalog redshift and the MSE of the mean of the samples. Outputs of
+the test split are refused: settings are chosen on validation.
 """
 from __future__ import annotations
 

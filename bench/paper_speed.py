@@ -261,7 +261,8 @@ def main() -> None:
     parser.add_argument("--galaxies", type=int, default=0,
                         help="extrapolate the time to generate this many galaxies x 25 samples x 250 DDPM steps")
     parser.add_argument("--batch-galaxies", type=int, default=1,
-                        help="galaxies per denoising forward pass of the project's way (x 25 samples; times per galaxy)")
+                        help="galaxies per denoising forward pass of the project's way "
+                             "(x 25 samples; times per galaxy)")
     parser.add_argument("--out", default="bench/paper_speed.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -304,7 +305,8 @@ def main() -> None:
               f"{row['min_seconds']:8.3f}{row['tflops']:9.3f}")
     for what in args.what.split(","):
         label = WHATS[what][0]
-        rows = {(r["way"], r["allocator"]): r for r in results["rows"] if r["what"] == label and r["precision"] == "fp32"}
+        rows = {(r["way"], r["allocator"]): r for r in results["rows"]
+                if r["what"] == label and r["precision"] == "fp32"}
         ref = rows.get(("research", "system"))
         for key in (("ours", "system"), ("ours", "reuse")):
             if ref and key in rows:

@@ -10,9 +10,10 @@ sampling.calibration_objects=0``). For Dn4000 and the four lines' equivalent wid
 every sample like generate.py does (utils.eval.report) and compares point estimates of the N samples
 by their Spearman correlation with the reference values generate.py judges against (a mock's
 intrinsic truth, else the true spectrum's): the median of all N (what generate.py reports), their
-mean and their mean without the lowest and highest 20%, the median of the k best-ranked by the contrastive network (the FITS header's TOPK) and of
-k drawn at random (the ranking's fair comparison), the best-ranked sample alone and one drawn at
-random, and the property measured on the mean spectrum of the N. Each row gives the paired difference to the median with its bootstrap
+mean and their mean without the lowest and highest 20%, the median of the k best-ranked by the
+contrastive network (the FITS header's TOPK) and of k drawn at random (the ranking's fair
+comparison), the best-ranked sample alone and one drawn at random, and the property measured on
+the mean spectrum of the N. Each row gives the paired difference to the median with its bootstrap
 standard error over galaxies. Outputs of the test split are refused: estimators are chosen on
 validation.
 

@@ -74,7 +74,8 @@ def trained_runs(tiny_mock, tmp_path_factory):
 def gen_args(tiny_mock, runs, out, *extra):
     """generate.py overrides that use ``runs`` on the tiny mock's validation split, writing under ``out``."""
     contrastive, generative = runs
-    return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16", f"sampling.contrastive_run={contrastive}",
-            f"sampling.generative_run={generative}", f"sampling.out_dir={out}", "sampling.split=val",
+    return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=16",
+            f"sampling.contrastive_run={contrastive}", f"sampling.generative_run={generative}",
+            f"sampling.out_dir={out}", "sampling.split=val",
             "sampling.n_samples=4", "sampling.steps=3", "sampling.top_k=2", "sampling.figures=1",
             "sampling.batch_galaxies=3", *extra]

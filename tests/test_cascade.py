@@ -178,7 +178,8 @@ def trained_cascade(tiny_mock, tmp_path_factory):
 
 def generate_args(tiny_mock, runs, out, *extra):
     return [f"data.root={tiny_mock}", "data.source=folder", "data.downsample=8",
-            f"sampling.generative_run={runs['generative-super']}", f"sampling.contrastive_run={runs['contrastive-super']}",
+            f"sampling.generative_run={runs['generative-super']}",
+            f"sampling.contrastive_run={runs['contrastive-super']}",
             f"sampling.low_run={runs['generative-low']}", f"sampling.low_contrastive_run={runs['contrastive-low']}",
             f"sampling.out_dir={out}", "sampling.split=val", "sampling.low_samples=4", "sampling.low_keep=2",
             "sampling.n_samples=3", "sampling.top_k=2", "sampling.sampler=ddim", "sampling.steps=3",

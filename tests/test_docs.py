@@ -78,7 +78,8 @@ def test_the_link_checker_finds_a_broken_link_and_anchor(tmp_path):
                                    "[y](#missing), [c](a.md#title), `[not](a-link.md)`\n")
     assert slug("Two words, here") == "two-words-here"
     assert slug("`model.stage` and **bold**") == "modelstage-and-bold"
-    assert broken_links(tmp_path / "a.md") == [f"b.md (no {tmp_path / 'b.md'})", "#missing (no heading #missing in a.md)"]
+    assert broken_links(tmp_path / "a.md") == [f"b.md (no {tmp_path / 'b.md'})",
+                                               "#missing (no heading #missing in a.md)"]
 
 
 def test_the_readme_is_a_front_page():

@@ -221,7 +221,8 @@ def test_image_encoder_warm_start_from_the_contrastive_network(tiny_mock, traine
     from utils.trained import load_trained, warm_start_image_encoder
 
     contrastive = trained_runs[0]
-    config = load_config("generative", tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])
+    config = load_config("generative",
+                         tiny_generative_args(tiny_mock, tmp_path / "g") + [f"model.image_init={contrastive}"])
     model = build_generative_model(config["model"], 224, 3)
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     encoder = ("gri", config["model"]["image_depth"], config["model"]["image_width"])

@@ -14,7 +14,8 @@ from conftest import ROOT
 ENTRY_SCRIPTS = {"train_contrastive", "train_generative", "generate"}
 #: the run wiring at the top of utils/: it may import every layer, and no layer below may import it
 WIRING = {"utils.config", "utils.schema", "utils.runtime", "utils.builders", "utils.training", "utils.checkpoints",
-          "utils.generation", "utils.trained", "utils.split_run", "utils.catalog_run", "utils.generate_run", "utils.sdss", "utils.prepare", "utils.mock"}
+          "utils.generation", "utils.trained", "utils.split_run", "utils.catalog_run", "utils.generate_run",
+          "utils.sdss", "utils.prepare", "utils.mock"}
 #: what modules of each layer may import of ours, besides their own layer (utils.errors and
 #: utils.plotting depend on nothing of ours and serve every layer)
 FOUNDATION = {"utils.errors", "utils.plotting"}

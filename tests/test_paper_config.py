@@ -38,7 +38,8 @@ def test_paper_configuration_trains_and_generates(tiny_mock, tmp_path):
         f"data.root={tiny_mock}", *DATA, f"sampling.contrastive_run={only_run(runs / 'contrastive')}",
         f"sampling.generative_run={run}", f"sampling.out_dir={out}", "sampling.max_objects=3",
         "sampling.n_samples=2", "sampling.sampler=ddim", "sampling.steps=2", "sampling.top_k=1",
-        "sampling.figures=1", "sampling.science=false"], timeout=300, threads=2)  # science: tests/test_science.py, test_generate.py
+        # science: tests/test_science.py, test_generate.py
+        "sampling.figures=1", "sampling.science=false"], timeout=300, threads=2)
     assert generated.returncode == 0, generated.stderr[-3000:]
     metrics = json.loads((only_run(out) / "metrics.json").read_text())
     assert metrics["n_galaxies"] == 3

@@ -168,7 +168,8 @@ def test_non_finite_weights_are_never_written(tmp_path):
     saver({"model": {"w": torch.ones(3)}, "trainer": {"iteration": 1}}, "latest_checkpoint_1.pt")
     saver.remove("latest_checkpoint_1.pt")
     with pytest.raises(NonFiniteError, match="model.w"):
-        saver({"model": {"w": torch.tensor([1.0, float("inf")])}, "trainer": {"iteration": 2}}, "latest_checkpoint_2.pt")
+        saver({"model": {"w": torch.tensor([1.0, float("inf")])}, "trainer": {"iteration": 2}},
+              "latest_checkpoint_2.pt")
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["latest_checkpoint_1.pt"]
 
 

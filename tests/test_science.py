@@ -212,7 +212,7 @@ def test_the_mocks_dust_metallicity_and_line_widths_are_measured_on_its_spectra(
     from utils.data.dataset import open_survey
 
     survey = open_survey(tiny_mock)
-    flux, ivar = survey.flux.astype(np.float64), survey.ivar.astype(np.float64)
+    flux = survey.flux.astype(np.float64)
     wave = 10 ** survey.loglam
     found = measure(flux, wave, z=np.asarray(survey.catalog["z"], float)).table()
     for prop, floor, bias in (("sigma_lines", 0.7, 15.0), ("ebv_gas", 0.3, 0.1), ("oh_n2", 0.3, 0.05)):

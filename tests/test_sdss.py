@@ -447,8 +447,9 @@ def test_ugriz_cutouts_share_each_frame(tmp_path):
 
     files = {f"/dr17/eboss/photoObj/frames/301/752/1/frame-{b}-000752-1-0100.fits.bz2": frame_bytes(i)
              for i, b in enumerate("ugriz")}
-    catalog = Table({"specObjID": [11, 12], "ra": [150.0 + 30 * 0.396 / 3600, 150.001], "dec": [2.0 + 10 * 0.396 / 3600, 1.999],
-                     "run": [752, 752], "rerun": [301, 301], "camcol": [1, 1], "field": [100, 100]})
+    catalog = Table({"specObjID": [11, 12], "ra": [150.0 + 30 * 0.396 / 3600, 150.001],
+                     "dec": [2.0 + 10 * 0.396 / 3600, 1.999], "run": [752, 752], "rerun": [301, 301],
+                     "camcol": [1, 1], "field": [100, 100]})
     with FaultyServer(files, {next(iter(files)): [503]}) as server:
         report = download_ugriz(catalog, tmp_path, fast_downloader(), base=server.url)
     assert not report.failures

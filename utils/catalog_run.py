@@ -80,7 +80,8 @@ def plan_of(config: dict, pair: TrainedPair, objid: np.ndarray) -> dict:
     flat = flatten(config)
     return {"catalog": str(Path(config["sampling"]["catalog"]).resolve()), "n_galaxies": int(len(objid)),
             "objid_sha256": hashlib.sha256(np.ascontiguousarray(objid, dtype=np.int64).tobytes()).hexdigest(),
-            "diffusion_checkpoint": file_identity(pair.gen_path), "contrastive_checkpoint": file_identity(pair.con_path),
+            "diffusion_checkpoint": file_identity(pair.gen_path),
+            "contrastive_checkpoint": file_identity(pair.con_path),
             **{key: flat[key] for key in PLAN_KEYS}}
 
 
@@ -224,8 +225,8 @@ def predict_shard(shard: Shard, pair: TrainedPair, plan: SamplingPlan, seed: int
     props = sample_properties(flux, ds.wave, fitter)
     columns = sample_columns(props, calibration)
     cat = ds.survey.catalog[ds.rows]
-    table = Table({"objid": shard.objid, "ra": np.asarray(cat["ra"], np.float64), "dec": np.asarray(cat["dec"], np.float64),
-                   "z_catalog": ds.z.astype(np.float32)})
+    table = Table({"objid": shard.objid, "ra": np.asarray(cat["ra"], np.float64),
+                   "dec": np.asarray(cat["dec"], np.float64), "z_catalog": ds.z.astype(np.float32)})
     for name, values in columns.items():
         table[name] = np.asarray(values, dtype=np.int16 if name == "bpt_gen" else np.float32)
     counts = np.stack([(props["bpt"] == c).mean(1) for c in range(len(BPT_CLASSES))], 1)
@@ -237,7 +238,8 @@ def predict_shard(shard: Shard, pair: TrainedPair, plan: SamplingPlan, seed: int
     table["shard_row"] = np.arange(len(ds), dtype=np.int32)
     med, lo, hi = median_and_interval(results["ranked"], 0.68, calibration.factor(PIXELS, 0.68))
     spectra = Table({"objid": shard.objid, "mean": ds.deprocess(results["mean"], params),
-                     "median": ds.deprocess(med, params), "lo": ds.deprocess(lo, params), "hi": ds.deprocess(hi, params),
+                     "median": ds.deprocess(med, params), "lo": ds.deprocess(lo, params),
+                     "hi": ds.deprocess(hi, params),
                      "best": flux[:, :top_k].astype(np.float32),
                      "best_scores": results["ranked_scores"][:, :top_k].astype(np.float32)})
     for name in ("mean", "median", "lo", "hi", "best"):

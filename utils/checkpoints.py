@@ -181,7 +181,8 @@ def read_index(folder: Path) -> dict[str, dict]:
         index = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {name: entry for name, entry in index.items() if (folder / name).is_file()} if isinstance(index, dict) else {}
+    return ({name: entry for name, entry in index.items() if (folder / name).is_file()}
+            if isinstance(index, dict) else {})
 
 
 def sweep_stale_files(folder: Path) -> list[str]:

@@ -259,7 +259,8 @@ def load_config(kind: str, argv: Sequence[str] | None = None, presets_file: Path
 
 
 def _shown(value: Any) -> str:
-    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return ("null" if value is None
+            else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip())
 
 
 def describe(kind: str, presets_file: Path = PRESETS_FILE) -> str:

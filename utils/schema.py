@@ -101,7 +101,8 @@ DATA = {
     "image": Key("gri", "images the networks see: gri 8-bit colour (NeurIPS 2022) or ugriz nanomaggies (ApJ 2024)",
                  choices="utils.data.dataset:IMAGE_FILES"),
     "preprocessing": Key("scale", "spectrum normalisation: scale, min-max to [-1, 1] (NeurIPS 2022); log, "
-                                  "ln(flux / mean 6900-6950 A) (ApJ 2024)", choices="utils.astro.spectra:PREPROCESSINGS"),
+                                  "ln(flux / mean 6900-6950 A) (ApJ 2024)",
+                         choices="utils.astro.spectra:PREPROCESSINGS"),
     "downsample": at_least(1, "combine blocks of this many stored pixels (inverse-variance weighted); 1 keeps the "
                               "grid", 1),
     "num_workers": at_least(0, "DataLoader worker processes (0: load in the training process)", 4),
@@ -142,7 +143,8 @@ STAGE = {
                            "or the full spectrum given that version (super)", choices="utils.data.dataset:STAGES"),
     "low_factor": at_least(2, "the low-resolution version keeps one pixel in this many (the ApJ's 8)", 8),
     "low_reduction": Key("decimate", "how: every low_factor-th pixel (decimate, the ApJ's) or each block's "
-                                     "inverse-variance weighted mean flux (mean)", choices="utils.astro.spectra:LOW_REDUCTIONS"),
+                                     "inverse-variance weighted mean flux (mean)",
+                            choices="utils.astro.spectra:LOW_REDUCTIONS"),
 }
 
 IMAGE_ENCODER = {

@@ -45,8 +45,9 @@ def summarise(pair: TrainedPair, survey, dataset: SpectraDataset, data: dict, dr
         baseline = mean_spectrum(configured_dataset(survey, "train", data))
     results = summarise_samples(drawn.samples, drawn.scores, drawn.truth, top_k, baseline)
     par = drawn.params
-    flux = {"ranked": dataset.deprocess(results["ranked"], par[:, None]), "mean": dataset.deprocess(results["mean"], par),
-            "topk_mean": dataset.deprocess(results["topk_mean"], par), "truth": dataset.deprocess(drawn.truth, par),
+    flux = {"ranked": dataset.deprocess(results["ranked"], par[:, None]),
+            "mean": dataset.deprocess(results["mean"], par), "topk_mean": dataset.deprocess(results["topk_mean"], par),
+            "truth": dataset.deprocess(drawn.truth, par),
             "ivar": dataset.all_flux()[1]}
     return Evaluated(drawn, results, flux, baseline)
 

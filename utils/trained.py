@@ -160,7 +160,8 @@ def find_low_stage(low_run: str | None, low_contrastive_run: str | None | bool, 
     ``low_contrastive_run`` is False, its ranker (default: the newest finished low-stage
     contrastive run). Both must be low-stage models of the super stage's low resolution, trained
     on data prepared like ``data``."""
-    gen_cfg, gen_w, gen_path, gen_info = load_trained(low_run, runs, "low-stage diffusion model", "generative", ("low",))
+    gen_cfg, gen_w, gen_path, gen_info = load_trained(low_run, runs, "low-stage diffusion model", "generative",
+                                                      ("low",))
     require_stage(gen_cfg, gen_path, ("low",), "diffusion model", "sampling.low_run")
     check_compatible(data, gen_cfg["data"], gen_cfg["data"], gen_path, gen_path)
     stage = LowStage(gen_cfg, gen_path, gen_w, gen_info.get(GRID_KEY))
@@ -170,7 +171,8 @@ def find_low_stage(low_run: str | None, low_contrastive_run: str | None | bool, 
                                                           "low-stage contrastive network", "contrastive", ("low",))
         require_stage(con_cfg, con_path, ("low",), "contrastive network", "sampling.low_contrastive_run")
         check_compatible(data, gen_cfg["data"], con_cfg["data"], gen_path, con_path)
-        stage.con_cfg, stage.con_path, stage.con_weights, stage.con_grid = con_cfg, con_path, con_w, con_info.get(GRID_KEY)
+        stage.con_cfg, stage.con_path, stage.con_weights, stage.con_grid = (con_cfg, con_path, con_w,
+                                                                            con_info.get(GRID_KEY))
         models.append((con_cfg, con_path))
     for cfg, path in models:
         for key in ("low_factor", "low_reduction"):

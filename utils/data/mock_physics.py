@@ -12,8 +12,8 @@ Each relation names its source; simplifications are listed in docs/mock-survey.m
   rest-frame r luminosity and g - r (Bell et al. 2003); [N II]/H-alpha follows from it through
   the N2 calibration of Pettini & Pagel (2004) and [O III]/H-beta from [N II]/H-alpha along the
   star-forming sequence, :data:`SF_SEQUENCE_OFFSET` dex below the Kauffmann et al. (2003) line
-  with 0.1 dex scatter, so metal-rich star formers have weak [O III]. Dust: gas E(B-V) rising with mass, Cardelli, Clayton &
-  Mathis (1989) extinction with R_V = 3.1, on an intrinsic Balmer decrement of 2.86 (case B,
+  with 0.1 dex scatter, so metal-rich star formers have weak [O III]. Dust: gas E(B-V) rising with
+  mass, Cardelli, Clayton & Mathis (1989) extinction with R_V = 3.1, on an intrinsic Balmer decrement of 2.86 (case B,
   Osterbrock & Ferland 2006). [O II] 3726+3729 (ratio 1.3) and [S II] 6717+6731 (ratio 1.4,
   the low-density limit); [O III] 4959 and [N II] 6548 at 1/2.98 and 1/3.05 of their partners
   (utils.astro.science.TIED).

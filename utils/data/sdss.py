@@ -483,8 +483,10 @@ def write_failures(path: Path, failures: dict[str, str]) -> None:
 # --------------------------------------------------------------------------------------------
 # spectra and images
 # --------------------------------------------------------------------------------------------
-def download_spectra(catalog: Table, out: Path, downloader: Downloader, release: int = 17, base: str = SAS_URL) -> Report:
-    tasks = [Task(str(int(r["specObjID"])), spec_url(r, release, base), spectrum_path(out, r["specObjID"]), valid_spectrum)
+def download_spectra(catalog: Table, out: Path, downloader: Downloader, release: int = 17,
+                     base: str = SAS_URL) -> Report:
+    tasks = [Task(str(int(r["specObjID"])), spec_url(r, release, base), spectrum_path(out, r["specObjID"]),
+                  valid_spectrum)
              for r in catalog]
     return downloader.run(tasks, Path(out) / "failures.csv", desc="spectra")
 

@@ -138,7 +138,8 @@ def sample_curve(values: np.ndarray, truth: np.ndarray, boot: int, fit_max: int,
         boot_fit.append(fit_curve(counts[fitted], boot_corr[-1][fitted]))
     boot_corr, boot_fit = np.array(boot_corr), np.array(boot_fit)
     se = lambda x: float(np.nanstd(x, ddof=1)) if boot > 1 else float("nan")  # noqa: E731
-    return {"counts": counts.tolist(), "draws": draws, "corr": corr.tolist(), "se": [se(boot_corr[:, i]) for i in range(len(counts))],
+    return {"counts": counts.tolist(), "draws": draws, "corr": corr.tolist(),
+            "se": [se(boot_corr[:, i]) for i in range(len(counts))],
             "fit_counts": counts[fitted].tolist(), "rho_inf": rho_inf, "rho_inf_se": se(boot_fit[:, 0]), "c": c,
             "predicted": attenuated(counts, rho_inf, c).tolist()}
 

@@ -97,7 +97,8 @@ def statistics(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, float
     return out
 
 
-def compare_outputs(base: dict[str, np.ndarray], other: dict[str, np.ndarray], boot: int, seed: int = 0) -> dict[str, dict]:
+def compare_outputs(base: dict[str, np.ndarray], other: dict[str, np.ndarray], boot: int,
+                    seed: int = 0) -> dict[str, dict]:
     """Each statistic of both outputs on their common galaxies, and OTHER - BASE with its
     bootstrap standard error."""
     common, ib, io = np.intersect1d(base["objid"], other["objid"], return_indices=True)

@@ -333,7 +333,8 @@ def survey_values(catalog) -> dict:
     if all(f"{col}_{what}" in catalog.colnames for col in lines.values() for what in ("flux", "flux_err")):
         read = lambda name: np.ma.filled(np.ma.asarray(catalog[name], dtype=np.float64), np.nan)  # noqa: E731
         flux = {ours: read(f"{col}_flux") for ours, col in lines.items()}
-        err = {ours: np.where(read(f"{col}_flux_err") > 0, read(f"{col}_flux_err"), np.nan) for ours, col in lines.items()}
+        err = {ours: np.where(read(f"{col}_flux_err") > 0, read(f"{col}_flux_err"), np.nan)
+               for ours, col in lines.items()}
         out["ebv_gas"] = balmer_ebv(flux, err)  # the survey's fluxes through our conventions
         if "bpt" in out:
             out["oh_n2"] = n2_metallicity(flux, err, out["bpt"])
@@ -427,7 +428,8 @@ def format_science_table(stats: dict, g: int, n: int, title: str | None = None, 
     width, col = 38, 17
     title = title or (f"Science evaluation over {g} {split} galaxies ({n} samples each; 'generated' = median of the "
                       f"samples' values; +- standard error)")
-    lines = [title, f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names), "-" * (width + col * len(names))]
+    lines = [title, f"{'':<{width}}" + "".join(f"{PREDICTORS[k]:>{col}}" for k in names),
+             "-" * (width + col * len(names))]
     for key, label in TABLE_ROWS:
         if not any(key in stats[k] for k in names):
             continue
@@ -457,7 +459,8 @@ def science_figures(folder: Path, report: ScienceReport) -> list[Path]:
     for prop, label in (("z", "redshift"), ("dn4000", "Dn4000")):
         fig, ax = plt.subplots(figsize=(5.2, 5))
         t = truth[prop]
-        err = np.abs(np.stack([cols[f"{prop}_gen"] - cols[f"{prop}_gen_lo"], cols[f"{prop}_gen_hi"] - cols[f"{prop}_gen"]]))
+        err = np.abs(np.stack([cols[f"{prop}_gen"] - cols[f"{prop}_gen_lo"],
+                               cols[f"{prop}_gen_hi"] - cols[f"{prop}_gen"]]))
         ax.errorbar(t, cols[f"{prop}_gen"], yerr=np.nan_to_num(err), fmt="o", ms=3, lw=0.6, alpha=0.7,
                     label="generated: median, 16-84%")
         if "knn_embedding" in preds:
