@@ -118,3 +118,15 @@ def test_science_report_writes_calibrated_intervals_and_reports_both_coverages()
     assert "interval coverage: pixels (raw)" in widened.table
     assert "(raw)" not in plain.table
     assert stats["mse"] == before["mse"]  # the samples themselves are unchanged
+
+
+def test_coverage_of_a_property_nobody_measured_is_nan_without_a_warning():
+    """A property the grid cannot measure (all NaN) has no coverage, and says so quietly: the
+    quickstart's output must not print numpy's 'Mean of empty slice'."""
+    import warnings
+
+    samples = np.full((4, 5), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(interval_coverage(samples, np.full(4, np.nan), 0.68))
+    assert interval_coverage(np.tile(np.arange(5.0), (4, 1)), np.full(4, 2.0), 0.68) == 1.0

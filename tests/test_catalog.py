@@ -97,6 +97,7 @@ def test_a_catalogue_of_images_only_becomes_a_property_catalogue(tiny_mock, trai
         assert "star-forming" in hdus["CATALOGUE"].header["BPTCODES"]
 
 
+@pytest.mark.slow
 def test_a_galaxys_samples_depend_only_on_the_seed_and_its_id(tiny_mock, trained_runs, catalogue, tmp_path):
     """Other shard and batch sizes, and the catalogue in reverse order, give each galaxy the same
     samples and properties; another seed gives other samples."""

@@ -185,8 +185,10 @@ def inside_interval(samples: np.ndarray, truth: np.ndarray, level: float, factor
 
 def interval_coverage(samples: np.ndarray, truth: np.ndarray, level: float, factor: float = 1.0) -> float:
     """Share of truths inside the central ``level`` interval of their samples, widened by
-    ``factor`` (see :func:`inside_interval`); non-finite entries are left out."""
-    return float(np.nanmean(inside_interval(samples, truth, level, factor)))
+    ``factor`` (see :func:`inside_interval`); non-finite entries are left out, NaN when none is
+    left (a property the grid cannot measure)."""
+    inside = inside_interval(samples, truth, level, factor)
+    return float(np.nanmean(inside)) if np.any(np.isfinite(inside)) else float("nan")
 
 
 def crps(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
