@@ -63,12 +63,19 @@ def rebin(flux: np.ndarray, ivar: np.ndarray, loglam: np.ndarray, factor: int
     if factor == 1:
         return flux, ivar, loglam
     n = flux.shape[-1] // factor
-    shape = flux.shape[:-1] + (n, factor)
-    f = flux[..., : n * factor].reshape(shape).astype(np.float64)
-    w = ivar[..., : n * factor].reshape(shape).astype(np.float64)
-    wsum = w.sum(-1)
-    mean = np.where(wsum > 0, (f * w).sum(-1) / np.where(wsum > 0, wsum, 1.0), f.mean(-1))
+    mean, wsum = block_mean(flux[..., : n * factor], ivar[..., : n * factor], np.arange(n) * factor)
     return mean.astype(flux.dtype), wsum.astype(ivar.dtype), block_grid(loglam, factor)
+
+
+def block_mean(flux: np.ndarray, weight: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted means ``(..., B)`` float64 of the blocks of ``flux`` ``(..., L)`` that begin at
+    ``starts`` (each runs to the next start, the last to the end), and their summed weights; a
+    block without weight gets its plain mean."""
+    flux, weight = np.asarray(flux, dtype=np.float64), np.asarray(weight, dtype=np.float64)
+    lengths = np.diff(np.append(starts, flux.shape[-1]))
+    wsum = np.add.reduceat(weight, starts, axis=-1)
+    weighted = np.add.reduceat(flux * weight, starts, axis=-1) / np.where(wsum > 0, wsum, 1.0)
+    return np.where(wsum > 0, weighted, np.add.reduceat(flux, starts, axis=-1) / lengths), wsum
 
 
 def log_norm(flux: np.ndarray, wave: np.ndarray) -> np.ndarray:
@@ -220,7 +227,7 @@ class LowResolution:
         stops = np.minimum(starts + self.factor, self.n_pixels)
         #: ``(L_low,)`` fractional full-grid index of each low pixel
         self.positions = starts.astype(np.float64) if reduction == "decimate" else (starts + stops - 1) / 2.0
-        self._starts, self._stops = starts, stops
+        self._starts = starts
 
     def from_flux(self, flux: np.ndarray, ivar: np.ndarray, params: np.ndarray, kind: str) -> np.ndarray:
         """The low-resolution version ``(..., L_low)`` float32 of spectra given in flux units
@@ -233,11 +240,7 @@ class LowResolution:
         if self.reduction == "decimate":
             low = flux[..., :: self.factor]
         else:
-            weight = np.maximum(np.asarray(ivar, dtype=np.float64), 0.0)
-            wsum = np.add.reduceat(weight, self._starts, axis=-1)
-            weighted = np.add.reduceat(flux * weight, self._starts, axis=-1) / np.where(wsum > 0, wsum, 1.0)
-            low = np.where(wsum > 0, weighted, np.add.reduceat(flux, self._starts, axis=-1)
-                           / (self._stops - self._starts))
+            low = block_mean(flux, np.maximum(np.asarray(ivar, dtype=np.float64), 0.0), self._starts)[0]
         return reprocess(low, params, kind)
 
     def coordinate(self, values: np.ndarray) -> np.ndarray:
